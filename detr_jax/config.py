@@ -1,0 +1,161 @@
+"""Configuration: defaults shared by every file in `configs/`, loading and validation.
+
+A config is an `ml_collections.ConfigDict` with sections `model`, `loss`, `data`,
+`train` and `eval`. Experiment files in `configs/` call `base_config()` and override
+what differs. Configs are locked after construction, so a misspelled key (in a config
+file or in a `--config.key=value` override) is an error instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+BACKBONES = ("resnet50", "resnet101", "resnet_tiny")
+POSITION_EMBEDDINGS = ("sine", "learned")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, bad value)."""
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The paper's DETR-R50 model (hidden 256, 8 heads, 6+6 layers, 100 queries)."""
+    return ml_collections.ConfigDict(
+        dict(
+            backbone="resnet50",
+            # Dilate the last ResNet stage instead of striding it (the "DC5" models).
+            dilation=False,
+            hidden_dim=256,
+            num_heads=8,
+            num_encoder_layers=6,
+            num_decoder_layers=6,
+            dim_feedforward=2048,
+            dropout=0.1,
+            # False: post-norm as in the paper; True: pre-norm (adds a final encoder LayerNorm).
+            pre_norm=False,
+            num_queries=100,
+            # Max class id + 1 (COCO: 91). The class head has num_classes + 1 outputs.
+            num_classes=91,
+            position_embedding="sine",
+            # Compute dtype of the transformer and heads; parameters stay float32.
+            dtype="float32",
+        )
+    )
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    """Hungarian matching costs and set-criterion weights (official DETR defaults)."""
+    return ml_collections.ConfigDict(
+        dict(
+            cost_class=1.0,
+            cost_bbox=5.0,
+            cost_giou=2.0,
+            class_coef=1.0,
+            bbox_coef=5.0,
+            giou_coef=2.0,
+            # Weight of the "no object" class in the cross-entropy.
+            eos_coef=0.1,
+            # Supervise every decoder layer, not only the last.
+            aux_loss=True,
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All sections with the paper's defaults (COCO, DETR-R50). Not locked."""
+    from detr_jax.data.config import data_config  # data owns its own defaults
+    from detr_jax.train_config import eval_config, train_config
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_config()
+    config.loss = loss_config()
+    config.data = data_config()
+    config.train = train_config()
+    config.eval = eval_config()
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that the type of a key cannot express; raises ConfigError."""
+    m = config.model
+    if m.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={m.backbone!r}: expected one of {BACKBONES}")
+    if m.position_embedding not in POSITION_EMBEDDINGS:
+        raise ConfigError(
+            f"model.position_embedding={m.position_embedding!r}: "
+            f"expected one of {POSITION_EMBEDDINGS}"
+        )
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r}: expected one of {DTYPES}")
+    if m.hidden_dim % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}"
+        )
+    if m.hidden_dim % 2:
+        raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be even (2-D position encoding)")
+    for key in ("num_encoder_layers", "num_queries", "num_classes", "num_heads"):
+        if m[key] < 1 and not (key == "num_encoder_layers" and m[key] == 0):
+            raise ConfigError(f"model.{key}={m[key]} must be positive")
+    if m.num_decoder_layers < 1:
+        raise ConfigError(f"model.num_decoder_layers={m.num_decoder_layers} must be >= 1")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates and locks a config so unknown keys are rejected from now on."""
+    validate(config)
+    config.lock()
+    return config
+
+
+def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file and applies dotted-key overrides.
+
+    Args:
+      path: a Python file defining `get_config()` (e.g. `configs/synthetic_tiny.py`).
+      overrides: {"model.num_queries": 10, ...}; each key must already exist.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"detr_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a config file is user code: name it in the error
+        raise ConfigError(f"{path}: failed to load config: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    config.unlock()
+    validate(config)
+    config.lock()
+    for key, value in (overrides or {}).items():
+        set_by_path(config, key, value, source=str(path))
+    validate(config)
+    return config
+
+
+def set_by_path(config: ml_collections.ConfigDict, key: str, value, source: str = "config") -> None:
+    """Sets `a.b.c = value` on a locked config; unknown keys raise ConfigError naming them."""
+    *parents, leaf = key.split(".")
+    node = config
+    walked = []
+    for part in parents:
+        walked.append(part)
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ConfigError(f"{source}: unknown config key {'.'.join(walked)!r}")
+        node = node[part]
+    if leaf not in node:
+        known = ", ".join(sorted(node.keys()))
+        raise ConfigError(f"{source}: unknown config key {key!r} (known here: {known})")
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: bad value for {key!r}: {e}") from e

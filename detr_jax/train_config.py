@@ -1,0 +1,37 @@
+"""Defaults of the `train` and `eval` config sections (official DETR's training recipe)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """AdamW, lr 1e-4 (backbone 1e-5), weight decay 1e-4, clip 0.1, 300 epochs, drop at 200."""
+    return ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            lr_backbone=1e-5,
+            weight_decay=1e-4,
+            clip_max_norm=0.1,
+            epochs=300,
+            lr_drop_epoch=200,
+            warmup_steps=0,
+            batch_size=64,  # global, over all devices and hosts
+            grad_accum_steps=1,
+            log_every_steps=50,
+            checkpoint_every_steps=1000,
+            keep_checkpoints=3,
+            eval_every_epochs=1,
+            init_from="",
+        )
+    )
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """COCO-style evaluation settings."""
+    return ml_collections.ConfigDict(
+        dict(
+            batch_size=8,
+            num_visualized=8,
+        )
+    )
