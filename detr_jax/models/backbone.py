@@ -1,0 +1,196 @@
+"""ResNet backbone with frozen BatchNorm, in the torchvision layout.
+
+Layout follows torchvision's ResNet ("v1.5"): the stride of a bottleneck block sits in its
+3x3 convolution, the shortcut is a strided 1x1 convolution + BN. Module names mirror
+torchvision (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_conv`, ...) so that
+PyTorch checkpoints map one to one.
+
+All BatchNorm layers are frozen: their scale, bias, running mean and running variance live
+in the `frozen_bn` variable collection, not in `params`, so no optimizer ever sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# torchvision initializes conv kernels with kaiming_normal_(mode="fan_out", relu).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+FROZEN_BN = "frozen_bn"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """Shape of a bottleneck ResNet: blocks per stage, inner width per stage, stem width."""
+
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int
+    expansion: int = 4
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of the last stage's output."""
+        return self.widths[-1] * self.expansion
+
+
+RESNETS = {
+    "resnet50": ResNetSpec(depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64),
+    "resnet101": ResNetSpec(depths=(3, 4, 23, 3), widths=(64, 128, 256, 512), stem_width=64),
+    # For tests and the CPU demo: one block per stage, narrow (256 output channels).
+    "resnet_tiny": ResNetSpec(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=16),
+}
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (eps 1e-5), never updated.
+
+    Computes `x * scale' + bias'` with `scale' = weight * rsqrt(var + eps)` and
+    `bias' = bias - mean * scale'`, the same arithmetic order as DETR's FrozenBatchNorm2d.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [..., C] -> [..., C]."""
+        c = x.shape[-1]
+        weight = self.variable(FROZEN_BN, "scale", lambda: jnp.ones((c,), jnp.float32)).value
+        bias = self.variable(FROZEN_BN, "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+        mean = self.variable(FROZEN_BN, "mean", lambda: jnp.zeros((c,), jnp.float32)).value
+        var = self.variable(FROZEN_BN, "var", lambda: jnp.ones((c,), jnp.float32)).value
+        scale = weight * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
+        shift = bias - mean * scale
+        return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None,
+          dtype: Any = jnp.float32) -> nn.Conv:
+    """A bias-free conv with PyTorch's symmetric padding (dilation * (kernel // 2))."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x expansion), residual, ReLU."""
+
+    width: int
+    stride: int = 1
+    dilation: int = 1
+    expansion: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, H, W, C_in] -> [B, H/stride, W/stride, width * expansion]."""
+        out_ch = self.width * self.expansion
+        y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = _conv(self.width, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
+        y = _conv(out_ch, 1, name="conv3", dtype=self.dtype)(y)
+        y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
+        if self.stride != 1 or x.shape[-1] != out_ch:
+            x = _conv(out_ch, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
+            x = FrozenBatchNorm(dtype=self.dtype, name="downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet trunk; returns the last stage's feature map (stride 32, or 16 with DC5).
+
+    With `dilation=True` the last stage keeps stride 16 and dilates its 3x3 convolutions
+    instead, as torchvision's `replace_stride_with_dilation=[False, False, True]`: the first
+    block of the stage keeps dilation 1 (the previous dilation), the following ones use 2.
+    """
+
+    spec: ResNetSpec
+    dilation: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, H, W, 3] normalized image -> [B, ceil(H/32), ceil(W/32), num_channels]."""
+        x = x.astype(self.dtype)
+        x = nn.Conv(
+            self.spec.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+            use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
+        )(x)
+        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        current_dilation = 1
+        last_stage = len(self.spec.depths) - 1
+        for stage, (depth, width) in enumerate(zip(self.spec.depths, self.spec.widths)):
+            stride = 1 if stage == 0 else 2
+            first_dilation = current_dilation
+            if stage == last_stage and self.dilation:
+                current_dilation *= stride
+                stride = 1
+            for block in range(depth):
+                x = Bottleneck(
+                    width,
+                    stride=stride if block == 0 else 1,
+                    dilation=first_dilation if block == 0 else current_dilation,
+                    expansion=self.spec.expansion,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{block}",
+                )(x)
+        return x
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of PyTorch's `F.interpolate(mode="nearest")` along one axis.
+
+    PyTorch computes `min(floor(dst * (in / out)), in - 1)` with a float32 scale; the
+    same arithmetic here makes the downsampled padding mask identical to the reference.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """Nearest-neighbour resize of a pixel mask: [B, H, W] bool -> [B, height, width] bool."""
+    rows = nearest_indices(mask.shape[1], height)
+    cols = nearest_indices(mask.shape[2], width)
+    return mask[:, rows][:, :, cols]
+
+
+class Backbone(nn.Module):
+    """ResNet trunk plus the padding mask brought to the feature map's resolution."""
+
+    resnet: str = "resnet50"
+    dilation: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def num_channels(self) -> int:
+        return RESNETS[self.resnet].num_channels
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """images: [B, H, W, 3], mask: [B, H, W] bool (True = real pixel).
+
+        Returns features [B, h, w, C] and mask [B, h, w] bool (True = real position).
+        """
+        if self.resnet not in RESNETS:
+            raise ValueError(f"unknown backbone {self.resnet!r}; known: {sorted(RESNETS)}")
+        features = ResNet(RESNETS[self.resnet], self.dilation, self.dtype, name="body")(images)
+        return features, downsample_mask(mask, features.shape[1], features.shape[2])
+

@@ -1,0 +1,81 @@
+"""2-D positional encodings of a feature map: sine (DETR's default) and learned."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class SinePositionEmbedding(nn.Module):
+    """The sine/cosine encoding of "Attention is all you need", generalized to images.
+
+    Positions are the cumulative count of real (unpadded) pixels along each axis, so a
+    padded image gets exactly the encoding of the unpadded one at its real positions.
+    With `normalize`, positions are divided by the real extent and multiplied by `scale`.
+    Channels: the y encoding first, then x, each interleaving sin/cos.
+    """
+
+    num_pos_feats: int = 128
+    temperature: float = 10000.0
+    normalize: bool = True
+    scale: float = 2 * math.pi
+
+    @nn.compact
+    def __call__(self, mask: jnp.ndarray) -> jnp.ndarray:
+        """mask: [B, h, w] bool (True = real) -> [B, h, w, 2 * num_pos_feats] float32."""
+        real = mask.astype(jnp.float32)
+        y_embed = jnp.cumsum(real, axis=1)
+        x_embed = jnp.cumsum(real, axis=2)
+        if self.normalize:
+            eps = 1e-6
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        dim_t = jnp.arange(self.num_pos_feats, dtype=jnp.float32)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        pos_x = x_embed[..., None] / dim_t
+        pos_y = y_embed[..., None] / dim_t
+
+        def interleave(p):  # [..., F] -> sin of even channels, cos of odd, interleaved
+            return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(p.shape)
+
+        return jnp.concatenate([interleave(pos_y), interleave(pos_x)], axis=-1)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """Absolute learned embeddings: a row table and a column table of `max_size` entries each.
+
+    Channels: the x (column) embedding first, then y (row), as official DETR.
+    The padding mask is ignored (as in the reference): positions are absolute.
+    """
+
+    num_pos_feats: int = 128
+    max_size: int = 50
+
+    @nn.compact
+    def __call__(self, mask: jnp.ndarray) -> jnp.ndarray:
+        """mask: [B, h, w] bool -> [B, h, w, 2 * num_pos_feats] float32."""
+        batch, h, w = mask.shape
+        if h > self.max_size or w > self.max_size:
+            raise ValueError(
+                f"learned position embedding covers at most {self.max_size}x{self.max_size} "
+                f"feature positions, got a {h}x{w} feature map; use smaller images or "
+                "model.position_embedding='sine'"
+            )
+        init = nn.initializers.uniform(1.0)  # torch.nn.init.uniform_: U[0, 1)
+        row_embed = self.param("row_embed", init, (self.max_size, self.num_pos_feats))
+        col_embed = self.param("col_embed", init, (self.max_size, self.num_pos_feats))
+        x_emb = jnp.broadcast_to(col_embed[None, :w, :], (h, w, self.num_pos_feats))
+        y_emb = jnp.broadcast_to(row_embed[:h, None, :], (h, w, self.num_pos_feats))
+        pos = jnp.concatenate([x_emb, y_emb], axis=-1)
+        return jnp.broadcast_to(pos[None], (batch, h, w, 2 * self.num_pos_feats))
+
+
+def build_position_embedding(kind: str, hidden_dim: int, name: str = "position_embedding") -> nn.Module:
+    """'sine' or 'learned', producing hidden_dim channels."""
+    if kind == "sine":
+        return SinePositionEmbedding(num_pos_feats=hidden_dim // 2, name=name)
+    if kind == "learned":
+        return LearnedPositionEmbedding(num_pos_feats=hidden_dim // 2, name=name)
+    raise ValueError(f"unknown position embedding {kind!r}; expected 'sine' or 'learned'")
