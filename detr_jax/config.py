@@ -66,7 +66,11 @@ def loss_config() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """All sections with the paper's defaults (COCO, DETR-R50). Not locked."""
+    """All sections with the paper's defaults (COCO, DETR-R50).
+
+    Locked: a config file may change values but not add keys, so a typo such as
+    `config.model.hiden_dim = 128` fails loudly.
+    """
     from detr_jax.data.config import data_config  # data owns its own defaults
     from detr_jax.train_config import eval_config, train_config
 
@@ -77,12 +81,28 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.train = train_config()
     config.eval = eval_config()
+    config.lock()
     return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that the type of a key cannot express; raises ConfigError."""
-    m = config.model
+    from detr_jax.data.config import validate as validate_data
+
+    validate_model(config.model)
+    validate_loss(config.loss)
+    validate_data(config.data)
+
+
+def validate_loss(loss: ml_collections.ConfigDict) -> None:
+    for key in ("cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef"):
+        if loss[key] < 0:
+            raise ConfigError(f"loss.{key}={loss[key]} must be >= 0")
+    if not 0.0 < loss.eos_coef <= 1.0:
+        raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
     if m.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone={m.backbone!r}: expected one of {BACKBONES}")
     if m.position_embedding not in POSITION_EMBEDDINGS:
@@ -132,10 +152,14 @@ def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_c
         raise ConfigError(f"{path}: failed to load config: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
-    config = module.get_config()
-    config.unlock()
-    validate(config)
+    try:
+        config = module.get_config()
+    except (AttributeError, KeyError) as e:  # a locked ConfigDict refuses unknown keys
+        raise ConfigError(f"{path}: get_config() failed, unknown config key? {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
+    validate(config)
     for key, value in (overrides or {}).items():
         set_by_path(config, key, value, source=str(path))
     validate(config)

@@ -1,0 +1,125 @@
+"""The `detr-jax` command: train, eval, predict, convert.
+
+Config overrides use ml_collections' flag syntax: `--config.model.num_queries=20`.
+Values are parsed as Python literals when the key's current value is not a string
+(`--config.data.train_scales="(96, 128)"`, `--config.model.pre_norm=true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import pathlib
+import sys
+
+from detr_jax.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "synthetic_tiny"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def resolve_config_path(name_or_path: str) -> pathlib.Path:
+    """A config file path, or the name of one in the repository's `configs/` folder."""
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (REPO_ROOT / "configs" / f"{path.stem}.py", pathlib.Path("configs") / f"{path.stem}.py"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{name_or_path}: no such config file (nor configs/{path.stem}.py)")
+
+
+def parse_value(text: str, current):
+    """Parses an override string into the type of the value it replaces."""
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"cannot parse {text!r} as a Python literal") from e
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: missing value")
+                value = argv[i + 1]
+                i += 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def config_from_args(config_arg: str, raw_overrides: dict[str, str]):
+    """Loads a config file and applies string overrides, each parsed to its key's type."""
+    path = resolve_config_path(config_arg)
+    config = load_config(path)
+    parsed = {}
+    for key, text in raw_overrides.items():
+        node = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            node = None  # unknown key: load_config names it below
+        try:
+            parsed[key] = parse_value(text, node) if node is not None else text
+        except ConfigError as e:
+            raise ConfigError(f"--config.{key}: {e}") from e
+    return load_config(path, parsed) if parsed else config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detr-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    convert = sub.add_parser("convert", help="convert a PyTorch DETR/ResNet checkpoint to Flax")
+    convert.add_argument("src", help="PyTorch state dict (.pth/.pt/.bin) or .safetensors")
+    convert.add_argument("dst", help="output checkpoint directory")
+    convert.add_argument("--config", default=None,
+                         help="config whose model the checkpoint must match (default: inferred)")
+    convert.add_argument("--reinit_class_head", action="store_true",
+                         help="re-initialize the class head when num_classes differs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        if args.command == "convert":
+            from detr_jax.convert import convert_main
+
+            config = config_from_args(args.config, overrides) if args.config else None
+            convert_main(args.src, args.dst, config=config, reinit_class_head=args.reinit_class_head)
+            return 0
+        build_parser().print_help()
+        return 2
+    except ConfigError as e:
+        print(f"detr-jax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

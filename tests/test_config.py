@@ -1,0 +1,88 @@
+"""Configs: every file loads, unknown keys and bad values are errors, overrides are typed."""
+
+import pathlib
+
+import pytest
+
+from detr_jax.cli import config_from_args, parse_value, resolve_config_path, split_overrides
+from detr_jax.config import ConfigError, load_config
+from detr_jax.models.detr import DETR
+
+CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
+
+
+def test_there_are_the_documented_configs():
+    names = {p.stem for p in CONFIGS}
+    assert {"detr_r50_coco", "detr_r50_dc5_coco", "detr_r101_coco", "detr_r101_dc5_coco",
+            "synthetic_tiny"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_builds_model(path):
+    config = load_config(path)
+    model = DETR.from_config(config.model)
+    assert model.num_queries == config.model.num_queries
+
+
+def test_paper_settings():
+    config = load_config(resolve_config_path("detr_r50_coco"))
+    m, loss, train = config.model, config.loss, config.train
+    assert (m.hidden_dim, m.num_heads, m.num_encoder_layers, m.num_decoder_layers) == (256, 8, 6, 6)
+    assert (m.dim_feedforward, m.dropout, m.num_queries, m.num_classes) == (2048, 0.1, 100, 91)
+    assert not m.pre_norm and m.position_embedding == "sine"
+    assert (loss.cost_class, loss.cost_bbox, loss.cost_giou) == (1, 5, 2)
+    assert (loss.bbox_coef, loss.giou_coef, loss.eos_coef) == (5, 2, 0.1)
+    assert (train.lr, train.lr_backbone, train.weight_decay, train.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
+    assert load_config(resolve_config_path("detr_r101_dc5_coco")).model.dilation
+
+
+def test_unknown_override_key_is_an_error():
+    with pytest.raises(ConfigError, match="unknown config key 'model.hiden_dim'"):
+        config_from_args("synthetic_tiny", {"model.hiden_dim": "3"})
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        config_from_args("synthetic_tiny", {"modle.hidden_dim": "3"})
+
+
+def test_unknown_key_in_config_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from detr_jax.config import base_config\n"
+                   "def get_config():\n    c = base_config()\n    c.model.hiden_dim = 3\n    return c\n")
+    with pytest.raises(ConfigError, match="bad.py.*hiden_dim"):
+        load_config(bad)
+    missing = tmp_path / "nothing.py"
+    missing.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        load_config(missing)
+    with pytest.raises(ConfigError, match="no such config file"):
+        resolve_config_path(str(tmp_path / "absent.py"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.backbone", "resnet18", "model.backbone"),
+    ("model.hidden_dim", "30", "not divisible"),
+    ("model.dtype", "float16", "model.dtype"),
+    ("loss.eos_coef", "0", "eos_coef"),
+    ("model.num_queries", "0", "num_queries"),
+])
+def test_bad_values_are_errors(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_args("synthetic_tiny", {key: value})
+
+
+def test_overrides_are_parsed_to_the_key_type():
+    config = config_from_args("synthetic_tiny", {
+        "model.num_queries": "12", "model.pre_norm": "true", "loss.eos_coef": "1",
+        "model.position_embedding": "learned", "data.train_scales": "[96, 128]"})
+    assert config.model.num_queries == 12 and config.model.pre_norm is True
+    assert config.loss.eos_coef == 1.0 and isinstance(config.loss.eos_coef, float)
+    assert config.model.position_embedding == "learned"
+    assert tuple(config.data.train_scales) == (96, 128)
+    with pytest.raises(ConfigError, match="expected a boolean"):
+        parse_value("maybe", False)
+
+
+def test_split_overrides():
+    rest, overrides = split_overrides(["train", "--config.model.num_queries=5", "--workdir", "w",
+                                       "--config.seed", "3"])
+    assert rest == ["train", "--workdir", "w"]
+    assert overrides == {"model.num_queries": "5", "seed": "3"}
