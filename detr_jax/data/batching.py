@@ -1,0 +1,125 @@
+"""Batching: padding images to a few bucket shapes and targets to `max_boxes`.
+
+A batch (what the pipeline yields; B = per-host batch size, M = max_boxes):
+  image     float32 [B, H, W, 3]  ImageNet-normalized, zero-padded bottom/right to a bucket
+  mask      bool    [B, H, W]     True on real pixels
+  labels    int32   [B, M]        category ids; 0 where not valid
+  boxes     float32 [B, M, 4]     (cx, cy, w, h) relative to the unpadded image; 0 where not valid
+  valid     bool    [B, M]
+  image_id  int64   [B]           -1 for filler examples
+  orig_size int32   [B, 2]        (h, w) of the stored image
+  size      int32   [B, 2]        (h, w) after resizing, before padding
+  is_real   bool    [B]           False for filler examples (eval's last batch)
+
+(H, W) is the smallest-area bucket holding every image of the batch, so XLA compiles one
+program per bucket, not per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from detr_jax.data.transforms import normalize_image
+
+BATCH_KEYS = ("image", "mask", "labels", "boxes", "valid", "image_id", "orig_size", "size", "is_real")
+STATS_KEY = "stats"  # per-batch counters; removed from the batch by the pipeline's iterator
+
+
+def round_up(value: int, step: int) -> int:
+    return int(math.ceil(value / step) * step)
+
+
+def make_buckets(shapes: Sequence[Sequence[int]], max_side: int, step: int) -> tuple[tuple[int, int], ...]:
+    """The bucket shapes (h, w), smallest area first.
+
+    Args:
+      shapes: explicit (h, w) buckets; if empty, every (h, w) with h and w multiples of
+        `step` up to `max_side` rounded up to `step` (at most (max_side / step)^2 shapes).
+      max_side: the longest image side the transforms produce.
+      step: side granularity of derived buckets, and of the fallback for a batch that fits
+        no bucket.
+    """
+    if step <= 0:
+        raise ValueError(f"bucket step must be positive, got {step}")
+    if shapes:
+        buckets = {(int(h), int(w)) for h, w in shapes}
+    else:
+        sides = range(step, round_up(max_side, step) + 1, step)
+        buckets = {(h, w) for h in sides for w in sides}
+    return tuple(sorted(buckets, key=lambda s: (s[0] * s[1], s)))
+
+
+def choose_bucket(buckets: Sequence[tuple[int, int]], height: int, width: int, step: int):
+    """Smallest-area bucket holding a height x width image.
+
+    Returns:
+      ((h, w), overflow): overflow is True when no bucket fits and the shape is the image
+      size rounded up to `step` instead (a new compiled shape; counted and logged).
+    """
+    for bh, bw in buckets:  # sorted by area
+        if bh >= height and bw >= width:
+            return (bh, bw), False
+    return (round_up(height, step), round_up(width, step)), True
+
+
+def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dict:
+    """Stacks transformed examples into a padded batch (see the module docstring).
+
+    Each example: image uint8 [h, w, 3], boxes float32 [n, 4] normalized cxcywh, labels
+    int32 [n], image_id, orig_size (h, w), is_real, and counters num_skipped and
+    num_degenerate. Boxes beyond `max_boxes` are dropped (the first max_boxes are kept) and
+    counted in the batch's stats.
+    """
+    sizes = np.array([ex["image"].shape[:2] for ex in examples], np.int32).reshape(-1, 2)
+    (bh, bw), overflow = choose_bucket(buckets, int(sizes[:, 0].max()), int(sizes[:, 1].max()), step)
+    n = len(examples)
+    batch = {
+        "image": np.zeros((n, bh, bw, 3), np.float32),
+        "mask": np.zeros((n, bh, bw), bool),
+        "labels": np.zeros((n, max_boxes), np.int32),
+        "boxes": np.zeros((n, max_boxes, 4), np.float32),
+        "valid": np.zeros((n, max_boxes), bool),
+        "image_id": np.array([ex["image_id"] for ex in examples], np.int64),
+        "orig_size": np.array([ex["orig_size"] for ex in examples], np.int32).reshape(-1, 2),
+        "size": sizes,
+        "is_real": np.array([ex["is_real"] for ex in examples], bool),
+    }
+    truncated = 0
+    for i, ex in enumerate(examples):
+        h, w = sizes[i]
+        batch["image"][i, :h, :w] = normalize_image(ex["image"])
+        batch["mask"][i, :h, :w] = True
+        k = min(len(ex["labels"]), max_boxes)
+        truncated += len(ex["labels"]) - k
+        batch["labels"][i, :k] = ex["labels"][:k]
+        batch["boxes"][i, :k] = ex["boxes"][:k]
+        batch["valid"][i, :k] = True
+    batch[STATS_KEY] = {
+        "examples": np.int64(int(batch["is_real"].sum())),
+        "skipped_images": np.int64(sum(ex["num_skipped"] for ex in examples)),
+        "degenerate_boxes": np.int64(sum(ex["num_degenerate"] for ex in examples)),
+        "truncated_boxes": np.int64(truncated),
+        "bucket_overflows": np.int64(overflow),
+    }
+    return batch
+
+
+def repad(batch: dict, shape: tuple[int, int]) -> dict:
+    """The batch with `image` and `mask` padded (or trimmed of padding) to shape (H, W).
+
+    Used to agree on one shape across hosts. Raises if real pixels would be cut off.
+    """
+    height, width = shape
+    if batch["size"].size and (batch["size"][:, 0].max() > height or batch["size"][:, 1].max() > width):
+        raise ValueError(f"cannot repad to {shape}: images up to {batch['size'].max(0)} (h, w)")
+    out = dict(batch)
+    n, h, w, c = batch["image"].shape
+    out["image"] = np.zeros((n, height, width, c), batch["image"].dtype)
+    out["mask"] = np.zeros((n, height, width), bool)
+    hh, ww = min(h, height), min(w, width)
+    out["image"][:, :hh, :ww] = batch["image"][:, :hh, :ww]
+    out["mask"][:, :hh, :ww] = batch["mask"][:, :hh, :ww]
+    return out
