@@ -168,10 +168,12 @@ def test_eval_covers_every_example_once_across_hosts_with_fillers():
     assert real_ids == list(range(7))  # in order, each once
 
 
-def test_boxes_beyond_max_boxes_are_truncated_and_counted():
+def test_boxes_beyond_max_boxes_are_truncated_and_counted(caplog):
     data = _tiny_data(synthetic_num_objects=(4, 4), synthetic_object_size=(0.2, 0.25), max_boxes=2, crop_prob=0.0)
     it = make_eval_iterator(data, 4, 0, 1)
-    batch = next(it)
+    with caplog.at_level("WARNING"):
+        batch = next(it)
+    assert "more boxes than data.max_boxes" in caplog.text
     assert batch["valid"].all()
     assert it.stats.truncated_boxes == sum(len(make_source(data, "eval")[i].labels) - 2 for i in range(4)) > 0
 
@@ -179,6 +181,8 @@ def test_boxes_beyond_max_boxes_are_truncated_and_counted():
 def test_buckets_bound_the_shapes_and_overflow_is_counted():
     buckets = batching.make_buckets((), 96, 32)
     assert len(buckets) == 9 and buckets[0] == (32, 32)
+    coco = batching.make_buckets((), 1333, 128)  # sides 128..1280 and 1333 rounded up to 32
+    assert len(coco) == 11 * 11 and coco[-1] == (1344, 1344) and (1280, 1344) in coco
     assert batching.choose_bucket(buckets, 40, 90, 32) == ((64, 96), False)
     assert batching.choose_bucket(buckets, 97, 10, 32) == ((128, 32), True)
     explicit = batching.make_buckets([(64, 128), (128, 64), (96, 96)], 0, 32)
@@ -266,3 +270,56 @@ def test_invalid_data_config_is_rejected(key, value):
     data[key] = value
     with pytest.raises(ConfigError, match=f"data.{key}"):
         validate(data)
+
+
+_TWO_HOST_SCRIPT = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from detr_jax.data import make_eval_iterator, make_train_iterator
+from detr_jax.data.config import data_config
+data = data_config()
+data.update(json.loads(sys.argv[3]))
+train = make_train_iterator(data, 4, seed=0)  # shards and shape sync from jax
+batches = [next(train) for _ in range(6)]
+evals = list(make_eval_iterator(data, 4))
+print(json.dumps({
+    "train_shapes": [b["image"].shape[1:3] for b in batches],
+    "train_ids": [b["image_id"].tolist() for b in batches[:3]],
+    "eval_shapes": [b["image"].shape[1:3] for b in evals],
+    "eval_ids": [b["image_id"][b["is_real"]].tolist() for b in evals],
+}))
+"""
+
+
+def test_two_processes_agree_on_padded_shapes(tmp_path):
+    """Real jax.distributed run on CPU: shapes must match across hosts (else the step hangs)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "host.py"
+    script.write_text(_TWO_HOST_SCRIPT)
+    overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in _tiny_data().items()}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"127.0.0.1:{port}", str(i), json.dumps(overrides)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(json.loads(out.strip().splitlines()[-1]))
+    host0, host1 = outputs
+    assert host0["train_shapes"] == host1["train_shapes"]
+    assert host0["eval_shapes"] == host1["eval_shapes"]
+    epoch = sum(host0["train_ids"], []) + sum(host1["train_ids"], [])
+    assert sorted(epoch) == list(range(12))
+    assert sorted(sum(host0["eval_ids"], []) + sum(host1["eval_ids"], [])) == list(range(7))

@@ -163,3 +163,13 @@ def test_tfds_without_label_mapping_keeps_indices(tfds_mock):
     raw = source._source[1]
     n = len(source[1].labels)
     np.testing.assert_array_equal(source[1].labels, raw["objects"]["label"][:n])
+
+
+def test_missing_tfds_gives_an_install_hint(monkeypatch):
+    import sys
+
+    from detr_jax.data.tfds_source import TfdsSource
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(ImportError, match=r"detr-jax\[tfds\]"):
+        TfdsSource("coco/2017", "train")

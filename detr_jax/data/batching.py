@@ -36,8 +36,10 @@ def make_buckets(shapes: Sequence[Sequence[int]], max_side: int, step: int) -> t
     """The bucket shapes (h, w), smallest area first.
 
     Args:
-      shapes: explicit (h, w) buckets; if empty, every (h, w) with h and w multiples of
-        `step` up to `max_side` rounded up to `step` (at most (max_side / step)^2 shapes).
+      shapes: explicit (h, w) buckets; if empty, every (h, w) whose sides are multiples of
+        `step` below `max_side`, or `max_side` itself rounded up to 32 (the backbone's
+        stride): at most (max_side / step + 1)^2 shapes. For COCO (1333, step 128) the
+        sides are 128, 256, ..., 1280 and 1344.
       max_side: the longest image side the transforms produce.
       step: side granularity of derived buckets, and of the fallback for a batch that fits
         no bucket.
@@ -47,7 +49,8 @@ def make_buckets(shapes: Sequence[Sequence[int]], max_side: int, step: int) -> t
     if shapes:
         buckets = {(int(h), int(w)) for h, w in shapes}
     else:
-        sides = range(step, round_up(max_side, step) + 1, step)
+        top = round_up(max_side, min(step, 32))
+        sides = [*range(step, top, step), top]
         buckets = {(h, w) for h in sides for w in sides}
     return tuple(sorted(buckets, key=lambda s: (s[0] * s[1], s)))
 

@@ -60,8 +60,9 @@ def data_config() -> ml_collections.ConfigDict:
             eval_max_size=1333,
             # --- padding: images are padded to the smallest bucket (h, w) that holds the
             # batch. Empty bucket_shapes = every (h, w) with sides multiples of bucket_step
-            # up to the max size (rounded up). Batches that fit none are padded to their size
-            # rounded up to bucket_step (counted as bucket_overflows).
+            # below the max size, or the max size rounded up to 32 (COCO: 128..1280, 1344).
+            # Batches that fit none are padded to their size rounded up to bucket_step
+            # (counted as bucket_overflows).
             bucket_shapes=(),
             bucket_step=128,
             # --- loading

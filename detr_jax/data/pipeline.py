@@ -42,6 +42,11 @@ _MAX_LOAD_ATTEMPTS = 16  # consecutive unreadable images before training gives u
 _LOGGED_SKIPS = 20  # skip warnings logged per process (all are counted)
 _FILLER_SIZE = 32
 
+_FIRST_TIME_WARNINGS = {
+    "truncated_boxes": "an image has more boxes than data.max_boxes; the first max_boxes are kept",
+    "degenerate_boxes": "boxes of zero or negative size (after clipping to the image) were dropped",
+}
+
 _DEFAULT_SPLITS = {
     "synthetic": ("train", "validation"),
     "coco_folder": ("train2017", "val2017"),
@@ -213,10 +218,14 @@ class DetectionBatchIterator(grain.DatasetIterator):
             if shape != batch["image"].shape[1:3]:
                 batch = batching.repad(batch, shape)
         shape = tuple(batch["image"].shape[1:3])
+        before = self.stats.as_dict()
         if self.stats.add(counters, shape):
             log.info("input: new padded batch shape %s (%d distinct)", shape, len(self.stats.batch_shapes))
         if counters["bucket_overflows"]:
             log.warning("input: batch of size %s fit no bucket; padded to %s", batch["size"].max(0), shape)
+        for key, what in _FIRST_TIME_WARNINGS.items():
+            if counters[key] and not before[key]:
+                log.warning("input: %s (counted in stats.%s; not repeated)", what, key)
         return batch
 
     def get_state(self) -> dict:
