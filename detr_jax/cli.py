@@ -90,9 +90,56 @@ def config_from_args(config_arg: str, raw_overrides: dict[str, str]):
     return load_config(path, parsed) if parsed else config
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """INFO for this package, WARNING for the libraries (orbax and absl are chatty)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("detr_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def default_workdir(config_arg: str) -> str:
+    return str(pathlib.Path("workdirs") / pathlib.Path(config_arg).stem)
+
+
+def run_train(args, overrides) -> int:
+    from detr_jax.train import TrainingError, distributed_init, train
+
+    distributed_init(args.coordinator, args.num_processes, args.process_id)
+    config = config_from_args(args.config, overrides)
+    workdir = args.workdir or default_workdir(args.config)
+    from detr_jax.evaluate import make_eval_fn
+
+    try:
+        metrics = train(config, workdir, eval_fn=make_eval_fn(config, workdir), show_progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"detr-jax train: {e}", file=sys.stderr)
+        return 1
+    import jax
+
+    if jax.process_index() == 0:
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "eval_AP", "eval_AP50") if k in metrics)
+        print(f"done: {summary}; metrics, checkpoints and loss_curve.png in {workdir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train", help="train (default: configs/synthetic_tiny.py); re-run on the same workdir to resume",
+        epilog="Override any config key with --config.KEY=VALUE, e.g. --config.train.batch_size=16.")
+    train.add_argument("--config", default=DEFAULT_CONFIG, help="config file or name in configs/")
+    train.add_argument("--workdir", default=None, help="output directory (default: workdirs/<config name>)")
+    train.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
+    train.add_argument("--num_processes", type=int, default=None, help="multi-process: number of processes")
+    train.add_argument("--process_id", type=int, default=None, help="multi-process: this process's index")
+    train.add_argument("--no_progress", action="store_true", help="no progress bar")
     convert = sub.add_parser("convert", help="convert a PyTorch DETR/ResNet checkpoint to Flax")
     convert.add_argument("src", help="PyTorch state dict (.pth/.pt/.bin) or .safetensors")
     convert.add_argument("dst", help="output checkpoint directory")
@@ -108,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_overrides(argv)
         args = build_parser().parse_args(rest)
+        setup_logging(args.verbose)
+        if args.command == "train":
+            return run_train(args, overrides)
         if args.command == "convert":
             from detr_jax.convert import convert_main
 

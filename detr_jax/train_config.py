@@ -14,8 +14,14 @@ def train_config() -> ml_collections.ConfigDict:
             weight_decay=1e-4,
             clip_max_norm=0.1,
             epochs=300,
+            # > 0: train exactly this many steps instead of `epochs` epochs.
+            num_steps=0,
             lr_drop_epoch=200,
             warmup_steps=0,
+            # The learned position embedding gets lr_backbone, as in official DETR (whose
+            # backbone lr applies to every parameter named "backbone*", and the embedding
+            # is `backbone.1.*`). False: it gets the main lr.
+            learned_pos_with_backbone=True,
             batch_size=64,  # global, over all devices and hosts
             grad_accum_steps=1,
             log_every_steps=50,

@@ -1,0 +1,373 @@
+"""Training: train state, optimizer, the sharded train step, and the training loop.
+
+One jitted step over a Mesh whose "data" axis spans every device of every process:
+parameters and optimizer state replicated, the batch split along its first axis, the
+Hungarian matching run per device on its shard (see detr_jax.matcher). Each process
+feeds its own slice of the data (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from detr_jax.losses import SetCriterion
+from detr_jax.models.detr import DETR, init_variables
+
+log = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+# Backbone parameters official DETR never trains (requires_grad False): the stem and layer1.
+FROZEN_BACKBONE_PREFIXES = ("conv1", "layer1_")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, bad init checkpoint, ...)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes or needs, as one pytree (checkpointed whole).
+
+    step: int32 scalar, micro-steps done; params: trainable variables (float32);
+    frozen_bn: frozen BatchNorm values (never updated); opt_state: optax state;
+    rng: uint32 [2] PRNG key, folded with the step for each step's dropout.
+    """
+
+    step: jax.Array
+    params: Any
+    frozen_bn: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "frozen_bn": self.frozen_bn}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool = True):
+    """Labels each parameter "main", "backbone" or "frozen" (same tree structure).
+
+    The backbone's stem and first stage are frozen, as in official DETR; the whole
+    backbone is frozen when it is not trained (lr_backbone <= 0). The learned position
+    embedding (if any) gets the backbone's learning rate when `learned_pos_with_backbone`:
+    official DETR applies lr_backbone to every parameter named "backbone*", and its
+    learned embedding lives at `backbone.1.row_embed`.
+    """
+
+    def label(path, _):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if names[0] == "backbone":
+            body_name = names[2] if len(names) > 2 else ""
+            if not train_backbone or body_name.startswith(FROZEN_BACKBONE_PREFIXES):
+                return "frozen"
+            return "backbone"
+        if names[0] == "position_embedding" and learned_pos_with_backbone:
+            return "backbone" if train_backbone else "frozen"
+        return "main"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(base_lr: float, steps_per_epoch: int, lr_drop_epoch: int, warmup_steps: int = 0,
+                drop_factor: float = 0.1) -> optax.Schedule:
+    """Constant lr, x`drop_factor` from epoch `lr_drop_epoch` on (torch StepLR per epoch),
+    with an optional linear warmup. Counted in optimizer updates."""
+    schedule = optax.piecewise_constant_schedule(
+        base_lr, {max(1, lr_drop_epoch * steps_per_epoch): drop_factor})
+    if warmup_steps > 0:
+        warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+        schedule = optax.join_schedules([warmup, schedule], [warmup_steps])
+    return schedule
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict, params, updates_per_epoch: int):
+    """AdamW with a lower backbone lr, frozen stem/layer1, global-norm clipping.
+
+    Returns (optimizer, main_lr_schedule). Gradients of frozen parameters are zeroed
+    before clipping so they do not count in the global norm (they have no gradient in
+    the reference). With grad_accum_steps > 1 the optimizer is wrapped in
+    optax.MultiSteps and applies the mean gradient every grad_accum_steps micro-steps.
+    """
+    t = train_config
+    train_backbone = t.lr_backbone > 0
+    labels = param_labels(params, train_backbone, t.learned_pos_with_backbone)
+    main_lr = lr_schedule(t.lr, updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
+    backbone_lr = lr_schedule(max(t.lr_backbone, 0.0), updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
+    frozen = jax.tree.map(lambda label: label == "frozen", labels)
+    transforms = [optax.masked(optax.set_to_zero(), frozen)]
+    if t.clip_max_norm > 0:
+        transforms.append(optax.clip_by_global_norm(t.clip_max_norm))
+    transforms.append(optax.multi_transform(
+        {
+            "main": optax.adamw(main_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay),
+            "backbone": optax.adamw(backbone_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay),
+            "frozen": optax.set_to_zero(),
+        },
+        labels,
+    ))
+    optimizer = optax.chain(*transforms)
+    if t.grad_accum_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=t.grad_accum_steps)
+    return optimizer, main_lr
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process, axis "data"."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.Array) -> dict:
+    """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set."""
+    variables = init_variables(model, rng)
+    if config.train.init_from:
+        from detr_jax.checkpoint_io import load_variables, merge_variables
+
+        pretrained = load_variables(config.train.init_from)
+        variables = merge_variables(variables, pretrained, source=config.train.init_from)
+        log.info("initialized from %s", config.train.init_from)
+    return variables
+
+
+def create_train_state(config, model, optimizer, mesh: Mesh) -> TrainState:
+    """Initial, replicated train state (from `config.seed`)."""
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = initial_variables(config, model, init_rng)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        frozen_bn=variables["frozen_bn"],
+        opt_state=optimizer.init(variables["params"]),
+        rng=dropout_rng,
+    )
+    return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
+                    accum_steps: int = 1) -> Callable:
+    """The jitted step: (state, batch) -> (state, metrics).
+
+    The state is donated. A step whose loss or gradient is not finite leaves the state
+    unchanged (and reports it in `metrics["finite"]`), so the caller can stop with the
+    last good state intact.
+    """
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+    def step_fn(state: TrainState, batch: dict):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            outputs = model.apply({"params": params, "frozen_bn": state.frozen_bn}, batch["image"],
+                                  batch["mask"], train=True, rngs={"dropout": dropout_rng})
+            return criterion(outputs, batch)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite,
+                       lr=lr(state.step // accum_steps).astype(jnp.float32))
+        return new_state, metrics
+
+    return jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+MODEL_INPUT_KEYS = ("image", "mask", "labels", "boxes", "valid")
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """This process's numpy batch -> global jax arrays sharded over the data axis."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, local_batch[k]) for k in MODEL_INPUT_KEYS}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass
+class Plan:
+    """How long the run is: micro-steps in total and per epoch."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def should_eval(self, done: int, every_epochs: int) -> bool:
+        """After every `every_epochs` epochs (0: never), and always after the last step."""
+        if done == self.total_steps:
+            return True
+        return every_epochs > 0 and done % (self.steps_per_epoch * every_epochs) == 0
+
+
+def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
+    t = config.train
+    steps_per_epoch = max(1, num_train_examples // t.batch_size)
+    total = t.num_steps if t.num_steps > 0 else t.epochs * steps_per_epoch
+    return Plan(steps_per_epoch=steps_per_epoch, total_steps=total)
+
+
+def distributed_init(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """Starts jax.distributed when launched as several processes.
+
+    Explicit arguments (a CPU cluster on one machine, say) or the environment that
+    `jax.distributed.initialize()` understands on TPU pods, SLURM and GPU clusters.
+    On CPU the cross-process collectives use gloo.
+    """
+    if coordinator is None and num_processes is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
+        if not any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")):
+            return
+    if (os.environ.get("JAX_PLATFORMS", "") or "cpu").startswith("cpu") and coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator is not None:
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _host_metrics(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          eval_fn: Callable | None = None, show_progress: bool = True) -> dict:
+    """Trains `config` into `workdir`, resuming from its newest checkpoint if there is one.
+
+    Returns the final host metrics (last logged train metrics plus the last evaluation).
+    """
+    from tqdm.auto import tqdm
+
+    from detr_jax.checkpoint import Checkpointer, abstract_like
+    from detr_jax.data.pipeline import make_source, make_train_iterator
+    from detr_jax.metrics_writer import MetricsWriter
+
+    workdir = pathlib.Path(workdir)
+    t = config.train
+    if t.batch_size % jax.device_count():
+        raise TrainingError(
+            f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices")
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    mesh = make_mesh()
+    model = DETR.from_config(config.model)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh, data_axis=DATA_AXIS)
+    source = make_source(config.data, "train")
+    plan = make_plan(config, len(source))
+    shapes = init_variables_shapes(model)
+    optimizer, lr = make_optimizer(t, shapes["params"], max(1, plan.steps_per_epoch // t.grad_accum_steps))
+    train_step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps)
+
+    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
+    data_iter = make_train_iterator(config.data, t.batch_size, config.seed, source=source)
+    abstract_state = abstract_like(abstract_train_state(shapes, optimizer), NamedSharding(mesh, P()))
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is None:
+        state = create_train_state(config, model, optimizer, mesh)
+        log.info("starting from scratch: %d steps (%d per epoch)", plan.total_steps, plan.steps_per_epoch)
+    else:
+        state, data_state, meta = restored
+        data_iter.set_state(data_state)
+        log.info("resumed from step %d of %d", meta["step"], plan.total_steps)
+    start_step = int(state.step)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+
+    def meta(step):
+        return {"step": step, "epoch": plan.epoch(step), "config": config.to_dict()}
+
+    last_metrics: dict = {}
+    progress = tqdm(total=plan.total_steps, initial=start_step, disable=not (show_progress and is_main),
+                    desc="train", unit="step", dynamic_ncols=True)
+    pending = []  # device metrics of the steps since the last log
+    window_start, window_images = time.perf_counter(), 0
+    try:
+        for step in range(start_step, plan.total_steps):
+            batch = next(data_iter)
+            state, metrics = train_step(state, global_batch(batch, mesh))
+            pending.append(metrics)
+            window_images += t.batch_size
+            done = step + 1
+            if done % t.log_every_steps == 0 or done == plan.total_steps:
+                host = [_host_metrics(m) for m in pending]
+                pending = []
+                if not all(m["finite"] for m in host):
+                    bad = next(i for i, m in enumerate(host) if not m["finite"])
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {done - len(host) + bad + 1} "
+                        f"(loss={host[bad]['loss']}, grad_norm={host[bad]['grad_norm']}); the state of "
+                        f"the last finite step is kept; the last good checkpoint in {workdir} is intact")
+                elapsed = time.perf_counter() - window_start
+                last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
+                last_metrics.update(step=done, epoch=plan.epoch(done - 1),
+                                    images_per_sec=window_images / elapsed, step_time=elapsed / len(host),
+                                    **{f"data_{k}": v for k, v in data_iter.stats.as_dict().items()})
+                writer.write(done, last_metrics)
+                window_start, window_images = time.perf_counter(), 0
+                progress.set_postfix(loss=f"{last_metrics['loss']:.3f}",
+                                     step_s=f"{last_metrics['step_time']:.3f}")
+            progress.update(1)
+            if eval_fn is not None and plan.should_eval(done, t.eval_every_epochs):
+                eval_metrics = eval_fn(state.variables, step=done)
+                scalars = {f"eval_{k}": float(v) for k, v in eval_metrics.items() if np.isscalar(v)}
+                writer.write(done, scalars)
+                last_metrics.update(scalars)
+                checkpointer.save_best(done, state, data_iter.get_state(), meta(done), eval_metrics)
+            if done % t.checkpoint_every_steps == 0 or done == plan.total_steps:
+                checkpointer.save(done, state, data_iter.get_state(), meta(done))
+    finally:
+        progress.close()
+        checkpointer.close()
+        writer.close()
+    return last_metrics
+
+
+def init_variables_shapes(model: DETR) -> dict:
+    """Shapes of the model's variables (no computation)."""
+    return jax.eval_shape(lambda r: init_variables(model, r), jax.random.PRNGKey(0))
+
+
+def abstract_train_state(variable_shapes: dict, optimizer) -> TrainState:
+    """The TrainState's structure, shapes and dtypes (for restoring a checkpoint)."""
+    return jax.eval_shape(lambda: TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variable_shapes["params"],
+        frozen_bn=variable_shapes["frozen_bn"],
+        opt_state=optimizer.init(variable_shapes["params"]),
+        rng=jax.random.PRNGKey(0),
+    ))
