@@ -10,6 +10,11 @@ Training stream (deterministic for a seed, whatever the number of workers or thr
   MapDataset), so their content does not depend on the worker count either.
 Evaluation: host h reads the contiguous slice h of the dataset in order, one pass; every
   host yields the same number of full batches, padded with filler examples (is_real False).
+Targets: crowd objects are dropped in training and evaluation batches (as official DETR;
+  COCO evaluation gets them from the ground truth, see `coco_export.to_coco_dict`); images
+  without objects are kept (as official DETR's COCO training set).
+Hosts pad to the same bucket: with several processes each batch's size is agreed through a
+  tiny allgather (a collective: every host must call next() the same number of times).
 
 The iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` (JSON-able, also
 usable with `grain.checkpoint.CheckpointHandler`) resume at the same next batch (with the
