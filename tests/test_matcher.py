@@ -10,7 +10,7 @@ import scipy.optimize
 
 from detr_jax import matcher as matcher_lib
 from detr_jax.config import loss_config
-from detr_jax.matcher import HungarianMatcher, assign, clean_cost, matching_cost
+from detr_jax.matcher import HungarianMatcher, assign, assign_on_host, matching_cost
 
 
 def random_problem(rng, layers=2, batch=3, queries=6, num_classes=5, max_boxes=4, valid=None):
@@ -72,20 +72,25 @@ def test_matching_cost_equals_numpy_formula():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_clean_cost_replaces_nonfinite_and_padded_columns():
-    cost = np.arange(2 * 2 * 3 * 3, dtype=np.float32).reshape(2, 2, 3, 3)
+def test_nonfinite_costs_are_counted_and_replaced_on_host():
+    rng = np.random.default_rng(12)
+    cost = rng.uniform(size=(2, 2, 3, 3)).astype(np.float32)
     cost[0, 1, 2, 0] = np.nan
     cost[1, 1, 0, 1] = np.inf
-    cost[1, 0, 0, 2] = np.nan  # in a padded column: not counted, replaced anyway
-    valid = np.array([[True, True, False], [True, True, True]])
-    cleaned, nonfinite = clean_cost(jnp.asarray(cost), jnp.asarray(valid))
-    cleaned = np.asarray(cleaned)
-    np.testing.assert_array_equal(nonfinite, [[0, 1], [0, 1]])
-    assert np.isfinite(cleaned).all()
-    assert cleaned[0, 1, 2, 0] == cleaned[1, 1, 0, 1] == matcher_lib.UNMATCHABLE_COST
-    assert (cleaned[:, 0, :, 2] == matcher_lib.UNMATCHABLE_COST).all()
-    keep = np.isfinite(cost) & valid[None, :, None, :]
-    np.testing.assert_array_equal(cleaned[keep], cost[keep])
+    cost[1, 1, 1, 1] = -np.inf
+    cost[1, 0, 0, 2] = np.nan  # in a padded column: not counted, never matched
+    valid = np.broadcast_to(np.array([[True, True, False], [True, True, True]]), (2, 2, 3))
+    t2q, solved, nonfinite = assign_on_host(cost, valid)
+    np.testing.assert_array_equal(nonfinite, [[0, 1], [0, 2]])
+    assert solved.all()
+    # Non-finite entries are solved as UNMATCHABLE_COST: avoided while there is a choice.
+    assert t2q[0, 1, 0] != 2 and t2q[1, 1, 1] not in (0, 1)
+    assert t2q[1, 1, 1] >= 0 and (t2q[:, 0, 2] == -1).all()
+    for l, b in np.ndindex(2, 2):
+        cleaned = np.where(np.isfinite(cost[l, b]), cost[l, b], matcher_lib.UNMATCHABLE_COST)
+        columns = np.flatnonzero(valid[l, b])
+        rows, cols = scipy.optimize.linear_sum_assignment(cleaned[:, columns])
+        np.testing.assert_allclose(total_cost(cleaned, t2q[l, b]), cleaned[rows, columns[cols]].sum())
 
 
 def brute_force_min_cost(cost, valid):
@@ -105,7 +110,7 @@ def test_assignment_is_optimal_against_brute_force():
     valid[0] = False  # an image without targets
     valid[1] = True  # a full one
     valid_lbm = np.broadcast_to(valid, (L, B, M))
-    t2q, solved = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(valid_lbm))
+    t2q, solved, _ = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(valid_lbm))
     t2q = np.asarray(t2q)
     assert t2q.dtype == np.int32 and t2q.shape == (L, B, M) and np.asarray(solved).all()
     for l, b in itertools.product(range(L), range(B)):
@@ -125,7 +130,7 @@ def test_assignment_equals_scipy_on_100_query_problems():
     valid = np.zeros((B, M), bool)
     for b, k in enumerate([30, 1, 17, 0]):
         valid[b, rng.choice(M, size=k, replace=False)] = True  # not contiguous
-    t2q, solved = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(np.broadcast_to(valid, (L, B, M))))
+    t2q, solved, _ = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(np.broadcast_to(valid, (L, B, M))))
     t2q = np.asarray(t2q)
     assert np.asarray(solved).all()
     for l, b in itertools.product(range(L), range(B)):
@@ -143,7 +148,7 @@ def test_assignment_equals_scipy_on_100_query_problems():
 def test_more_targets_than_queries_matches_every_query_once():
     rng = np.random.default_rng(3)
     cost = rng.normal(size=(1, 1, 3, 5)).astype(np.float32)
-    t2q, solved = assign(jnp.asarray(cost), jnp.ones((1, 1, 5), bool))
+    t2q, solved, _ = assign(jnp.asarray(cost), jnp.ones((1, 1, 5), bool))
     t2q = np.asarray(t2q)[0, 0]
     assert np.asarray(solved).all()
     assert sorted(t2q[t2q >= 0]) == [0, 1, 2]
@@ -210,10 +215,11 @@ def test_nan_predictions_are_counted_and_still_matched():
     valid = np.ones(labels.shape, bool)
     logits[1, 0, 2, 0] = np.nan  # one query of image 0, layer 1: its whole cost row is NaN
     pred_boxes[0, 2] = np.nan  # every query of image 2, layer 0
+    logits[0, 1, 3, 0] = np.inf  # one query of image 1, layer 0: its row, whatever the labels
     matching = jax.jit(HungarianMatcher())(logits, pred_boxes, labels, boxes, valid)
     nonfinite = np.asarray(matching.nonfinite)
     M, Q = labels.shape[1], logits.shape[2]
-    np.testing.assert_array_equal(nonfinite, [[0, 0, Q * M], [M, 0, 0]])
+    np.testing.assert_array_equal(nonfinite, [[0, M, Q * M], [M, 0, 0]])
     assert np.asarray(matching.solved).all()
     assert (np.asarray(matching.target_to_query) >= 0).all()  # still a full matching
 
@@ -226,7 +232,7 @@ def test_solver_failure_is_reported_not_raised(monkeypatch):
     rng = np.random.default_rng(9)
     cost = rng.normal(size=(2, 3, 4, 2)).astype(np.float32)
     valid = np.array([[True, False], [False, False], [True, True]])
-    t2q, solved = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(np.broadcast_to(valid, (2, 3, 2))))
+    t2q, solved, _ = jax.jit(assign)(jnp.asarray(cost), jnp.asarray(np.broadcast_to(valid, (2, 3, 2))))
     # image 1 has no targets, so the solver is not called for it
     np.testing.assert_array_equal(solved, [[False, True, False], [False, True, False]])
     np.testing.assert_array_equal(t2q, -1)
@@ -244,10 +250,10 @@ def test_vmap_over_matching_calls_back_once(monkeypatch):
     rng = np.random.default_rng(10)
     cost = rng.normal(size=(3, 2, 2, 5, 3)).astype(np.float32)  # [V, L, B, Q, M]
     valid = np.ones((2, 2, 3), bool)
-    t2q, solved = jax.jit(jax.vmap(assign, in_axes=(0, None)))(jnp.asarray(cost), jnp.asarray(valid))
+    t2q, solved, _ = jax.jit(jax.vmap(assign, in_axes=(0, None)))(jnp.asarray(cost), jnp.asarray(valid))
     assert calls == [(3, 2, 2, 5, 3)]
     for v in range(3):
-        want, _ = assign(jnp.asarray(cost[v]), jnp.asarray(valid))
+        want = assign(jnp.asarray(cost[v]), jnp.asarray(valid)).target_to_query
         np.testing.assert_array_equal(t2q[v], want)
 
 
