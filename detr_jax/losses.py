@@ -226,8 +226,9 @@ class SetCriterion:
         matched_pred = jnp.take_along_axis(
             pred_boxes, jnp.maximum(t2q, 0)[..., None], axis=2
         )  # [L, B, M, 4]: the query matched to each target slot
-        # Unmatched slots compare the target with itself (zero loss, finite gradient) and
-        # are masked out anyway; their padded boxes can be garbage.
+        # Unmatched slots compare one dummy box with itself (zero loss, zero gradient):
+        # their padded target boxes can be garbage, NaN included, and must not leak into
+        # the sums or the gradient.
         target = jnp.broadcast_to(boxes[None], matched_pred.shape)
         matched_pred = jnp.where(is_pair[..., None], matched_pred, 0.5)
         target = jnp.where(is_pair[..., None], target, 0.5)
