@@ -58,10 +58,14 @@ def _iou_union_enclosure(a: tuple, b: tuple):
     """IoU, union and enclosing-box area of corner tuples `a` and `b` (they broadcast)."""
     ax0, ay0, ax1, ay1 = a
     bx0, by0, bx1, by1 = b
-    inter = _area(jnp.maximum(ax0, bx0), jnp.maximum(ay0, by0), jnp.minimum(ax1, bx1), jnp.minimum(ay1, by1))
+    inter = _area(
+        jnp.maximum(ax0, bx0), jnp.maximum(ay0, by0), jnp.minimum(ax1, bx1), jnp.minimum(ay1, by1)
+    )
     union = _area(*a) + _area(*b) - inter
     iou = inter / jnp.maximum(union, _MIN_AREA)
-    enclosure = _area(jnp.minimum(ax0, bx0), jnp.minimum(ay0, by0), jnp.maximum(ax1, bx1), jnp.maximum(ay1, by1))
+    enclosure = _area(
+        jnp.minimum(ax0, bx0), jnp.minimum(ay0, by0), jnp.maximum(ax1, bx1), jnp.maximum(ay1, by1)
+    )
     return iou, union, enclosure
 
 

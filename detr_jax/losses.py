@@ -215,7 +215,9 @@ class SetCriterion:
         correct = (jnp.argmax(logits[-1], axis=-1) == target_class[-1]) & last_matched
         num_correct = _sum(correct.astype(jnp.float32), axis_name)
         num_matched = _sum(last_matched.astype(jnp.float32), axis_name)
-        accuracy = jnp.where(num_matched > 0, 100.0 * num_correct / jnp.maximum(num_matched, 1.0), 0.0)
+        accuracy = jnp.where(
+            num_matched > 0, 100.0 * num_correct / jnp.maximum(num_matched, 1.0), 0.0
+        )
         return loss_ce, 100.0 - accuracy
 
     def _box_losses(self, pred_boxes, boxes, matching: Matching, num_boxes, axis_name):

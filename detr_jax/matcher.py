@@ -98,7 +98,8 @@ def matching_cost(
 
     # Coordinate by coordinate: XLA CPU ran the [L, B, Q, M, 4] form ~10x slower.
     bbox_cost = sum(
-        jnp.abs(pred_boxes[..., i][..., :, None] - boxes[..., i][None, :, None, :]) for i in range(4)
+        jnp.abs(pred_boxes[..., i][..., :, None] - boxes[..., i][None, :, None, :])
+        for i in range(4)
     )
     giou_cost = -box_ops.pairwise_generalized_iou(
         box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(boxes)[None]
