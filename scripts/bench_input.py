@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--out", default="bench_results/bench_input.json")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         source = _Resized(SyntheticShapesSource(args.images, seed=0, image_size=(480, 640)), 480, 640)
         start = time.perf_counter()
@@ -108,12 +109,14 @@ def main():
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"\n1-min load average before/after: {result['load_average_1min']} on {os.cpu_count()} CPUs")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
