@@ -388,7 +388,7 @@ def _config_mismatches(
             line = f"model.backbone: checkpoint has an unknown {backbone_description}, config has {wanted!r}"
         elif field == "num_classes":
             line += (" (to fine-tune on other classes, re-initialize the class head: "
-                     "reinit_class_head=True / --reinit-class-head)")
+                     "reinit_class_head=True / --reinit_class_head)")
         elif field == "num_queries":
             line += (" (the queries are trained with the decoder and are not re-initialized; set "
                      f"model.num_queries={value}: unused queries learn to predict 'no object')")
@@ -604,11 +604,13 @@ def convert_checkpoint(
 
 
 def _target_config(
-    state_dict: Mapping[str, np.ndarray], config_path, overrides: Mapping[str, Any] | None, source: str
+    state_dict: Mapping[str, np.ndarray], config, overrides: Mapping[str, Any] | None, source: str
 ) -> ml_collections.ConfigDict:
-    """The config to convert for: the given file, or the defaults with the inferred shape."""
-    if config_path is not None:
-        return load_config(config_path, overrides)
+    """The config to convert for: the given one (or file), else the defaults with the inferred shape."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    if config is not None:
+        return load_config(config, overrides)
     config = base_config()
     layout = detect_layout(list(state_dict))
     if layout is not None:
@@ -627,21 +629,30 @@ def _target_config(
 def convert_main(
     src: str | pathlib.Path,
     dst: str | pathlib.Path,
-    config_path: str | pathlib.Path | None = None,
+    config: ml_collections.ConfigDict | str | pathlib.Path | None = None,
     reinit_class_head: bool = False,
     overrides: Mapping[str, Any] | None = None,
 ) -> dict:
-    """`detr-jax convert SRC DST [--config FILE] [--reinit-class-head]`.
+    """`detr-jax convert SRC DST [--config FILE] [--reinit_class_head]`.
 
     Converts the PyTorch checkpoint SRC (file, or a Hugging Face model directory) and
     writes a params-only checkpoint to the new directory DST (see `detr_jax.checkpoint_io`).
-    Without a config file, the model shape is inferred from the weights and the rest
-    (num_heads, dilation) is taken from the defaults; `overrides` ({"model.dilation":
-    True}) apply either way. Prints a summary; returns the metadata written.
+
+    Args:
+      config: the config the weights must fit: a loaded config, a config file (then
+        `overrides`, {"model.num_heads": 4}, are applied to it), or None: the model shape is
+        inferred from the weights, num_heads and dilation come from the defaults, and
+        `overrides` apply on top.
+      reinit_class_head: start a new class head (fine-tuning on other classes).
+    Returns:
+      The metadata written. Prints a summary.
+    Raises:
+      ConversionError (every problem listed), ConfigError, checkpoint_io.CheckpointError.
     """
     src_path = _checkpoint_file(pathlib.Path(src).absolute())
     state_dict = load_state_dict(src_path)
-    config = _target_config(state_dict, config_path, overrides, str(src_path))
+    config_file = None if config is None or isinstance(config, ml_collections.ConfigDict) else config
+    config = _target_config(state_dict, config, overrides, str(src_path))
     variables, metadata = convert_state_dict(
         state_dict, config.model, reinit_class_head=reinit_class_head, seed=config.seed, source=str(src_path)
     )
@@ -651,7 +662,7 @@ def convert_main(
     metadata.update(
         source=str(src_path),
         source_sha256=file_sha256(src_path),
-        config_file=None if config_path is None else str(pathlib.Path(config_path).absolute()),
+        config_file=None if config_file is None else str(pathlib.Path(config_file).absolute()),
         model=model,
         not_inferred_from_weights=list(NOT_INFERABLE_FIELDS),
         converted_by=f"detr-jax {detr_jax.__version__}",

@@ -197,7 +197,9 @@ def test_converted_checkpoint_reproduces_hf_model(kind, position_embedding, tmp_
     ref = tiny_reference(position_embedding)
     config_file = write_config(tmp_path, position_embedding)
     src = save_as(kind, ref, tmp_path)
-    metadata = convert.convert_main(src, tmp_path / "converted", config_path=config_file)
+    # A config file, or (as `detr-jax convert --config` passes it) a loaded config.
+    config_arg = load_config(config_file) if kind == "official" else config_file
+    metadata = convert.convert_main(src, tmp_path / "converted", config=config_arg)
 
     expected_layout = "official" if kind == "official" else "huggingface"
     assert metadata["layout"] == expected_layout and metadata["contents"] == "detr"
@@ -225,7 +227,7 @@ def test_torchvision_resnet_becomes_the_backbone_subtree(tmp_path):
     ref = tiny_reference()
     torch.save(torchvision_state_dict(ref.state_dict), tmp_path / "resnet.pth")
     metadata = convert.convert_main(tmp_path / "resnet.pth", tmp_path / "backbone",
-                                    config_path=write_config(tmp_path))
+                                    config=write_config(tmp_path))
     assert metadata["layout"] == "torchvision" and metadata["contents"] == "backbone"
     assert {"fc.weight", "fc.bias", "bn1.num_batches_tracked"} <= set(metadata["ignored_keys"])
     backbone = checkpoint_io.load_variables(tmp_path / "backbone")
@@ -267,13 +269,13 @@ def test_num_classes_mismatch_needs_the_reinit_flag(tmp_path):
     src = save_as("official", ref, tmp_path)
     config_file = write_config(tmp_path, num_classes=3)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(src, tmp_path / "refused", config_path=config_file)
+        convert.convert_main(src, tmp_path / "refused", config=config_file)
     message = str(error.value)
     assert str(src) in message
-    assert "model.num_classes: checkpoint has 5, config has 3" in message and "--reinit-class-head" in message
+    assert "model.num_classes: checkpoint has 5, config has 3" in message and "--reinit_class_head" in message
     assert not (tmp_path / "refused").exists()
 
-    metadata = convert.convert_main(src, tmp_path / "finetune", config_path=config_file, reinit_class_head=True)
+    metadata = convert.convert_main(src, tmp_path / "finetune", config=config_file, reinit_class_head=True)
     assert metadata["reinitialized"] == ["params/class_embed"] and metadata["notes"]
     tuned = checkpoint_io.load_variables(tmp_path / "finetune")
     assert tuned["params"]["class_embed"]["kernel"].shape == (32, 4)
@@ -288,7 +290,7 @@ def test_num_queries_mismatch_is_refused(tmp_path):
     ref = tiny_reference()
     src = save_as("official", ref, tmp_path)
     with pytest.raises(convert.ConversionError, match=r"model\.num_queries: checkpoint has 7, config has 10"):
-        convert.convert_main(src, tmp_path / "out", config_path=write_config(tmp_path, num_queries=10),
+        convert.convert_main(src, tmp_path / "out", config=write_config(tmp_path, num_queries=10),
                              reinit_class_head=True)
 
 
@@ -300,7 +302,7 @@ def test_unrelated_state_dict_is_refused(tmp_path):
     path = tmp_path / "classifier.pth"
     torch.save({"features.0.weight": torch.randn(8, 3, 3, 3), "classifier.bias": torch.randn(10)}, path)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(path, tmp_path / "out", config_path=write_config(tmp_path))
+        convert.convert_main(path, tmp_path / "out", config=write_config(tmp_path))
     message = str(error.value)
     assert str(path) in message and "not a DETR or ResNet checkpoint" in message and "features.0.weight" in message
 
@@ -320,7 +322,7 @@ def test_every_missing_extra_and_misshaped_tensor_is_listed(tmp_path):
     path = tmp_path / "broken.pth"
     torch.save({"model": official}, path)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(path, tmp_path / "out", config_path=write_config(tmp_path))
+        convert.convert_main(path, tmp_path / "out", config=write_config(tmp_path))
     message = str(error.value)
     for expected in [
         str(path),
@@ -338,7 +340,7 @@ def test_architecture_mismatch_lists_config_fields_and_extra_layers(tmp_path):
     src = save_as("official", tiny_reference(), tmp_path)
     with pytest.raises(convert.ConversionError) as error:
         convert.convert_main(src, tmp_path / "out",
-                             config_path=write_config(tmp_path, num_decoder_layers=2, backbone="resnet50"))
+                             config=write_config(tmp_path, num_decoder_layers=2, backbone="resnet50"))
     message = str(error.value)
     assert "model.num_decoder_layers: checkpoint has 3, config has 2" in message
     assert "model.backbone: checkpoint has 'resnet_tiny', config has 'resnet50'" in message
