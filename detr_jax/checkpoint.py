@@ -14,11 +14,13 @@ back to an older checkpoint when the newest one cannot be read (with a warning).
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -121,3 +123,47 @@ class Checkpointer:
 def abstract_like(tree, sharding=None):
     """ShapeDtypeStructs of a pytree of arrays (optionally with one sharding for all)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
+
+
+def read_state_as_numpy(state_dir: str | pathlib.Path) -> dict:
+    """A checkpointed state item as nested dicts of numpy arrays, on any device topology."""
+    state_dir = pathlib.Path(state_dir).absolute()
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def latest_step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """The newest finished checkpoint under a workdir, a checkpoints/ or best/ folder, or a
+    step folder itself (which is returned as is)."""
+    path = pathlib.Path(path)
+    if (path / "state").is_dir():
+        return path
+    for folder in (path / "checkpoints", path / "best", path):
+        steps = [p for p in folder.iterdir() if p.name.isdigit() and (p / "state").is_dir()] \
+            if folder.is_dir() else []
+        if steps:
+            return max(steps, key=lambda p: int(p.name))
+    raise CheckpointError(f"{path}: no training checkpoint found (expected checkpoints/<step>/state)")
+
+
+def is_train_checkpoint(path: str | pathlib.Path) -> bool:
+    """Whether `path` is a training workdir, its checkpoints/ or best/ folder, or a step."""
+    try:
+        latest_step_dir(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
+    """({"params", "frozen_bn"} as numpy, the run's config as a dict, step) of the newest
+    training checkpoint under `path`."""
+    step_dir = latest_step_dir(path)
+    state = read_state_as_numpy(step_dir / "state")
+    meta_file = step_dir / "meta" / "metadata"  # where orbax's JsonSave puts the item
+    if not meta_file.is_file():
+        raise CheckpointError(f"{step_dir}: no meta item (not a detr-jax training checkpoint?)")
+    meta = json.loads(meta_file.read_text())
+    return {"params": state["params"], "frozen_bn": state["frozen_bn"]}, meta["config"], int(meta["step"])

@@ -166,6 +166,31 @@ def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_c
     return config
 
 
+def config_from_dict(values: dict, source: str = "saved config") -> ml_collections.ConfigDict:
+    """The base config with the values of a saved config dict (e.g. from a checkpoint).
+
+    Keys this version does not know are ignored with a warning (an older or newer save).
+    """
+    import logging
+
+    config = base_config()
+
+    def assign(node, saved, prefix):
+        for key, value in saved.items():
+            if key not in node:
+                logging.getLogger(__name__).warning("%s: ignoring unknown config key %s%s", source, prefix, key)
+            elif isinstance(node[key], ml_collections.ConfigDict):
+                assign(node[key], value, f"{prefix}{key}.")
+            else:
+                current = node[key]
+                node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) \
+                    if isinstance(current, tuple) and isinstance(value, list) else value
+
+    assign(config, values, "")
+    validate(config)
+    return config
+
+
 def set_by_path(config: ml_collections.ConfigDict, key: str, value, source: str = "config") -> None:
     """Sets `a.b.c = value` on a locked config; unknown keys raise ConfigError naming them."""
     *parents, leaf = key.split(".")

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from detr_jax import checkpoint_io
-from detr_jax.config import base_config, validate
+from detr_jax.checkpoint import is_train_checkpoint, load_train_checkpoint
+from detr_jax.config import base_config, config_from_dict, validate
 from detr_jax.data import batching
 from detr_jax.data.coco_categories import COCO_CATEGORIES, COCO_NUM_CLASSES
 from detr_jax.data.images import decode_image
@@ -76,6 +77,16 @@ def load_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict |
         not fit the model (every problem listed).
     """
     path = pathlib.Path(path)
+    if is_train_checkpoint(path):
+        variables, saved_config, step = load_train_checkpoint(path)
+        if config is None:
+            config = config_from_dict(saved_config, source=str(path))
+        else:
+            saved_model = saved_config.get("model", {})
+            _check_model_matches(path, saved_model, config)
+        check_variables_fit(build_model(config), variables, str(path))
+        log.info("loaded training checkpoint %s (step %d)", path, step)
+        return variables, config
     metadata = checkpoint_io.load_metadata(path)
     contents = metadata.get("contents", "detr")
     if contents != "detr":
@@ -91,16 +102,20 @@ def load_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict |
                 config.model[key] = value
         validate(config)
     else:
-        mismatches = [
-            f"  model.{key}: checkpoint has {value!r}, config has {config.model[key]!r}"
-            for key, value in saved_model.items()
-            if key in config.model and key not in _FREE_MODEL_FIELDS and config.model[key] != value
-        ]
-        if mismatches:
-            raise checkpoint_io.CheckpointError(f"{path}: the checkpoint's model differs from the config:\n" + "\n".join(mismatches))
+        _check_model_matches(path, saved_model, config)
     variables = checkpoint_io.load_variables(path)
     check_variables_fit(build_model(config), variables, str(path))
     return variables, config
+
+
+def _check_model_matches(path, saved_model: dict, config: ml_collections.ConfigDict) -> None:
+    mismatches = [
+        f"  model.{key}: checkpoint has {value!r}, config has {config.model[key]!r}"
+        for key, value in saved_model.items()
+        if key in config.model and key not in _FREE_MODEL_FIELDS and config.model[key] != value
+    ]
+    if mismatches:
+        raise checkpoint_io.CheckpointError(f"{path}: the checkpoint's model differs from the config:\n" + "\n".join(mismatches))
 
 
 def build_model(config: ml_collections.ConfigDict, dtype: str | Any | None = None) -> DETR:

@@ -190,7 +190,7 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -225,10 +225,10 @@ class Plan:
         return step // self.steps_per_epoch
 
     def should_eval(self, done: int, every_epochs: int) -> bool:
-        """After every `every_epochs` epochs (0: never), and always after the last step."""
-        if done == self.total_steps:
-            return True
-        return every_epochs > 0 and done % (self.steps_per_epoch * every_epochs) == 0
+        """After every `every_epochs` epochs and after the last step; never if every_epochs is 0."""
+        if every_epochs <= 0:
+            return False
+        return done == self.total_steps or done % (self.steps_per_epoch * every_epochs) == 0
 
 
 def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Plan:
@@ -270,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     Returns the final host metrics (last logged train metrics plus the last evaluation).
     """
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from detr_jax.checkpoint import Checkpointer, abstract_like
     from detr_jax.data.pipeline import make_source, make_train_iterator
@@ -316,6 +317,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                     desc="train", unit="step", dynamic_ncols=True)
     pending = []  # device metrics of the steps since the last log
     window_start, window_images = time.perf_counter(), 0
+    redirect = logging_redirect_tqdm()  # log lines above the progress bar, not through it
+    redirect.__enter__()
     try:
         for step in range(start_step, plan.total_steps):
             batch = next(data_iter)
@@ -352,6 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 checkpointer.save(done, state, data_iter.get_state(), meta(done))
     finally:
         progress.close()
+        redirect.__exit__(None, None, None)
         checkpointer.close()
         writer.close()
     return last_metrics

@@ -3,10 +3,12 @@
 Training stream (deterministic for a seed, whatever the number of workers or threads):
   global example stream = every epoch a fresh permutation of the dataset (grain shuffle,
   reseeded per epoch), each position augmented with its own generator (grain random_map);
-  host h of S takes positions h, h+S, h+2S, ... and batches them by global_batch / S.
-  So the union of the hosts' k-th batches is always positions [k*G, (k+1)*G) of the same
-  stream: the global batches do not depend on the number of hosts, and within an epoch the
-  hosts read disjoint examples. Batches are built whole in one worker (grain `batch` on the
+  global batch k is positions [k*G, (k+1)*G) of that stream, and host h of S reads the
+  contiguous block [k*G + h*G/S, k*G + (h+1)*G/S) of it. Concatenated in process order
+  (as `jax.make_array_from_process_local_data` does), the hosts' k-th batches are the
+  single-process k-th batch element for element, so a run does not depend on the number of
+  hosts (per-position randomness such as dropout included), and within an epoch the hosts
+  read disjoint examples. Batches are built whole in one worker (grain `batch` on the
   MapDataset), so their content does not depend on the worker count either.
 Evaluation: host h reads the contiguous slice h of the dataset in order, one pass; every
   host yields the same number of full batches, padded with filler examples (is_real False).
@@ -152,7 +154,7 @@ def make_train_iterator(
     ds = ds.random_map(
         _TrainExample(source, train_augmentation(data), data.skip_bad_images), seed=augment_seed
     )
-    ds = ds[shard_index::shard_count]
+    ds = _HostBlocks(ds, shard_index, shard_count, per_host)
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=_collate_fn(data))
     return _iterate(ds, data, shape_sync)
 
@@ -273,6 +275,26 @@ def _iterate(ds: grain.MapDataset, data, shape_sync) -> DetectionBatchIterator:
 
         shape_sync = allgather_shape(buckets, data.bucket_step) if jax.process_count() > 1 else None
     return DetectionBatchIterator(iter(it_ds), buckets, data.bucket_step, shape_sync)
+
+
+class _HostBlocks(grain.MapDataset):
+    """This host's contiguous block of every global batch of `parent` (see the module doc)."""
+
+    def __init__(self, parent: grain.MapDataset, shard_index: int, shard_count: int, per_host: int):
+        super().__init__(parent)
+        self._index, self._count, self._per_host = shard_index, shard_count, per_host
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, within = divmod(index, self._per_host)
+        return self._parent[(batch * self._count + self._index) * self._per_host + within]
+
+    def __str__(self) -> str:
+        return f"HostBlocks(shard={self._index}/{self._count}, per_host={self._per_host})"
 
 
 def _use_default_grain_flags() -> None:

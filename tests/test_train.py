@@ -1,0 +1,311 @@
+"""Training: optimizer groups, schedule, overfitting, sharded and multi-process steps, resume."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.checkpoint import Checkpointer, latest_step_dir, read_state_as_numpy
+from detr_jax.config import load_config
+from detr_jax.losses import SetCriterion
+from detr_jax.models.detr import DETR
+from detr_jax.train import (create_train_state, lr_schedule, make_mesh, make_optimizer, make_train_step,
+                            param_labels)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A very small model and 64x64 images in one bucket: one compilation per process.
+TINY_OVERRIDES = {
+    "model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
+    "model.num_decoder_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 6,
+    "data.synthetic_train_examples": 64, "data.synthetic_eval_examples": 8,
+    "data.synthetic_image_size": (64, 64), "data.train_scales": (64,), "data.train_max_size": 64,
+    "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
+    "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
+    "train.batch_size": 4, "train.log_every_steps": 1,
+}
+
+
+def tiny_config(**extra):
+    return load_config(REPO / "configs" / "synthetic_tiny.py", {**TINY_OVERRIDES, **extra})
+
+
+def cli_overrides(**extra) -> list[str]:
+    return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
+            for k, v in {**TINY_OVERRIDES, **extra}.items()]
+
+
+def fixed_batch(batch_size=4, seed=0):
+    """A batch of synthetic images from the real pipeline (eval transform, no randomness)."""
+    from detr_jax.data.pipeline import make_eval_iterator
+
+    config = tiny_config()
+    return next(make_eval_iterator(config.data, batch_size, 0, 1))
+
+
+def _labels(config):
+    model = DETR.from_config(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                                               jnp.ones((1, 64, 64), bool)))
+    return model, shapes
+
+
+def test_param_labels_freeze_stem_and_first_stage():
+    config = tiny_config()
+    _, shapes = _labels(config)
+    labels = param_labels(shapes["params"], train_backbone=True)
+    body = labels["backbone"]["body"]
+    assert body["conv1"]["kernel"] == "frozen"
+    assert all(v == "frozen" for v in jax.tree.leaves(body["layer1_0"]))
+    for stage in ("layer2_0", "layer3_0", "layer4_0"):
+        assert all(v == "backbone" for v in jax.tree.leaves(body[stage]))
+    assert labels["class_embed"]["kernel"] == "main"
+    assert labels["query_embed"] == "main"
+    assert all(v == "main" for v in jax.tree.leaves(labels["transformer"]))
+    frozen_all = param_labels(shapes["params"], train_backbone=False)
+    assert all(v == "frozen" for v in jax.tree.leaves(frozen_all["backbone"]))
+
+
+def test_learned_position_embedding_lr_group():
+    config = tiny_config(**{"model.position_embedding": "learned"})
+    _, shapes = _labels(config)
+    assert param_labels(shapes["params"], True, True)["position_embedding"]["row_embed"] == "backbone"
+    assert param_labels(shapes["params"], True, False)["position_embedding"]["row_embed"] == "main"
+
+
+def test_lr_schedule_step_decay_and_warmup():
+    schedule = lr_schedule(1e-4, steps_per_epoch=10, lr_drop_epoch=3)
+    assert float(schedule(0)) == pytest.approx(1e-4)
+    assert float(schedule(29)) == pytest.approx(1e-4)
+    assert float(schedule(30)) == pytest.approx(1e-5)
+    warm = lr_schedule(1e-4, steps_per_epoch=10, lr_drop_epoch=3, warmup_steps=5)
+    assert float(warm(0)) == 0.0
+    assert float(warm(5)) == pytest.approx(1e-4)
+    assert float(warm(40)) == pytest.approx(1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_step():
+    """Initial state, the state after one step on a fixed batch, and the step's metrics."""
+    config = tiny_config()
+    mesh = make_mesh()
+    model = DETR.from_config(config.model)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                                               jnp.ones((1, 64, 64), bool)))
+    optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
+    state0 = create_train_state(config, model, optimizer, mesh)
+    state0 = jax.tree.map(np.asarray, state0)
+    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    batch = fixed_batch()
+    from detr_jax.train import global_batch
+
+    state1, metrics = step(jax.device_put(state0), global_batch(batch, mesh))
+    return dict(config=config, model=model, criterion=criterion, optimizer=optimizer, lr=lr, mesh=mesh,
+                step=step, batch=batch, state0=state0, state1=jax.tree.map(np.asarray, state1),
+                metrics=jax.device_get(metrics))
+
+
+def test_one_step_updates_by_group(one_step):
+    before, after = one_step["state0"].params, one_step["state1"].params
+    body0, body1 = before["backbone"]["body"], after["backbone"]["body"]
+    np.testing.assert_array_equal(body1["conv1"]["kernel"], body0["conv1"]["kernel"])  # frozen stem
+    np.testing.assert_array_equal(body1["layer1_0"]["conv2"]["kernel"], body0["layer1_0"]["conv2"]["kernel"])
+    # Adam's first update is lr * g / (|g| + eps): at most lr per entry (+ weight decay).
+    backbone_delta = np.abs(body1["layer3_0"]["conv2"]["kernel"] - body0["layer3_0"]["conv2"]["kernel"]).max()
+    main_delta = np.abs(after["class_embed"]["kernel"] - before["class_embed"]["kernel"]).max()
+    assert 0.5e-5 < backbone_delta <= 1.01e-5
+    assert 0.5e-4 < main_delta <= 1.01e-4
+    jax.tree.map(np.testing.assert_array_equal, one_step["state1"].frozen_bn, one_step["state0"].frozen_bn)
+    assert int(one_step["state1"].step) == 1
+    m = one_step["metrics"]
+    assert bool(m["finite"]) and float(m["lr"]) == pytest.approx(1e-4)
+    assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
+
+
+def test_non_finite_step_keeps_the_state(one_step):
+    batch = dict(one_step["batch"])
+    batch["image"] = np.full_like(batch["image"], np.nan)
+    from detr_jax.train import global_batch
+
+    state, metrics = one_step["step"](jax.device_put(one_step["state0"]), global_batch(batch, one_step["mesh"]))
+    assert not bool(metrics["finite"])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), one_step["state0"])
+
+
+def test_overfits_one_batch(one_step):
+    """The whole training path learns: 100 steps on one batch cut the loss at least 4x.
+
+    (Measured: 12.5 -> 1.85 with dropout 0 and lr 1e-3 for all trained parameters.)
+    """
+    config = tiny_config(**{"model.dropout": 0.0, "train.lr": 1e-3, "train.lr_backbone": 1e-3})
+    model = DETR.from_config(config.model)
+    optimizer, lr = make_optimizer(config.train, one_step["state0"].params, 1000)
+    state = create_train_state(config, model, optimizer, one_step["mesh"])
+    step = make_train_step(model, one_step["criterion"], optimizer, lr, one_step["mesh"])
+    from detr_jax.train import global_batch
+
+    batch = global_batch(one_step["batch"], one_step["mesh"])
+    losses = []
+    for _ in range(100):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+
+
+SHARDED_STEP = """
+import jax, numpy as np, jax.numpy as jnp
+from jax.sharding import Mesh
+import sys; sys.path.insert(0, "tests")
+from test_train import tiny_config, fixed_batch
+from detr_jax.models.detr import DETR
+from detr_jax.losses import SetCriterion
+from detr_jax.train import make_optimizer, create_train_state, make_train_step, global_batch
+assert jax.device_count() == 8, jax.devices()
+config = tiny_config()
+model = DETR.from_config(config.model)
+batch = fixed_batch(batch_size=8)
+params = {}
+for n in (1, 8):
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 64, 64), bool)))
+    optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
+    state = create_train_state(config, model, optimizer, mesh)
+    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    for _ in range(2):
+        state, metrics = step(state, global_batch(batch, mesh))
+    params[n] = jax.tree.map(np.asarray, state.params)
+    print("loss", n, float(metrics["loss"]))
+diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])))
+print("MAXDIFF", diff)
+"""
+
+
+def test_sharded_step_equals_single_device():
+    """8 forced CPU devices vs 1: two steps on the same global batch of 8."""
+    result = _run(["-c", SHARDED_STEP], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diff = float(result.stdout.split("MAXDIFF")[1])
+    # Tolerance 2e-6 on parameters (Adam steps of lr=1e-4 per entry): the sharded program
+    # sums the loss over devices in another order; a step that went wrong would differ by
+    # ~1e-4 (a whole Adam step) somewhere.
+    assert diff < 2e-6, result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _final_params(workdir: pathlib.Path) -> tuple[int, dict]:
+    step_dir = latest_step_dir(workdir)
+    return int(step_dir.name), read_state_as_numpy(step_dir / "state")["params"]
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_two_processes_equal_single_process(tmp_path):
+    """Two processes x 2 CPU devices (gloo) train like one process with 4 devices."""
+    common = ["-m", "detr_jax.cli", "train", "--config", "synthetic_tiny", "--no_progress",
+              *cli_overrides(**{"train.num_steps": 3, "train.checkpoint_every_steps": 3,
+                                "train.eval_every_epochs": 0})]
+    port = _free_port()
+    env2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, *common, "--workdir", str(tmp_path / "multi"),
+                               "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+                               "--process_id", str(i)], cwd=REPO, env=dict(os.environ, **env2),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    single = _run([*common, "--workdir", str(tmp_path / "single")],
+                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=500)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("two-process training did not finish in 500 s")
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert single.returncode == 0, single.stderr[-3000:]
+    step_m, multi = _final_params(tmp_path / "multi")
+    step_s, ref = _final_params(tmp_path / "single")
+    assert step_m == step_s == 3
+    # Tolerance 2e-6: the two runs see the same global batches, in a different order along
+    # the batch axis (host-interleaved), so sums are reordered; a wrong batch or a missing
+    # all-reduce changes parameters by ~1e-4 (an Adam step).
+    assert _max_diff(multi, ref) < 2e-6
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path):
+    """SIGKILL after a checkpoint, re-run the same command: same parameters as uninterrupted."""
+    steps = 24
+    args = ["-m", "detr_jax.cli", "train", "--config", "synthetic_tiny", "--no_progress",
+            *cli_overrides(**{"train.num_steps": steps, "train.checkpoint_every_steps": 4,
+                              "train.eval_every_epochs": 0, "train.keep_checkpoints": 10})]
+    env = {"JAX_PLATFORMS": "cpu"}
+    reference = _run([*args, "--workdir", str(tmp_path / "ref")], env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, "--workdir", str(workdir)], cwd=REPO,
+                            env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    first = workdir / "checkpoints" / "4"
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.is_dir(), "no checkpoint appeared before the kill"
+    killed_at, _ = _final_params(workdir)
+    assert killed_at < steps, "the run finished before it was killed; nothing was tested"
+
+    resumed = _run([*args, "--workdir", str(workdir)], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in resumed.stderr
+    step_r, params_r = _final_params(workdir)
+    step_ref, params_ref = _final_params(tmp_path / "ref")
+    assert step_r == step_ref == steps
+    # Bitwise: the same compiled program on the same inputs on CPU is deterministic, and the
+    # resumed run restores the exact state, RNG and input position.
+    jax.tree.map(np.testing.assert_array_equal, params_r, params_ref)
+    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, steps + 1))  # no duplicated steps
+    assert (workdir / "loss_curve.png").stat().st_size > 0
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
+    checkpointer = Checkpointer(tmp_path, keep=5, async_save=False)
+    states = {s: {"w": np.full((3,), s, np.float32), "step": np.int32(s)} for s in (1, 2)}
+    for s, state in states.items():
+        checkpointer.save(s, state, {"next_index": s * 10}, {"step": s})
+    checkpointer.wait()
+    newest = tmp_path / "checkpoints" / "2" / "state"
+    for f in newest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), states[1])
+    with caplog.at_level("WARNING"):
+        state, data_state, meta = checkpointer.restore_latest(abstract)
+    checkpointer.close()
+    assert meta["step"] == 1 and data_state == {"next_index": 10}
+    np.testing.assert_array_equal(state["w"], states[1]["w"])
+    assert any("checkpoints/2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
