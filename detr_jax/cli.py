@@ -120,7 +120,7 @@ def default_workdir(config_arg: str) -> str:
 def run_train(args, overrides) -> int:
     from detr_jax.train import TrainingError, distributed_init, train
 
-    distributed_init(args.coordinator, args.num_processes, args.process_id)
+    distributed_init(args.coordinator, args.num_processes, args.process_id, force=args.distributed)
     config = config_from_args(args.config, overrides)
     workdir = args.workdir or default_workdir(args.config)
     from detr_jax.evaluate import make_eval_fn
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Override any config key with --config.KEY=VALUE, e.g. --config.train.batch_size=16.")
     train.add_argument("--config", default=DEFAULT_CONFIG, help="config file or name in configs/")
     train.add_argument("--workdir", default=None, help="output directory (default: workdirs/<config name>)")
+    train.add_argument("--distributed", action="store_true",
+                       help="multi-process: jax.distributed.initialize() with auto-detection (TPU pods)")
     train.add_argument("--coordinator", default=None, help="multi-process: coordinator host:port")
     train.add_argument("--num_processes", type=int, default=None, help="multi-process: number of processes")
     train.add_argument("--process_id", type=int, default=None, help="multi-process: this process's index")

@@ -238,19 +238,21 @@ def make_plan(config: ml_collections.ConfigDict, num_train_examples: int) -> Pla
     return Plan(steps_per_epoch=steps_per_epoch, total_steps=total)
 
 
+CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
 def distributed_init(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
+                     process_id: int | None = None, force: bool = False) -> None:
     """Starts jax.distributed when launched as several processes.
 
-    Explicit arguments (a CPU cluster on one machine, say) or the environment that
-    `jax.distributed.initialize()` understands on TPU pods, SLURM and GPU clusters.
-    On CPU the cross-process collectives use gloo.
+    With explicit arguments (a CPU cluster on one machine, say), with `force` (TPU pods:
+    `jax.distributed.initialize()` detects its peers), or when the environment names a
+    cluster (CLUSTER_ENV_VARS). On CPU the cross-process collectives use gloo.
     """
-    if coordinator is None and num_processes is None and "JAX_COORDINATOR_ADDRESS" not in os.environ:
-        if not any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")):
-            return
-    if (os.environ.get("JAX_PLATFORMS", "") or "cpu").startswith("cpu") and coordinator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is None and not force and not any(k in os.environ for k in CLUSTER_ENV_VARS):
+        return
+    # Only the CPU backend's cross-process collectives are affected (none exist by default).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if coordinator is not None:
         kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
