@@ -1,0 +1,104 @@
+"""Train-step time against image size and batch size, with compile count and compile time.
+
+Every (batch, size) pair is a new input shape, so a new XLA compilation: the table shows
+what a bucket costs to compile and what it costs per step, which is what choosing
+`data.bucket_shapes` trades off. The step is the real training step (forward, loss with
+Hungarian matching, backward, AdamW), on random weights and synthetic targets.
+
+    python scripts/bench_scaling.py                                  # the tiny config
+    python scripts/bench_scaling.py --config detr_r50_coco --sizes 384 512 --batches 1 2
+
+Writes a table to stdout and JSON to --out (default bench_results/bench_scaling.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from detr_jax.cli import config_from_args
+from detr_jax.losses import SetCriterion
+from detr_jax.models.detr import DETR
+from detr_jax.train import TrainState, global_batch, init_variables_shapes, make_mesh, make_optimizer, make_train_step
+
+
+def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    centers = rng.uniform(0.25, 0.75, size=(batch, max_boxes, 2))
+    sizes = rng.uniform(0.1, 0.4, size=(batch, max_boxes, 2))
+    return {
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "mask": np.ones((batch, size, size), bool),
+        "labels": rng.integers(1, num_classes, size=(batch, max_boxes)).astype(np.int32),
+        "boxes": np.concatenate([centers, sizes], -1).astype(np.float32),
+        "valid": np.arange(max_boxes)[None].repeat(batch, 0) < rng.integers(1, max_boxes + 1, size=(batch, 1)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="synthetic_tiny")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 160, 224])
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default="bench_results/bench_scaling.json")
+    args = parser.parse_args()
+
+    config = config_from_args(args.config, {})
+    mesh = make_mesh()
+    model = DETR.from_config(config.model)
+    shapes = init_variables_shapes(model)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
+    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    # Random weights without compiling the model's init (which would be one more compile).
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.02).astype(s.dtype), shapes["params"])
+    frozen = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes["frozen_bn"])
+    state = TrainState(step=np.int32(0), params=params, frozen_bn=frozen, opt_state=optimizer.init(params),
+                       rng=jax.random.PRNGKey(0))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+
+    rows = []
+    for batch_size in args.batches:
+        for size in args.sizes:
+            batch = global_batch(random_batch(batch_size, size, config.model.num_classes, config.data.max_boxes), mesh)
+            start = time.perf_counter()
+            compiled = step.lower(state, batch).compile()
+            compile_s = time.perf_counter() - start
+            state, metrics = compiled(state, batch)  # warm-up
+            jax.block_until_ready(metrics)
+            times = []
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics["loss"])
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            rows.append(dict(batch=batch_size, size=size, compile_s=compile_s, step_median_s=median,
+                             images_per_s=batch_size / median))
+            print(f"batch {batch_size:3d}  {size:4d}x{size:<4d}  compile {compile_s:6.1f} s  "
+                  f"step {median * 1000:8.1f} ms  {batch_size / median:7.1f} img/s", flush=True)
+    report = dict(config=args.config, date=time.strftime("%Y-%m-%d %H:%M"), devices=jax.device_count(),
+                  platform=jax.devices()[0].platform, cpu_count=os.cpu_count(), jax=jax.__version__,
+                  load_average=os.getloadavg(), compilations=len(rows),
+                  total_compile_s=sum(r["compile_s"] for r in rows), rows=rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"{len(rows)} compilations, {report['total_compile_s']:.0f} s compiling in total; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""DETR-R50: detr-jax against Hugging Face transformers' PyTorch DETR, same machine, one run.
+
+Cases (the shapes of issue "Benchmarks"):
+  infer_b1_800x1216   inference, batch 1 at 800x1216
+  infer_b4_640x640    inference, batch 4 at 640x640
+  train_b2_512x512    one training step, batch 2 at 512x512, 100 queries, aux loss,
+                      Hungarian matching included, AdamW update included
+
+Each (framework, case) runs in its own worker process, pinned to the same CPU cores
+(same thread count: torch.set_num_threads = number of pinned cores; XLA's thread pool
+sees only those cores), so each worker's peak resident set is its own. The two (or
+three, with torch.compile) workers of a case are timed in turns, one repetition each
+per round, so slow drifts of the machine hit both alike; the median over rounds is
+reported, with the ratio peer / ours (> 1: we are faster). Weights are the same: the
+HF model is built with random weights (no download), and ours are converted from it.
+Our compile time (first call) is reported separately and not in the medians.
+
+    python scripts/bench_vs_torch.py                 # CPU, all cores
+    python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
+    python scripts/bench_vs_torch.py --device gpu    # on a GPU machine (cuda + jax[cuda])
+
+Writes a table to stdout and JSON to --out (default bench_results/bench_vs_torch.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+CASES = {
+    "infer_b1_800x1216": dict(kind="infer", batch=1, height=800, width=1216),
+    "infer_b4_640x640": dict(kind="infer", batch=4, height=640, width=640),
+    "train_b2_512x512": dict(kind="train", batch=2, height=512, width=512),
+}
+NUM_CLASSES = 91
+NUM_TARGETS = 6  # objects per training image
+
+
+def inputs(case: dict, seed: int = 0):
+    """Images [B, H, W, 3] (the second image padded: its right quarter), mask, targets."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, h, w = case["batch"], case["height"], case["width"]
+    images = rng.normal(size=(b, h, w, 3)).astype(np.float32)
+    mask = np.ones((b, h, w), bool)
+    if b > 1:
+        mask[1:, :, (3 * w) // 4:] = False
+        images[~mask] = 0
+    labels = rng.integers(1, NUM_CLASSES, size=(b, NUM_TARGETS)).astype(np.int32)
+    centers = rng.uniform(0.25, 0.75, size=(b, NUM_TARGETS, 2))
+    sizes = rng.uniform(0.05, 0.4, size=(b, NUM_TARGETS, 2))
+    boxes = np.concatenate([centers, sizes], -1).astype(np.float32)
+    return images, mask, labels, boxes
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_hf(aux_loss: bool):
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    config = DetrConfig(
+        use_timm_backbone=False, backbone_config=ResNetConfig(out_features=["stage4"]), num_labels=NUM_CLASSES,
+        auxiliary_loss=aux_loss, class_cost=1, bbox_cost=5, giou_cost=2, bbox_loss_coefficient=5,
+        giou_loss_coefficient=2, eos_coefficient=0.1,
+    )
+    return DetrForObjectDetection(config)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _pin(cores):
+    os.sched_setaffinity(0, cores)
+
+
+def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, compiled: bool):
+    _pin(cores)
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(len(cores))
+    torch.manual_seed(0)
+    case = CASES[case_name]
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    model = build_hf(aux_loss=True)
+    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    model.to(dev)
+    images, mask, labels, boxes = inputs(case)
+    pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+    pixel_mask = torch.from_numpy(mask.astype(np.int64)).to(dev)
+    hf_labels = [{"class_labels": torch.from_numpy(labels[i]).long().to(dev),
+                  "boxes": torch.from_numpy(boxes[i]).to(dev)} for i in range(len(labels))]
+    sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+
+    if case["kind"] == "infer":
+        model.eval()
+        forward = torch.compile(model) if compiled else model
+
+        def run():
+            with torch.inference_mode():
+                out = forward(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            sync()
+            return out.logits
+    else:
+        model.train()
+        # Official DETR's param groups: backbone lr 1e-5, the rest 1e-4, weight decay 1e-4.
+        backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+        rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+        optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4,
+                                      weight_decay=1e-4)
+        forward = torch.compile(model) if compiled else model
+
+        def run():
+            out = forward(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+            sync()
+            return out.loss
+
+    _serve(conn, run)
+
+
+def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
+    _pin(cores)
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+    import torch
+
+    from detr_jax.config import base_config
+    from detr_jax.convert import convert_state_dict
+    from detr_jax.losses import SetCriterion
+    from detr_jax.models.detr import DETR
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from detr_jax.train import TrainState, global_batch, make_mesh, make_optimizer, make_train_step
+
+    case = CASES[case_name]
+    config = base_config()
+    config.model.num_classes = NUM_CLASSES
+    state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
+    variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
+    del state_dict
+    model = DETR.from_config(config.model)
+    images, mask, labels, boxes = inputs(case)
+
+    if case["kind"] == "infer":
+        apply = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
+        variables = jax.device_put(variables)
+        x, m = jax.device_put(images), jax.device_put(mask)
+
+        def run():
+            return jax.block_until_ready(apply(variables, x, m))
+    else:
+        mesh = make_mesh()
+        criterion = SetCriterion.from_config(config.loss, NUM_CLASSES, mesh=mesh)
+        optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
+        state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
+                           opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        step = make_train_step(model, criterion, optimizer, lr, mesh)
+        batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
+                              "valid": np.ones(labels.shape, bool)}, mesh)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch)
+            return jax.block_until_ready(metrics["loss"])
+
+    _serve(conn, run)
+
+
+def _serve(conn, run):
+    """First call: the compile/warm-up, timed separately; then one timed call per request."""
+    try:
+        start = time.perf_counter()
+        run()
+        conn.send(("ready", time.perf_counter() - start))
+        while conn.recv() == "run":
+            start = time.perf_counter()
+            run()
+            conn.send(("time", time.perf_counter() - start))
+        conn.send(("rss", peak_rss_mib()))
+    except Exception as e:  # noqa: BLE001 -- report any failure to the driver
+        conn.send(("error", f"{type(e).__name__}: {str(e)[:500]}"))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
+             torch_compile: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    workers = {"detr-jax": (jax_worker, (case_name, weights_path, cores, device)),
+               "hf-torch": (torch_worker, (case_name, weights_path, cores, device, False))}
+    if torch_compile:
+        workers["hf-torch-compile"] = (torch_worker, (case_name, weights_path, cores, device, True))
+    procs, conns, first_call, errors = {}, {}, {}, {}
+    for name, (fn, args) in workers.items():  # started one at a time: their start-up is not timed
+        parent, child = ctx.Pipe()
+        procs[name] = ctx.Process(target=fn, args=(child, *args), daemon=True)
+        procs[name].start()
+        kind, value = parent.recv()
+        if kind == "error":
+            errors[name] = value
+            procs[name].join()
+            continue
+        conns[name], first_call[name] = parent, value
+    times = {name: [] for name in conns}
+    for r in range(warmup + reps):
+        for name, conn in conns.items():
+            conn.send("run")
+            kind, value = conn.recv()
+            if kind == "error":
+                errors[name] = value
+                continue
+            if r >= warmup:
+                times[name].append(value)
+    rss = {}
+    for name, conn in conns.items():
+        conn.send("stop")
+        kind, value = conn.recv()
+        if kind == "rss":
+            rss[name] = value
+        procs[name].join()
+    result = {"case": case_name, **CASES[case_name], "errors": errors, "frameworks": {}}
+    for name in conns:
+        if times[name]:
+            result["frameworks"][name] = {
+                "median_s": statistics.median(times[name]), "min_s": min(times[name]),
+                "times_s": times[name], "first_call_s": first_call[name], "peak_rss_mib": rss.get(name),
+            }
+    ours = result["frameworks"].get("detr-jax")
+    for name, stats in result["frameworks"].items():
+        if ours and name != "detr-jax":
+            stats["peer_over_ours"] = stats["median_s"] / ours["median_s"]
+    return result
+
+
+def make_weights(path: str) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = build_hf(aux_loss=True)
+    torch.save(model.state_dict(), path)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+           "cpu_count": os.cpu_count()}
+    for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'case':<20} {'framework':<18} {'median s':>9} {'min s':>8} {'1st call s':>10} "
+             f"{'peak RSS MiB':>12} {'peer/ours':>9}"]
+    for res in results:
+        for name, s in res["frameworks"].items():
+            ratio = f"{s['peer_over_ours']:.2f}x" if "peer_over_ours" in s else ""
+            lines.append(f"{res['case']:<20} {name:<18} {s['median_s']:>9.3f} {s['min_s']:>8.3f} "
+                         f"{s['first_call_s']:>10.1f} {s['peak_rss_mib'] or float('nan'):>12.0f} {ratio:>9}")
+        for name, err in res["errors"].items():
+            lines.append(f"{res['case']:<20} {name:<18} failed: {err[:80]}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per framework and case")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions after the first call")
+    parser.add_argument("--threads", type=int, default=None, help="cores to pin every worker to (default: all)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--out", default="bench_results/bench_vs_torch.json")
+    args = parser.parse_args()
+
+    cores = sorted(os.sched_getaffinity(0))[: args.threads or None]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "hf_detr_r50.pt")
+        make_weights(weights)
+        for case in args.cases:
+            print(f"running {case} ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
+                                    not args.no_torch_compile))
+            print(format_table(results[-1:]), file=sys.stderr, flush=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
+              "reps": args.reps, "versions": versions(), "load_average": os.getloadavg(), "results": results}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
