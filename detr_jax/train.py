@@ -88,6 +88,12 @@ def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool =
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_mask(params, train_config: ml_collections.ConfigDict):
+    """True for every parameter that is never trained (same tree structure as params)."""
+    labels = param_labels(params, train_config.lr_backbone > 0, train_config.learned_pos_with_backbone)
+    return jax.tree.map(lambda label: label == "frozen", labels)
+
+
 def lr_schedule(base_lr: float, steps_per_epoch: int, lr_drop_epoch: int, warmup_steps: int = 0,
                 drop_factor: float = 0.1) -> optax.Schedule:
     """Constant lr, x`drop_factor` from epoch `lr_drop_epoch` on (torch StepLR per epoch),
@@ -113,8 +119,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict, params, updates_per_
     labels = param_labels(params, train_backbone, t.learned_pos_with_backbone)
     main_lr = lr_schedule(t.lr, updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
     backbone_lr = lr_schedule(max(t.lr_backbone, 0.0), updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
-    frozen = jax.tree.map(lambda label: label == "frozen", labels)
-    transforms = [optax.masked(optax.set_to_zero(), frozen)]
+    transforms = [optax.masked(optax.set_to_zero(), frozen_mask(params, t))]
     if t.clip_max_norm > 0:
         transforms.append(optax.clip_by_global_norm(t.clip_max_norm))
     transforms.append(optax.multi_transform(
@@ -169,8 +174,13 @@ def create_train_state(config, model, optimizer, mesh: Mesh) -> TrainState:
 
 
 def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
-                    accum_steps: int = 1) -> Callable:
+                    accum_steps: int = 1, frozen=None) -> Callable:
     """The jitted step: (state, batch) -> (state, metrics).
+
+    `frozen` (a bool tree like params, see `frozen_mask`) marks parameters that are never
+    trained: no gradient is computed for them, so XLA drops the backward pass through the
+    frozen stem and first stage (as PyTorch does for requires_grad=False), which is most
+    of the backward's cost at full resolution.
 
     The state is donated. A step whose loss or gradient is not finite leaves the state
     unchanged (and reports it in `metrics["finite"]`), so the caller can stop with the
@@ -183,6 +193,8 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
+            if frozen is not None:
+                params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
             outputs = model.apply({"params": params, "frozen_bn": state.frozen_bn}, batch["image"],
                                   batch["mask"], train=True, rngs={"dropout": dropout_rng})
             return criterion(outputs, batch)
@@ -295,7 +307,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     plan = make_plan(config, len(source))
     shapes = init_variables_shapes(model)
     optimizer, lr = make_optimizer(t, shapes["params"], max(1, plan.steps_per_epoch // t.grad_accum_steps))
-    train_step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps)
+    train_step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps,
+                                 frozen=frozen_mask(shapes["params"], t))
 
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
     data_iter = make_train_iterator(config.data, t.batch_size, config.seed, source=source)

@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -29,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 from detr_jax.cli import config_from_args
 from detr_jax.losses import SetCriterion
 from detr_jax.models.detr import DETR
-from detr_jax.train import TrainState, global_batch, init_variables_shapes, make_mesh, make_optimizer, make_train_step
+from detr_jax.train import (TrainState, frozen_mask, global_batch, init_variables_shapes, make_mesh, make_optimizer,
+                            make_train_step)
 
 
 def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: int = 0) -> dict:
@@ -60,7 +60,7 @@ def main() -> int:
     shapes = init_variables_shapes(model)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
     optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
-    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
     # Random weights without compiling the model's init (which would be one more compile).
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.02).astype(s.dtype), shapes["params"])

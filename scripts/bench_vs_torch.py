@@ -4,7 +4,15 @@ Cases (the shapes of issue "Benchmarks"):
   infer_b1_800x1216   inference, batch 1 at 800x1216
   infer_b4_640x640    inference, batch 4 at 640x640
   train_b2_512x512    one training step, batch 2 at 512x512, 100 queries, aux loss,
-                      Hungarian matching included, AdamW update included
+                      Hungarian matching included, AdamW update included; backbone
+                      layers 2-4 trained (official DETR), stem and layer1 frozen
+  train_b2_512x512_frozen_backbone   the same with the whole backbone frozen
+
+Note: Hugging Face's DetrForObjectDetection with its native (non-timm) ResNet freezes the
+WHOLE backbone (transformers 5.24: its filter looks for "stage.1" in names that read
+"stages.1"), so out of the box it skips the backbone's backward pass that official DETR
+does. This script sets requires_grad on the peer explicitly so that both sides do the same
+work in each case.
 
 Each (framework, case) runs in its own worker process, pinned to the same CPU cores
 (same thread count: torch.set_num_threads = number of pinned cores; XLA's thread pool
@@ -38,7 +46,8 @@ import time
 CASES = {
     "infer_b1_800x1216": dict(kind="infer", batch=1, height=800, width=1216),
     "infer_b4_640x640": dict(kind="infer", batch=4, height=640, width=640),
-    "train_b2_512x512": dict(kind="train", batch=2, height=512, width=512),
+    "train_b2_512x512": dict(kind="train", batch=2, height=512, width=512, train_backbone=True),
+    "train_b2_512x512_frozen_backbone": dict(kind="train", batch=2, height=512, width=512, train_backbone=False),
 }
 NUM_CLASSES = 91
 NUM_TARGETS = 6  # objects per training image
@@ -114,6 +123,8 @@ def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, co
             return out.logits
     else:
         model.train()
+        for name, p in model.model.backbone.named_parameters():  # official DETR: layer2-4 trained
+            p.requires_grad_(case["train_backbone"] and any(f"stages.{i}." in name for i in (1, 2, 3)))
         # Official DETR's param groups: backbone lr 1e-5, the rest 1e-4, weight decay 1e-4.
         backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
         rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
@@ -148,11 +159,13 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from detr_jax.train import TrainState, global_batch, make_mesh, make_optimizer, make_train_step
+    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
 
     case = CASES[case_name]
     config = base_config()
     config.model.num_classes = NUM_CLASSES
+    if case["kind"] == "train" and not case["train_backbone"]:
+        config.train.lr_backbone = 0.0  # the whole backbone frozen
     state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
     variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
     del state_dict
@@ -173,7 +186,8 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
         state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
                            opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
         state = jax.device_put(state, NamedSharding(mesh, P()))
-        step = make_train_step(model, criterion, optimizer, lr, mesh)
+        step = make_train_step(model, criterion, optimizer, lr, mesh,
+                               frozen=frozen_mask(variables["params"], config.train))
         batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
                               "valid": np.ones(labels.shape, bool)}, mesh)
         holder = {"state": state}
@@ -274,15 +288,15 @@ def versions() -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'case':<20} {'framework':<18} {'median s':>9} {'min s':>8} {'1st call s':>10} "
+    lines = [f"{'case':<33} {'framework':<17} {'median s':>9} {'min s':>8} {'1st call s':>10} "
              f"{'peak RSS MiB':>12} {'peer/ours':>9}"]
     for res in results:
         for name, s in res["frameworks"].items():
             ratio = f"{s['peer_over_ours']:.2f}x" if "peer_over_ours" in s else ""
-            lines.append(f"{res['case']:<20} {name:<18} {s['median_s']:>9.3f} {s['min_s']:>8.3f} "
+            lines.append(f"{res['case']:<33} {name:<17} {s['median_s']:>9.3f} {s['min_s']:>8.3f} "
                          f"{s['first_call_s']:>10.1f} {s['peak_rss_mib'] or float('nan'):>12.0f} {ratio:>9}")
         for name, err in res["errors"].items():
-            lines.append(f"{res['case']:<20} {name:<18} failed: {err[:80]}")
+            lines.append(f"{res['case']:<33} {name:<17} failed: {err[:80]}")
     return "\n".join(lines)
 
 

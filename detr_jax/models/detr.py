@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from detr_jax.models.backbone import RESNETS, Backbone
+from detr_jax.models.backbone import RESNETS, Backbone, PointwiseConv
 from detr_jax.models.position_encoding import build_position_embedding
 from detr_jax.models.transformer import Transformer, torch_dense, torch_linear_bias_init, torch_linear_kernel_init
 
@@ -95,8 +95,8 @@ class DETR(nn.Module):
         pos = build_position_embedding(self.position_embedding, self.hidden_dim)(feature_mask)
 
         in_channels = features.shape[-1]
-        src = nn.Conv(
-            self.hidden_dim, (1, 1), kernel_init=torch_linear_kernel_init,
+        src = PointwiseConv(
+            self.hidden_dim, use_bias=True, kernel_init=torch_linear_kernel_init,
             bias_init=torch_linear_bias_init(in_channels), dtype=self.dtype, name="input_proj",
         )(features)
         batch, h, w, _ = src.shape
