@@ -64,7 +64,8 @@ class TrainState:
 # ----------------------------------------------------------------------------- optimizer
 
 
-def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool = True):
+def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool = True,
+                 freeze_stem_and_layer1: bool = True):
     """Labels each parameter "main", "backbone" or "frozen" (same tree structure).
 
     The backbone's stem and first stage are frozen, as in official DETR; the whole
@@ -78,7 +79,7 @@ def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool =
         names = [getattr(k, "key", str(k)) for k in path]
         if names[0] == "backbone":
             body_name = names[2] if len(names) > 2 else ""
-            if not train_backbone or body_name.startswith(FROZEN_BACKBONE_PREFIXES):
+            if not train_backbone or (freeze_stem_and_layer1 and body_name.startswith(FROZEN_BACKBONE_PREFIXES)):
                 return "frozen"
             return "backbone"
         if names[0] == "position_embedding" and learned_pos_with_backbone:
@@ -90,7 +91,8 @@ def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool =
 
 def frozen_mask(params, train_config: ml_collections.ConfigDict):
     """True for every parameter that is never trained (same tree structure as params)."""
-    labels = param_labels(params, train_config.lr_backbone > 0, train_config.learned_pos_with_backbone)
+    labels = param_labels(params, train_config.lr_backbone > 0, train_config.learned_pos_with_backbone,
+                          train_config.freeze_stem_and_layer1)
     return jax.tree.map(lambda label: label == "frozen", labels)
 
 
@@ -116,7 +118,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict, params, updates_per_
     """
     t = train_config
     train_backbone = t.lr_backbone > 0
-    labels = param_labels(params, train_backbone, t.learned_pos_with_backbone)
+    labels = param_labels(params, train_backbone, t.learned_pos_with_backbone, t.freeze_stem_and_layer1)
     main_lr = lr_schedule(t.lr, updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
     backbone_lr = lr_schedule(max(t.lr_backbone, 0.0), updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
     transforms = [optax.masked(optax.set_to_zero(), frozen_mask(params, t))]

@@ -22,6 +22,9 @@ def train_config() -> ml_collections.ConfigDict:
             # backbone lr applies to every parameter named "backbone*", and the embedding
             # is `backbone.1.*`). False: it gets the main lr.
             learned_pos_with_backbone=True,
+            # Official DETR never trains the ResNet stem and first stage (they come
+            # ImageNet-pretrained). False trains them too (a backbone trained from scratch).
+            freeze_stem_and_layer1=True,
             batch_size=64,  # global, over all devices and hosts
             grad_accum_steps=1,
             log_every_steps=50,

@@ -73,6 +73,8 @@ def test_param_labels_freeze_stem_and_first_stage():
     assert all(v == "main" for v in jax.tree.leaves(labels["transformer"]))
     frozen_all = param_labels(shapes["params"], train_backbone=False)
     assert all(v == "frozen" for v in jax.tree.leaves(frozen_all["backbone"]))
+    from_scratch = param_labels(shapes["params"], True, freeze_stem_and_layer1=False)
+    assert all(v == "backbone" for v in jax.tree.leaves(from_scratch["backbone"]))
 
 
 def test_learned_position_embedding_lr_group():
