@@ -1,8 +1,12 @@
 """A tiny DETR on the built-in synthetic shapes: the default that trains on a laptop CPU.
 
 No download: the dataset is generated procedurally (3 shape classes, ids 1..3, so
-num_classes = 4). Small images, a narrow one-block-per-stage ResNet, a 2+2 layer
-transformer of width 64 and 10 queries.
+num_classes = 4). Small images (96-128 px) padded to one bucket (one compilation), a narrow
+one-block-per-stage ResNet with a dilated last stage (an 8x8 feature map at 128 px), a 2+3
+layer transformer of width 128 and 10 queries. The backbone starts from scratch, so it is
+trained whole (stem and first stage included) at the main learning rate.
+
+Measured on 2 CPU cores: ~0.13 s per step of 16 images; 5 epochs of 1250 steps.
 """
 
 from detr_jax.config import base_config
@@ -12,31 +16,40 @@ def get_config():
     config = base_config()
     config.model.update(
         backbone="resnet_tiny",
-        hidden_dim=64,
-        num_heads=4,
+        dilation=True,
+        hidden_dim=128,
+        num_heads=8,
         num_encoder_layers=2,
-        num_decoder_layers=2,
-        dim_feedforward=128,
+        num_decoder_layers=3,
+        dim_feedforward=256,
+        dropout=0.0,
         num_queries=10,
         num_classes=4,
     )
-    # --- data ---
     config.data.update(
         dataset="synthetic",
-        synthetic_train_examples=2000,
+        synthetic_train_examples=20000,
         synthetic_eval_examples=200,
         synthetic_image_size=(96, 128),
         synthetic_num_objects=(1, 3),
         max_boxes=8,
         train_scales=(96, 112, 128),
-        train_max_size=160,
-        crop_scales=(80, 96, 112),
+        train_max_size=128,
+        crop_scales=(96, 112),
         crop_size=(64, 96),
-        eval_scale=128,
-        eval_max_size=160,
-        bucket_step=32,
+        eval_scale=112,
+        eval_max_size=128,
+        bucket_shapes=((128, 128),),
     )
-    # --- end data ---
-    config.train.update(batch_size=8, epochs=20, lr_drop_epoch=15)
-    config.eval.update(batch_size=8)
+    config.train.update(
+        batch_size=16,
+        lr=1e-4,
+        lr_backbone=1e-4,
+        freeze_stem_and_layer1=False,
+        epochs=5,
+        lr_drop_epoch=4,
+        log_every_steps=50,
+        checkpoint_every_steps=500,
+    )
+    config.eval.update(batch_size=16)
     return config

@@ -330,49 +330,57 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         return {"step": step, "epoch": plan.epoch(step), "config": config.to_dict()}
 
     last_metrics: dict = {}
+    pending = []  # device metrics of the steps since the last flush
+    window = {"start": time.perf_counter(), "images": 0}
+
+    def flush(done: int) -> None:
+        """Checks the pending steps are finite and logs their mean (process 0 writes)."""
+        nonlocal pending, last_metrics
+        if not pending:
+            return
+        host = [_host_metrics(m) for m in pending]
+        pending = []
+        if not all(m["finite"] for m in host):
+            bad = next(i for i, m in enumerate(host) if not m["finite"])
+            raise TrainingError(
+                f"non-finite loss or gradient at step {done - len(host) + bad + 1} "
+                f"(loss={host[bad]['loss']}, grad_norm={host[bad]['grad_norm']}); the state of the last "
+                f"finite step is kept and the last good checkpoint in {workdir} is intact")
+        elapsed = time.perf_counter() - window["start"]
+        last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
+        last_metrics.update(step=done, epoch=plan.epoch(done - 1), images_per_sec=window["images"] / elapsed,
+                            step_time=elapsed / len(host),
+                            **{f"data_{k}": v for k, v in data_iter.stats.as_dict().items()})
+        writer.write(done, last_metrics)
+        progress.set_postfix(loss=f"{last_metrics['loss']:.3f}", step_s=f"{last_metrics['step_time']:.3f}")
+        window.update(start=time.perf_counter(), images=0)
+
     progress = tqdm(total=plan.total_steps, initial=start_step, disable=not (show_progress and is_main),
                     desc="train", unit="step", dynamic_ncols=True)
-    pending = []  # device metrics of the steps since the last log
-    window_start, window_images = time.perf_counter(), 0
-    redirect = logging_redirect_tqdm()  # log lines above the progress bar, not through it
-    redirect.__enter__()
     try:
-        for step in range(start_step, plan.total_steps):
-            batch = next(data_iter)
-            state, metrics = train_step(state, global_batch(batch, mesh))
-            pending.append(metrics)
-            window_images += t.batch_size
-            done = step + 1
-            if done % t.log_every_steps == 0 or done == plan.total_steps:
-                host = [_host_metrics(m) for m in pending]
-                pending = []
-                if not all(m["finite"] for m in host):
-                    bad = next(i for i, m in enumerate(host) if not m["finite"])
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {done - len(host) + bad + 1} "
-                        f"(loss={host[bad]['loss']}, grad_norm={host[bad]['grad_norm']}); the state of "
-                        f"the last finite step is kept; the last good checkpoint in {workdir} is intact")
-                elapsed = time.perf_counter() - window_start
-                last_metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
-                last_metrics.update(step=done, epoch=plan.epoch(done - 1),
-                                    images_per_sec=window_images / elapsed, step_time=elapsed / len(host),
-                                    **{f"data_{k}": v for k, v in data_iter.stats.as_dict().items()})
-                writer.write(done, last_metrics)
-                window_start, window_images = time.perf_counter(), 0
-                progress.set_postfix(loss=f"{last_metrics['loss']:.3f}",
-                                     step_s=f"{last_metrics['step_time']:.3f}")
-            progress.update(1)
-            if eval_fn is not None and plan.should_eval(done, t.eval_every_epochs):
-                eval_metrics = eval_fn(state.variables, step=done)
-                scalars = {f"eval_{k}": float(v) for k, v in eval_metrics.items() if np.isscalar(v)}
-                writer.write(done, scalars)
-                last_metrics.update(scalars)
-                checkpointer.save_best(done, state, data_iter.get_state(), meta(done), eval_metrics)
-            if done % t.checkpoint_every_steps == 0 or done == plan.total_steps:
-                checkpointer.save(done, state, data_iter.get_state(), meta(done))
+        with logging_redirect_tqdm():  # log lines go above the progress bar
+            for step in range(start_step, plan.total_steps):
+                state, metrics = train_step(state, global_batch(next(data_iter), mesh))
+                pending.append(metrics)
+                window["images"] += t.batch_size
+                done = step + 1
+                progress.update(1)
+                evaluate_now = eval_fn is not None and plan.should_eval(done, t.eval_every_epochs)
+                checkpoint_now = done % t.checkpoint_every_steps == 0 or done == plan.total_steps
+                # Never evaluate or checkpoint a state that came after a non-finite step.
+                if done % t.log_every_steps == 0 or evaluate_now or checkpoint_now:
+                    flush(done)
+                if evaluate_now:
+                    eval_metrics = eval_fn(state.variables, step=done)
+                    scalars = {f"eval_{k}": float(v) for k, v in eval_metrics.items() if np.isscalar(v)}
+                    writer.write(done, scalars)
+                    last_metrics.update(scalars)
+                    checkpointer.save_best(done, state, data_iter.get_state(), meta(done), eval_metrics)
+                    window.update(start=time.perf_counter(), images=0)  # images/s excludes evaluation
+                if checkpoint_now:
+                    checkpointer.save(done, state, data_iter.get_state(), meta(done))
     finally:
         progress.close()
-        redirect.__exit__(None, None, None)
         checkpointer.close()
         writer.close()
     return last_metrics

@@ -32,6 +32,8 @@ TINY_OVERRIDES = {
     "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
     "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
     "train.batch_size": 4, "train.log_every_steps": 1,
+    # The official optimizer groups (synthetic_tiny itself trains its whole backbone).
+    "train.lr_backbone": 1e-5, "train.freeze_stem_and_layer1": True, "model.dropout": 0.1,
 }
 
 
@@ -311,3 +313,17 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     assert meta["step"] == 1 and data_state == {"next_index": 10}
     np.testing.assert_array_equal(state["w"], states[1]["w"])
     assert any("checkpoints/2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """A diverging run (absurd lr) stops with a clear error; its finished checkpoint stays readable."""
+    from detr_jax.train import TrainingError, train
+
+    config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every_steps": 1, "train.lr": 1e30,
+                            "train.lr_backbone": 1e30, "train.eval_every_epochs": 0, "train.log_every_steps": 10})
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 2") as error:
+        train(config, tmp_path, show_progress=False)
+    assert str(tmp_path) in str(error.value)
+    step, params = _final_params(tmp_path)
+    assert step == 1  # step 2 was never checkpointed
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
