@@ -327,3 +327,38 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     step, params = _final_params(tmp_path)
     assert step == 1  # step 2 was never checkpointed
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
+    """train.init_from lays a (converted, backbone-only) checkpoint over fresh variables."""
+    from detr_jax.checkpoint_io import save_variables
+    from detr_jax.train import initial_variables
+
+    state0 = one_step["state0"]
+    pretrained = {"params": {"backbone": jax.tree.map(lambda x: x + 1.0, state0.params["backbone"])},
+                  "frozen_bn": {"backbone": state0.frozen_bn["backbone"]}}
+    save_variables(pretrained, tmp_path / "resnet", {"contents": "backbone"})
+    config = tiny_config(**{"train.init_from": str(tmp_path / "resnet")})
+    fresh = initial_variables(tiny_config(), one_step["model"], jax.random.PRNGKey(0))
+    merged = initial_variables(config, one_step["model"], jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, merged["params"]["backbone"], pretrained["params"]["backbone"])
+    jax.tree.map(np.testing.assert_array_equal, merged["params"]["transformer"], fresh["params"]["transformer"])
+
+
+def test_gradient_accumulation_updates_every_k_steps(one_step):
+    from detr_jax.train import TrainState, frozen_mask, global_batch
+
+    config = tiny_config(**{"train.grad_accum_steps": 2})
+    state0 = one_step["state0"]
+    optimizer, lr = make_optimizer(config.train, state0.params, 100)
+    state = jax.device_put(TrainState(step=np.int32(0), params=state0.params, frozen_bn=state0.frozen_bn,
+                                      opt_state=optimizer.init(state0.params), rng=state0.rng))
+    step = make_train_step(one_step["model"], one_step["criterion"], optimizer, lr, one_step["mesh"],
+                           accum_steps=2, frozen=frozen_mask(state0.params, config.train))
+    batch = global_batch(one_step["batch"], one_step["mesh"])
+    state1, _ = step(state, batch)
+    head0 = state0.params["class_embed"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(state1.params["class_embed"]["kernel"]), head0)  # accumulated only
+    state2, _ = step(state1, batch)
+    delta = np.abs(np.asarray(state2.params["class_embed"]["kernel"]) - head0).max()
+    assert 0.5e-4 < delta <= 1.01e-4  # one Adam step of lr 1e-4 after 2 micro-steps
