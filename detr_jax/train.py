@@ -9,9 +9,7 @@ feeds its own slice of the data (`jax.make_array_from_process_local_data`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import pathlib
 import time
