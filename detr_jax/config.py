@@ -13,7 +13,9 @@ import pathlib
 
 import ml_collections
 
-BACKBONES = ("resnet50", "resnet101", "resnet_tiny")
+from detr_jax.models.backbone import RESNETS
+
+BACKBONES = tuple(RESNETS)
 POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = ("float32", "bfloat16")
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,8 +17,8 @@ from detr_jax.checkpoint import Checkpointer, latest_step_dir, read_state_as_num
 from detr_jax.config import load_config
 from detr_jax.losses import SetCriterion
 from detr_jax.models.detr import DETR
-from detr_jax.train import (create_train_state, lr_schedule, make_mesh, make_optimizer, make_train_step,
-                            param_labels)
+from detr_jax.train import (create_train_state, init_variables_shapes, lr_schedule, make_mesh, make_optimizer,
+                            make_train_step, param_labels)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,16 +53,14 @@ def fixed_batch(batch_size=4, seed=0):
     return next(make_eval_iterator(config.data, batch_size, 0, 1))
 
 
-def _labels(config):
+def _model_and_shapes(config):
     model = DETR.from_config(config.model)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                               jnp.ones((1, 64, 64), bool)))
-    return model, shapes
+    return model, init_variables_shapes(model)
 
 
 def test_param_labels_freeze_stem_and_first_stage():
     config = tiny_config()
-    _, shapes = _labels(config)
+    _, shapes = _model_and_shapes(config)
     labels = param_labels(shapes["params"], train_backbone=True)
     body = labels["backbone"]["body"]
     assert body["conv1"]["kernel"] == "frozen"
@@ -81,7 +78,7 @@ def test_param_labels_freeze_stem_and_first_stage():
 
 def test_learned_position_embedding_lr_group():
     config = tiny_config(**{"model.position_embedding": "learned"})
-    _, shapes = _labels(config)
+    _, shapes = _model_and_shapes(config)
     assert param_labels(shapes["params"], True, True)["position_embedding"]["row_embed"] == "backbone"
     assert param_labels(shapes["params"], True, False)["position_embedding"]["row_embed"] == "main"
 
@@ -104,8 +101,7 @@ def one_step():
     mesh = make_mesh()
     model = DETR.from_config(config.model)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                               jnp.ones((1, 64, 64), bool)))
+    shapes = init_variables_shapes(model)
     optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
     state0 = create_train_state(config, model, optimizer, mesh)
     state0 = jax.tree.map(np.asarray, state0)
@@ -179,7 +175,7 @@ import sys; sys.path.insert(0, "tests")
 from test_train import tiny_config, fixed_batch
 from detr_jax.models.detr import DETR
 from detr_jax.losses import SetCriterion
-from detr_jax.train import make_optimizer, create_train_state, make_train_step, global_batch
+from detr_jax.train import make_optimizer, create_train_state, make_train_step, global_batch, init_variables_shapes
 assert jax.device_count() == 8, jax.devices()
 config = tiny_config()
 model = DETR.from_config(config.model)
@@ -188,7 +184,7 @@ params = {}
 for n in (1, 8):
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 64, 64), bool)))
+    shapes = init_variables_shapes(model)
     optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
     state = create_train_state(config, model, optimizer, mesh)
     step = make_train_step(model, criterion, optimizer, lr, mesh)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from detr_jax.models.backbone import RESNETS, Backbone, PointwiseConv
+from detr_jax.models.backbone import Backbone, PointwiseConv
 from detr_jax.models.position_encoding import build_position_embedding
 from detr_jax.models.transformer import Transformer, torch_dense, torch_linear_bias_init, torch_linear_kernel_init
 
@@ -59,11 +59,13 @@ class DETR(nn.Module):
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DETR":
-        """Builds the model from the `model` config section (see detr_jax/config.py)."""
-        if config.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={config.dtype!r}: expected one of {sorted(DTYPES)}")
-        if config.backbone not in RESNETS:
-            raise ValueError(f"model.backbone={config.backbone!r}: expected one of {sorted(RESNETS)}")
+        """Builds the model from the `model` config section (see detr_jax/config.py).
+
+        Raises ConfigError (a ValueError) for an invalid section, as config loading does.
+        """
+        from detr_jax.config import validate_model
+
+        validate_model(config)
         return cls(
             num_classes=config.num_classes,
             num_queries=config.num_queries,
