@@ -13,7 +13,7 @@ import pathlib
 
 import ml_collections
 
-from detr_jax.models.backbone import RESNETS
+from detr_jax.models.backbone import NORMS, RESNETS
 
 BACKBONES = tuple(RESNETS)
 POSITION_EMBEDDINGS = ("sine", "learned")
@@ -31,6 +31,10 @@ def model_config() -> ml_collections.ConfigDict:
             backbone="resnet50",
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
+            # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
+            # trainable GroupNorm in each BatchNorm's place, for a backbone trained from
+            # scratch (frozen statistics would leave it with no normalization at all).
+            backbone_norm="frozen_bn",
             hidden_dim=256,
             num_heads=8,
             num_encoder_layers=6,
@@ -107,6 +111,8 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
 def validate_model(m: ml_collections.ConfigDict) -> None:
     if m.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone={m.backbone!r}: expected one of {BACKBONES}")
+    if m.backbone_norm not in NORMS:
+        raise ConfigError(f"model.backbone_norm={m.backbone_norm!r}: expected one of {NORMS}")
     if m.position_embedding not in POSITION_EMBEDDINGS:
         raise ConfigError(
             f"model.position_embedding={m.position_embedding!r}: "

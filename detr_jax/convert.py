@@ -454,6 +454,10 @@ def convert_state_dict(
     Raises:
       ConversionError listing every problem found.
     """
+    if model_config.backbone_norm != "frozen_bn":
+        raise ConversionError(
+            f"{source}: PyTorch DETR and ResNet checkpoints have BatchNorm statistics, which only "
+            f"model.backbone_norm='frozen_bn' holds; the config has {model_config.backbone_norm!r}")
     keys = list(state_dict)
     layout = detect_layout(keys)
     if layout is None:

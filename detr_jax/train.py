@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 
 # Backbone parameters official DETR never trains (requires_grad False): the stem and layer1.
-FROZEN_BACKBONE_PREFIXES = ("conv1", "layer1_")
+FROZEN_BACKBONE_PREFIXES = ("conv1", "bn1", "layer1_")  # bn1: the stem norm when trainable
 
 
 class TrainingError(RuntimeError):

@@ -294,6 +294,13 @@ def test_num_queries_mismatch_is_refused(tmp_path):
                              reinit_class_head=True)
 
 
+def test_group_norm_model_is_refused_with_the_reason(tmp_path):
+    ref = tiny_reference()
+    src = save_as("official", ref, tmp_path)
+    with pytest.raises(convert.ConversionError, match=r"backbone_norm='frozen_bn'.*'group_norm'"):
+        convert.convert_main(src, tmp_path / "out", config=write_config(tmp_path, backbone_norm="group_norm"))
+
+
 # ---------------------------------------------------------------------------------------
 # Refusals name the file and every problem.
 

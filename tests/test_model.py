@@ -146,6 +146,34 @@ def test_frozen_batchnorm_not_trainable_and_unchanged(tiny):
     jax.tree.map(np.testing.assert_array_equal, frozen, variables["frozen_bn"])
 
 
+def test_group_norm_backbone_is_trainable_and_has_no_frozen_statistics():
+    """backbone_norm="group_norm" (from-scratch backbones): every BatchNorm slot holds a
+    trainable GroupNorm (scale, bias in params) and the frozen_bn collection is empty."""
+    model = DETR(**TINY, backbone_norm="group_norm")
+    variables = init_variables(model, jax.random.key(0))
+    assert variables["frozen_bn"] == {}
+    body = variables["params"]["backbone"]["body"]
+    assert set(body["bn1"]) == {"scale", "bias"}
+    assert set(body["layer2_0"]["downsample_bn"]) == {"scale", "bias"}
+    # Same parameters as the frozen-BN model otherwise.
+    frozen_model_params = init_variables(DETR(**TINY), jax.random.key(0))["params"]
+    n_norm = sum(x.size for name, x in jax.tree_util.tree_leaves_with_path(body) if "bn" in jax.tree_util.keystr(name))
+    n_all = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    assert n_all - n_norm == sum(x.size for x in jax.tree.leaves(frozen_model_params))
+    # The features are normalized per group: the stem's output is scale-invariant in the input.
+    images, mask = _padded_batch(np.random.default_rng(4), [(64, 64)], (64, 64))
+    apply = _jit_apply(model)
+    out = apply(variables, images, mask)
+    out_scaled = apply(variables, 10.0 * images, mask)
+    np.testing.assert_allclose(out_scaled["pred_boxes"], out["pred_boxes"], atol=1e-4)
+
+
+def test_group_norm_groups():
+    from detr_jax.models.backbone import group_norm_groups
+
+    assert [group_norm_groups(c) for c in (8, 16, 32, 64, 128, 256, 2048, 12)] == [2, 4, 8, 16, 32, 32, 32, 3]
+
+
 def test_jit_equals_eager(tiny):
     model, variables = tiny
     images, mask = _padded_batch(np.random.default_rng(4), [(64, 96), (40, 96)], (64, 96))

@@ -76,6 +76,17 @@ def test_param_labels_freeze_stem_and_first_stage():
     assert all(v == "backbone" for v in jax.tree.leaves(from_scratch["backbone"]))
 
 
+def test_param_labels_freeze_the_trainable_stem_norm():
+    """With backbone_norm="group_norm" the stem's norm (body/bn1) has parameters; freezing
+    the stem freezes them too, and layer2's norms train with the backbone."""
+    config = tiny_config(**{"model.backbone_norm": "group_norm"})
+    _, shapes = _model_and_shapes(config)
+    body = param_labels(shapes["params"], train_backbone=True)["backbone"]["body"]
+    assert body["bn1"] == {"scale": "frozen", "bias": "frozen"}
+    assert body["layer1_0"]["bn1"] == {"scale": "frozen", "bias": "frozen"}
+    assert body["layer2_0"]["bn1"] == {"scale": "backbone", "bias": "backbone"}
+
+
 def test_learned_position_embedding_lr_group():
     config = tiny_config(**{"model.position_embedding": "learned"})
     _, shapes = _model_and_shapes(config)

@@ -7,11 +7,15 @@ PyTorch checkpoints map one to one.
 
 All BatchNorm layers are frozen: their scale, bias, running mean and running variance live
 in the `frozen_bn` variable collection, not in `params`, so no optimizer ever sees them.
+That is right for a pretrained backbone, but a backbone trained from scratch then has no
+normalization at all (frozen statistics are the identity); `norm="group_norm"` puts a
+trainable GroupNorm in each BatchNorm's place instead (same module names, in `params`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ from flax import linen as nn
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 FROZEN_BN = "frozen_bn"
+NORMS = ("frozen_bn", "group_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,20 @@ class FrozenBatchNorm(nn.Module):
         scale = weight * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
         shift = bias - mean * scale
         return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def group_norm_groups(channels: int) -> int:
+    """Groups of the from-scratch GroupNorm: 32 for wide layers, 4 channels per group below 128."""
+    return math.gcd(channels, min(32, max(1, channels // 4)))
+
+
+def _norm(kind: str, channels: int, name: str, dtype: Any) -> nn.Module:
+    """The normalization in a BatchNorm's place: FrozenBatchNorm, or a trainable GroupNorm."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(dtype=dtype, name=name)
+    if kind == "group_norm":
+        return nn.GroupNorm(num_groups=group_norm_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
+    raise ValueError(f"unknown backbone norm {kind!r}; known: {NORMS}")
 
 
 class PointwiseConv(nn.Module):
@@ -125,6 +144,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dilation: int = 1
     expansion: int = 4
+    norm: str = "frozen_bn"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -132,14 +152,14 @@ class Bottleneck(nn.Module):
         """x: [B, H, W, C_in] -> [B, H/stride, W/stride, width * expansion]."""
         out_ch = self.width * self.expansion
         y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
-        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
+        y = nn.relu(_norm(self.norm, self.width, "bn1", self.dtype)(y))
         y = _conv(self.width, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(y)
-        y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
+        y = nn.relu(_norm(self.norm, self.width, "bn2", self.dtype)(y))
         y = _conv(out_ch, 1, name="conv3", dtype=self.dtype)(y)
-        y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
+        y = _norm(self.norm, out_ch, "bn3", self.dtype)(y)
         if self.stride != 1 or x.shape[-1] != out_ch:
             x = _conv(out_ch, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
-            x = FrozenBatchNorm(dtype=self.dtype, name="downsample_bn")(x)
+            x = _norm(self.norm, out_ch, "downsample_bn", self.dtype)(x)
         return nn.relu(x + y)
 
 
@@ -153,6 +173,7 @@ class ResNet(nn.Module):
 
     spec: ResNetSpec
     dilation: bool = False
+    norm: str = "frozen_bn"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -163,7 +184,7 @@ class ResNet(nn.Module):
             self.spec.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
             use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
         )(x)
-        x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(x))
+        x = nn.relu(_norm(self.norm, self.spec.stem_width, "bn1", self.dtype)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         current_dilation = 1
         last_stage = len(self.spec.depths) - 1
@@ -179,6 +200,7 @@ class ResNet(nn.Module):
                     stride=stride if block == 0 else 1,
                     dilation=first_dilation if block == 0 else current_dilation,
                     expansion=self.spec.expansion,
+                    norm=self.norm,
                     dtype=self.dtype,
                     name=f"layer{stage + 1}_{block}",
                 )(x)
@@ -208,6 +230,7 @@ class Backbone(nn.Module):
 
     resnet: str = "resnet50"
     dilation: bool = False
+    norm: str = "frozen_bn"
     dtype: Any = jnp.float32
 
     @property
@@ -222,6 +245,6 @@ class Backbone(nn.Module):
         """
         if self.resnet not in RESNETS:
             raise ValueError(f"unknown backbone {self.resnet!r}; known: {sorted(RESNETS)}")
-        features = ResNet(RESNETS[self.resnet], self.dilation, self.dtype, name="body")(images)
+        features = ResNet(RESNETS[self.resnet], self.dilation, self.norm, self.dtype, name="body")(images)
         return features, downsample_mask(mask, features.shape[1], features.shape[2])
 

@@ -54,6 +54,7 @@ class DETR(nn.Module):
     pre_norm: bool = False
     backbone: str = "resnet50"
     dilation: bool = False
+    backbone_norm: str = "frozen_bn"
     position_embedding: str = "sine"
     dtype: Any = jnp.float32
 
@@ -78,6 +79,7 @@ class DETR(nn.Module):
             pre_norm=config.pre_norm,
             backbone=config.backbone,
             dilation=config.dilation,
+            backbone_norm=config.backbone_norm,
             position_embedding=config.position_embedding,
             dtype=DTYPES[config.dtype],
         )
@@ -93,7 +95,7 @@ class DETR(nn.Module):
         # Padded pixels are zero in the reference; zeroing them here makes the output
         # independent of whatever values the padding holds.
         images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
-        features, feature_mask = Backbone(self.backbone, self.dilation, self.dtype, name="backbone")(images, mask)
+        features, feature_mask = Backbone(self.backbone, self.dilation, self.backbone_norm, self.dtype, name="backbone")(images, mask)
         pos = build_position_embedding(self.position_embedding, self.hidden_dim)(feature_mask)
 
         in_channels = features.shape[-1]
@@ -125,7 +127,12 @@ class DETR(nn.Module):
 
 
 def init_variables(model: DETR, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
-    """Initial variables {"params": ..., "frozen_bn": ...} for a batch of one image."""
+    """Initial variables {"params": ..., "frozen_bn": ...} for a batch of one image.
+
+    "frozen_bn" is always present ({} with backbone_norm="group_norm"), so code that
+    carries both collections need not ask which backbone it has.
+    """
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
     mask = jnp.ones((1, *image_size), bool)
-    return jax.jit(lambda r: model.init({"params": r}, images, mask, train=False))(rng)
+    variables = jax.jit(lambda r: model.init({"params": r}, images, mask, train=False))(rng)
+    return {"frozen_bn": {}, **variables}
