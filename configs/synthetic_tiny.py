@@ -17,6 +17,7 @@ def get_config():
     config.model.update(
         backbone="resnet_tiny",
         dilation=True,
+        backbone_norm="group_norm",
         hidden_dim=128,
         num_heads=8,
         num_encoder_layers=2,
@@ -39,17 +40,19 @@ def get_config():
         crop_size=(64, 96),
         eval_scale=112,
         eval_max_size=128,
+        crop_prob=0.0,
         bucket_shapes=((128, 128),),
     )
     config.train.update(
-        batch_size=16,
-        lr=1e-4,
-        lr_backbone=1e-4,
+        batch_size=32,
+        lr=5e-4,
+        lr_backbone=5e-4,
+        warmup_steps=200,
         freeze_stem_and_layer1=False,
         epochs=5,
         lr_drop_epoch=4,
-        log_every_steps=50,
-        checkpoint_every_steps=500,
+        log_every_steps=25,
+        checkpoint_every_steps=625,
     )
     config.eval.update(batch_size=16)
     return config

@@ -98,11 +98,16 @@ def lr_schedule(base_lr: float, steps_per_epoch: int, lr_drop_epoch: int, warmup
                 drop_factor: float = 0.1) -> optax.Schedule:
     """Constant lr, x`drop_factor` from epoch `lr_drop_epoch` on (torch StepLR per epoch),
     with an optional linear warmup. Counted in optimizer updates."""
-    schedule = optax.piecewise_constant_schedule(
+    step_decay = optax.piecewise_constant_schedule(
         base_lr, {max(1, lr_drop_epoch * steps_per_epoch): drop_factor})
-    if warmup_steps > 0:
-        warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
-        schedule = optax.join_schedules([warmup, schedule], [warmup_steps])
+    if warmup_steps <= 0:
+        return step_decay
+
+    # A factor on the step decay (not optax.join_schedules, which would restart the decay's
+    # step count after the warmup and so move the drop `warmup_steps` later).
+    def schedule(step):
+        return jnp.minimum(step / warmup_steps, 1.0) * step_decay(step)
+
     return schedule
 
 

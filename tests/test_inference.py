@@ -29,6 +29,7 @@ def tiny_config():
             "model.hidden_dim": 32, "model.num_heads": 4, "model.num_encoder_layers": 1,
             "model.num_decoder_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 5,
             "model.dilation": False,  # the measured padding effects below are for stride 32
+            "model.backbone_norm": "frozen_bn",  # GroupNorm statistics would see the padding
             "data.eval_scale": 64, "data.eval_max_size": 96, "data.bucket_step": 32, "data.bucket_shapes": (),
             "eval.batch_size": 4,
         },

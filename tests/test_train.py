@@ -31,8 +31,10 @@ TINY_OVERRIDES = {
     "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
     "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
     "train.batch_size": 4, "train.log_every_steps": 1,
-    # The official optimizer groups (synthetic_tiny itself trains its whole backbone).
-    "train.lr_backbone": 1e-5, "train.freeze_stem_and_layer1": True, "model.dropout": 0.1,
+    # The official model and optimizer (synthetic_tiny itself trains its whole backbone from
+    # scratch, with GroupNorm, a higher lr and warmup).
+    "model.backbone_norm": "frozen_bn", "train.lr": 1e-4, "train.lr_backbone": 1e-5,
+    "train.warmup_steps": 0, "train.freeze_stem_and_layer1": True, "model.dropout": 0.1,
 }
 
 
@@ -101,8 +103,11 @@ def test_lr_schedule_step_decay_and_warmup():
     assert float(schedule(30)) == pytest.approx(1e-5)
     warm = lr_schedule(1e-4, steps_per_epoch=10, lr_drop_epoch=3, warmup_steps=5)
     assert float(warm(0)) == 0.0
+    assert float(warm(2)) == pytest.approx(0.4e-4)
     assert float(warm(5)) == pytest.approx(1e-4)
-    assert float(warm(40)) == pytest.approx(1e-5)
+    # The drop stays at epoch 3 (step 30) whatever the warmup.
+    assert float(warm(29)) == pytest.approx(1e-4)
+    assert float(warm(30)) == pytest.approx(1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +276,9 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     steps = 24
     args = ["-m", "detr_jax.cli", "train", "--config", "synthetic_tiny", "--no_progress",
             *cli_overrides(**{"train.num_steps": steps, "train.checkpoint_every_steps": 4,
-                              "train.eval_every_epochs": 0, "train.keep_checkpoints": 10})]
+                              "train.eval_every_epochs": 0, "train.keep_checkpoints": 10,
+                              # synthetic_tiny's own backbone: no frozen_bn collection to restore
+                              "model.backbone_norm": "group_norm"})]
     env = {"JAX_PLATFORMS": "cpu"}
     reference = _run([*args, "--workdir", str(tmp_path / "ref")], env)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -369,3 +376,21 @@ def test_gradient_accumulation_updates_every_k_steps(one_step):
     state2, _ = step(state1, batch)
     delta = np.abs(np.asarray(state2.params["class_embed"]["kernel"]) - head0).max()
     assert 0.5e-4 < delta <= 1.01e-4  # one Adam step of lr 1e-4 after 2 micro-steps
+
+
+def test_default_train_command_smoke(tmp_path):
+    """The README's main job, `detr-jax train` on the default config, for a few steps: the
+    benchmarked learning run (docs/BENCHMARKS.md) is this command with more steps."""
+    workdir = tmp_path / "run"
+    result = _run(["-m", "detr_jax.cli", "train", "--workdir", str(workdir), "--no_progress",
+                   "--config.train.num_steps=3", "--config.train.log_every_steps=1"], {"JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    # The run ends with an evaluation on the held-out split and a checkpoint.
+    final_eval = [r for r in rows if "eval_AP50" in r]
+    assert final_eval and final_eval[-1]["step"] == 3 and 0.0 <= final_eval[-1]["eval_AP50"] <= 1.0
+    assert (workdir / "checkpoints" / "3").is_dir()
+    assert (workdir / "loss_curve.png").stat().st_size > 0
+    assert any((workdir / "eval_samples").iterdir())
