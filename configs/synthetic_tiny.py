@@ -4,9 +4,11 @@ No download: the dataset is generated procedurally (3 shape classes, ids 1..3, s
 num_classes = 4). Small images (96-128 px) padded to one bucket (one compilation), a narrow
 one-block-per-stage ResNet with a dilated last stage (an 8x8 feature map at 128 px), a 2+3
 layer transformer of width 128 and 10 queries. The backbone starts from scratch, so it is
-trained whole (stem and first stage included) at the main learning rate.
+trained whole, at the main learning rate, with GroupNorm (frozen BatchNorm statistics would
+be no normalization at all); no random crop (it cuts shapes into ambiguous ones).
 
-Measured on 2 CPU cores: ~0.13 s per step of 16 images; 5 epochs of 1250 steps.
+Measured on 2 CPU cores (docs/BENCHMARKS.md): ~0.26 s per step of 32 images; 5 epochs of
+625 steps reach AP50 0.968 (AP 0.715) on held-out images in 14.5 minutes.
 """
 
 from detr_jax.config import base_config
