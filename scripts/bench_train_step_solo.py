@@ -1,0 +1,96 @@
+"""Our DETR-R50 training step (bench_vs_torch's train_b2_512x512) timed alone in one process.
+
+`bench_vs_torch.py` runs the frameworks in worker processes that take turns; on a machine
+that pages out idle memory (DAMON `pageout`, memory ballooning) the waiting worker pays for
+it on its next step. This script times the same step with nothing else alive, and can vary
+what was suspected of slowing it down: the weights' values, subnormal arithmetic, idle time
+between steps.
+
+    python scripts/bench_train_step_solo.py                      # converted HF weights
+    python scripts/bench_train_step_solo.py --weights normal     # N(0, 0.02) weights
+    python scripts/bench_train_step_solo.py --flush_denormal     # FTZ/DAZ on every thread
+    python scripts/bench_train_step_solo.py --idle 2             # sleep 2 s before each step
+
+Needs the `torch` extra (the weights are HF DETR's random init, converted). Prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", choices=("hf", "normal"), default="hf")
+    parser.add_argument("--flush_denormal", action="store_true",
+                        help="set FTZ/DAZ before JAX creates its threads (which inherit it)")
+    parser.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed step")
+    parser.add_argument("--reps", type=int, default=4)
+    args = parser.parse_args()
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import torch
+
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("this CPU does not support flushing denormals")
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import bench_vs_torch as bench
+    from detr_jax.config import base_config
+    from detr_jax.convert import convert_state_dict
+    from detr_jax.losses import SetCriterion
+    from detr_jax.models.detr import DETR
+    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
+
+    case = bench.CASES["train_b2_512x512"]
+    config = base_config()
+    config.model.num_classes = bench.NUM_CLASSES
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "hf.pt")
+        bench.make_weights(path)
+        state_dict = {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    variables, _ = convert_state_dict(state_dict, config.model)
+    if args.weights == "normal":
+        rng = np.random.default_rng(0)
+        variables["params"] = jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.02).astype(np.float32),
+                                           variables["params"])
+    model = DETR.from_config(config.model)
+    images, mask, labels, boxes = bench.inputs(case)
+    mesh = make_mesh()
+    criterion = SetCriterion.from_config(config.loss, bench.NUM_CLASSES, mesh=mesh)
+    optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
+    state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
+                       opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step = make_train_step(model, criterion, optimizer, lr, mesh,
+                           frozen=frozen_mask(variables["params"], config.train))
+    batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
+                          "valid": np.ones(labels.shape, bool)}, mesh)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(args.reps):
+        time.sleep(args.idle)
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    print(f"train_b2_512x512 alone: weights={args.weights} flush_denormal={args.flush_denormal} idle={args.idle}s "
+          f"first call {first:.1f} s, median {statistics.median(times):.3f} s, times {[round(t, 3) for t in times]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
