@@ -42,15 +42,11 @@ def main() -> int:
         raise SystemExit("this CPU does not support flushing denormals")
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     import bench_vs_torch as bench
     from detr_jax.config import base_config
     from detr_jax.convert import convert_state_dict
-    from detr_jax.losses import SetCriterion
     from detr_jax.models.detr import DETR
-    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
 
     case = bench.CASES["train_b2_512x512"]
     config = base_config()
@@ -65,17 +61,7 @@ def main() -> int:
         variables["params"] = jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.02).astype(np.float32),
                                            variables["params"])
     model = DETR.from_config(config.model)
-    images, mask, labels, boxes = bench.inputs(case)
-    mesh = make_mesh()
-    criterion = SetCriterion.from_config(config.loss, bench.NUM_CLASSES, mesh=mesh)
-    optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
-    state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
-                       opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    step = make_train_step(model, criterion, optimizer, lr, mesh,
-                           frozen=frozen_mask(variables["params"], config.train))
-    batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
-                          "valid": np.ones(labels.shape, bool)}, mesh)
+    step, state, batch = bench.jax_train_step(config, model, variables, case)
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)

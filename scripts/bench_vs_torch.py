@@ -149,17 +149,11 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
     if device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
-    import numpy as np
     import torch
 
     from detr_jax.config import base_config
     from detr_jax.convert import convert_state_dict
-    from detr_jax.losses import SetCriterion
     from detr_jax.models.detr import DETR
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
 
     case = CASES[case_name]
     config = base_config()
@@ -180,16 +174,7 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
         def run():
             return jax.block_until_ready(apply(variables, x, m))
     else:
-        mesh = make_mesh()
-        criterion = SetCriterion.from_config(config.loss, NUM_CLASSES, mesh=mesh)
-        optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
-        state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
-                           opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
-        state = jax.device_put(state, NamedSharding(mesh, P()))
-        step = make_train_step(model, criterion, optimizer, lr, mesh,
-                               frozen=frozen_mask(variables["params"], config.train))
-        batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
-                              "valid": np.ones(labels.shape, bool)}, mesh)
+        step, state, batch = jax_train_step(config, model, variables, case)
         holder = {"state": state}
 
         def run():
@@ -197,6 +182,29 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
             return jax.block_until_ready(metrics["loss"])
 
     _serve(conn, run)
+
+
+def jax_train_step(config, model, variables: dict, case: dict):
+    """Our jitted train step for `case`: (step, initial state, global batch)."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from detr_jax.losses import SetCriterion
+    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
+
+    images, mask, labels, boxes = inputs(case)
+    mesh = make_mesh()
+    criterion = SetCriterion.from_config(config.loss, NUM_CLASSES, mesh=mesh)
+    optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
+    state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
+                       opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(variables["params"], config.train))
+    batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
+                          "valid": np.ones(labels.shape, bool)}, mesh)
+    return step, state, batch
 
 
 def _serve(conn, run):
