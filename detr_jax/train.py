@@ -164,13 +164,17 @@ def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.A
 def create_train_state(config, model, optimizer, mesh: Mesh) -> TrainState:
     """Initial, replicated train state (from `config.seed`)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = initial_variables(config, model, init_rng)
+    return train_state_from_variables(initial_variables(config, model, init_rng), optimizer, mesh, dropout_rng)
+
+
+def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.Array) -> TrainState:
+    """Step-0 train state of `variables` ({"params", "frozen_bn"}), replicated over `mesh`."""
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         frozen_bn=variables["frozen_bn"],
         opt_state=optimizer.init(variables["params"]),
-        rng=dropout_rng,
+        rng=rng,
     )
     return jax.device_put(state, NamedSharding(mesh, P()))
 

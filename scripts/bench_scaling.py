@@ -3,7 +3,8 @@
 Every (batch, size) pair is a new input shape, so a new XLA compilation: the table shows
 what a bucket costs to compile and what it costs per step, which is what choosing
 `data.bucket_shapes` trades off. The step is the real training step (forward, loss with
-Hungarian matching, backward, AdamW), on the model's initial weights and random targets.
+Hungarian matching, backward, AdamW), on the model's initial weights (as `detr-jax train`
+starts) and random targets.
 Compilations are counted by JAX itself (its backend-compile events), so a shape that
 compiles twice, or a step that recompiles, shows in the count.
 
@@ -24,14 +25,12 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from detr_jax.cli import config_from_args
 from detr_jax.losses import SetCriterion
-from detr_jax.models.detr import DETR, init_variables
-from detr_jax.train import (TrainState, frozen_mask, global_batch, init_variables_shapes, make_mesh, make_optimizer,
-                            make_train_step)
+from detr_jax.models.detr import DETR
+from detr_jax.train import (create_train_state, frozen_mask, global_batch, init_variables_shapes, make_mesh,
+                            make_optimizer, make_train_step)
 
 
 def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: int = 0) -> dict:
@@ -75,11 +74,7 @@ def main() -> int:
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
     optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
     step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
-    variables = init_variables(model, jax.random.PRNGKey(0))
-    params = variables["params"]
-    state = TrainState(step=np.int32(0), params=params, frozen_bn=variables["frozen_bn"],
-                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = create_train_state(config, model, optimizer, mesh)
     compiles = CompileCounter()
 
     rows = []

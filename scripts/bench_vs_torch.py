@@ -188,19 +188,16 @@ def jax_train_step(config, model, variables: dict, case: dict):
     """Our jitted train step for `case`: (step, initial state, global batch)."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from detr_jax.losses import SetCriterion
-    from detr_jax.train import TrainState, frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step
+    from detr_jax.train import (frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step,
+                                train_state_from_variables)
 
     images, mask, labels, boxes = inputs(case)
     mesh = make_mesh()
     criterion = SetCriterion.from_config(config.loss, NUM_CLASSES, mesh=mesh)
     optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
-    state = TrainState(step=np.int32(0), params=variables["params"], frozen_bn=variables["frozen_bn"],
-                       opt_state=optimizer.init(variables["params"]), rng=jax.random.PRNGKey(0))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = train_state_from_variables(variables, optimizer, mesh, jax.random.PRNGKey(0))
     step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(variables["params"], config.train))
     batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
                           "valid": np.ones(labels.shape, bool)}, mesh)

@@ -360,13 +360,12 @@ def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
 
 
 def test_gradient_accumulation_updates_every_k_steps(one_step):
-    from detr_jax.train import TrainState, frozen_mask, global_batch
+    from detr_jax.train import frozen_mask, global_batch, train_state_from_variables
 
     config = tiny_config(**{"train.grad_accum_steps": 2})
     state0 = one_step["state0"]
     optimizer, lr = make_optimizer(config.train, state0.params, 100)
-    state = jax.device_put(TrainState(step=np.int32(0), params=state0.params, frozen_bn=state0.frozen_bn,
-                                      opt_state=optimizer.init(state0.params), rng=state0.rng))
+    state = train_state_from_variables(state0.variables, optimizer, one_step["mesh"], state0.rng)
     step = make_train_step(one_step["model"], one_step["criterion"], optimizer, lr, one_step["mesh"],
                            accum_steps=2, frozen=frozen_mask(state0.params, config.train))
     batch = global_batch(one_step["batch"], one_step["mesh"])
