@@ -10,6 +10,7 @@ between steps.
     python scripts/bench_train_step_solo.py --weights normal     # N(0, 0.02) weights
     python scripts/bench_train_step_solo.py --flush_denormal     # FTZ/DAZ on every thread
     python scripts/bench_train_step_solo.py --idle 2             # sleep 2 s before each step
+    python scripts/bench_train_step_solo.py --host_malloc default  # glibc's malloc as it is
 
 Needs the `torch` extra (the weights are HF DETR's random init, converted). Prints one line.
 """
@@ -32,10 +33,16 @@ def main() -> int:
     parser.add_argument("--flush_denormal", action="store_true",
                         help="set FTZ/DAZ before JAX creates its threads (which inherit it)")
     parser.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed step")
+    parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
+                        help="retain: keep freed host memory, as `detr-jax train` does (detr_jax.host_memory)")
     parser.add_argument("--reps", type=int, default=4)
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.host_malloc == "retain":
+        from detr_jax.host_memory import retain_freed_memory
+
+        retain_freed_memory()
     import torch
 
     if args.flush_denormal and not torch.set_flush_denormal(True):
@@ -66,15 +73,20 @@ def main() -> int:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
+    import resource
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.reps):
         time.sleep(args.idle)
         start = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.reps
     print(f"train_b2_512x512 alone: weights={args.weights} flush_denormal={args.flush_denormal} idle={args.idle}s "
-          f"first call {first:.1f} s, median {statistics.median(times):.3f} s, times {[round(t, 3) for t in times]}")
+          f"host_malloc={args.host_malloc} "
+          f"first call {first:.1f} s, median {statistics.median(times):.3f} s, times {[round(t, 3) for t in times]}, "
+          f"{faults:,.0f} minor page faults per step")
     return 0
 
 

@@ -21,7 +21,9 @@ three, with torch.compile) workers of a case are timed in turns, one repetition 
 per round, so slow drifts of the machine hit both alike; the median over rounds is
 reported, with the ratio peer / ours (> 1: we are faster). Weights are the same: the
 HF model is built with random weights (no download), and ours are converted from it.
-Our compile time (first call) is reported separately and not in the medians.
+Our compile time (first call) is reported separately and not in the medians. By default
+every worker (ours and the peer's alike) keeps freed host memory, as `detr-jax train`
+does (detr_jax.host_memory); `--host_malloc default` leaves glibc's malloc as it is.
 
     python scripts/bench_vs_torch.py                 # CPU, all cores
     python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
@@ -89,12 +91,18 @@ def build_hf(aux_loss: bool):
 # ----------------------------------------------------------------------------- workers
 
 
-def _pin(cores):
+def _setup_worker(cores, retain_host_memory: bool):
+    """Pins the worker to `cores`; optionally keeps freed host memory (both frameworks alike)."""
     os.sched_setaffinity(0, cores)
+    if retain_host_memory:
+        from detr_jax.host_memory import retain_freed_memory
+
+        retain_freed_memory()
 
 
-def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, compiled: bool):
-    _pin(cores)
+def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool,
+                 compiled: bool):
+    _setup_worker(cores, retain_host_memory)
     import numpy as np
     import torch
 
@@ -144,8 +152,8 @@ def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, co
     _serve(conn, run)
 
 
-def jax_worker(conn, case_name: str, weights_path: str, cores, device: str):
-    _pin(cores)
+def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool):
+    _setup_worker(cores, retain_host_memory)
     if device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
@@ -223,12 +231,12 @@ def _serve(conn, run):
 
 
 def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
-             torch_compile: bool) -> dict:
+             torch_compile: bool, retain_host_memory: bool = True) -> dict:
     ctx = mp.get_context("spawn")
-    workers = {"detr-jax": (jax_worker, (case_name, weights_path, cores, device)),
-               "hf-torch": (torch_worker, (case_name, weights_path, cores, device, False))}
+    common = (case_name, weights_path, cores, device, retain_host_memory)
+    workers = {"detr-jax": (jax_worker, common), "hf-torch": (torch_worker, (*common, False))}
     if torch_compile:
-        workers["hf-torch-compile"] = (torch_worker, (case_name, weights_path, cores, device, True))
+        workers["hf-torch-compile"] = (torch_worker, (*common, True))
     procs, conns, first_call, errors = {}, {}, {}, {}
     for name, (fn, args) in workers.items():  # started one at a time: their start-up is not timed
         parent, child = ctx.Pipe()
@@ -313,6 +321,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="cores to pin every worker to (default: all)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
+                        help="retain: every worker keeps freed host memory (detr_jax.host_memory, what "
+                             "`detr-jax train` does); default: glibc's own behaviour")
     parser.add_argument("--out", default="bench_results/bench_vs_torch.json")
     args = parser.parse_args()
 
@@ -324,10 +335,10 @@ def main() -> int:
         for case in args.cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
-                                    not args.no_torch_compile))
+                                    not args.no_torch_compile, args.host_malloc == "retain"))
             print(format_table(results[-1:]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
-              "reps": args.reps, "versions": versions(), "load_average": os.getloadavg(), "results": results}
+              "reps": args.reps, "host_malloc": args.host_malloc, "versions": versions(), "load_average": os.getloadavg(), "results": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

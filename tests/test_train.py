@@ -158,6 +158,39 @@ def test_non_finite_step_keeps_the_state(one_step):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), one_step["state0"])
 
 
+def test_train_step_is_compiled_with_the_cpu_options(one_step, monkeypatch):
+    """The CPU options reach XLA: an invalid value makes compiling the step fail."""
+    import detr_jax.train as train_module
+
+    assert train_module.train_compiler_options(one_step["mesh"]) == train_module.CPU_TRAIN_COMPILER_OPTIONS
+    monkeypatch.setattr(train_module, "CPU_TRAIN_COMPILER_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+    step = make_train_step(one_step["model"], one_step["criterion"], one_step["optimizer"], one_step["lr"],
+                           one_step["mesh"])
+    with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+        step(jax.device_put(one_step["state0"]), train_module.global_batch(one_step["batch"], one_step["mesh"]))
+
+
+def test_cpu_options_do_not_change_the_step(one_step, monkeypatch):
+    """The step compiled with XLA's default options gives the same loss and update.
+
+    Tolerance: loss and gradient norm to 1e-5 relative (float32 sums in another order);
+    parameters to 2 * lr, because Adam's first update is ~lr * sign(g), which flips where a
+    gradient entry is ~0.
+    """
+    import detr_jax.train as train_module
+
+    monkeypatch.setattr(train_module, "train_compiler_options", lambda mesh: None)
+    step = make_train_step(one_step["model"], one_step["criterion"], one_step["optimizer"], one_step["lr"],
+                           one_step["mesh"])
+    state1, metrics = step(jax.device_put(one_step["state0"]),
+                           train_module.global_batch(one_step["batch"], one_step["mesh"]))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(metrics[key]), float(one_step["metrics"][key]), rtol=1e-5)
+    diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state1.params, one_step["state1"].params)
+    assert max(jax.tree.leaves(diff)) <= 2e-4
+
+
 def test_overfits_one_batch(one_step):
     """The whole training path learns: 100 steps on one batch cut the loss at least 4x.
 
