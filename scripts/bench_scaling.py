@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from detr_jax.cli import config_from_args
+from detr_jax.host_memory import retain_freed_memory
 from detr_jax.losses import SetCriterion
 from detr_jax.models.detr import DETR
 from detr_jax.train import (create_train_state, frozen_mask, global_batch, init_variables_shapes, make_mesh,
@@ -68,6 +69,8 @@ def main() -> int:
     args = parser.parse_args()
 
     config = config_from_args(args.config, {})
+    if config.train.retain_host_memory:  # as `detr-jax train` does
+        retain_freed_memory()
     mesh = make_mesh()
     model = DETR.from_config(config.model)
     shapes = init_variables_shapes(model)
