@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -73,7 +74,6 @@ def main() -> int:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start
-    import resource
     times = []
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.reps):
