@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,19 +40,14 @@ def main() -> int:
     import torch
 
     import bench_vs_torch as bench
-    from detr_jax.config import base_config
     from detr_jax.convert import convert_state_dict
     from detr_jax.models.backbone import Backbone
     from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, frozen_mask
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     case = bench.CASES["train_b2_512x512"]
-    config = base_config()
-    config.model.num_classes = bench.NUM_CLASSES
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "hf.pt")
-        bench.make_weights(path)
-        state_dict = torch.load(path, weights_only=True)
+    config = bench.r50_config()
+    state_dict = bench.hf_state_dict()
     hf = bench.build_hf(aux_loss=True)
     hf.load_state_dict(state_dict)
     variables, _ = convert_state_dict({k: v.numpy() for k, v in state_dict.items()}, config.model)

@@ -22,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,17 +51,12 @@ def main() -> int:
     import numpy as np
 
     import bench_vs_torch as bench
-    from detr_jax.config import base_config
     from detr_jax.convert import convert_state_dict
     from detr_jax.models.detr import DETR
 
     case = bench.CASES["train_b2_512x512"]
-    config = base_config()
-    config.model.num_classes = bench.NUM_CLASSES
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "hf.pt")
-        bench.make_weights(path)
-        state_dict = {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    config = bench.r50_config()
+    state_dict = {k: v.numpy() for k, v in bench.hf_state_dict().items()}
     variables, _ = convert_state_dict(state_dict, config.model)
     if args.weights == "normal":
         rng = np.random.default_rng(0)

@@ -159,13 +159,11 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
     import jax
     import torch
 
-    from detr_jax.config import base_config
     from detr_jax.convert import convert_state_dict
     from detr_jax.models.detr import DETR
 
     case = CASES[case_name]
-    config = base_config()
-    config.model.num_classes = NUM_CLASSES
+    config = r50_config()
     if case["kind"] == "train" and not case["train_backbone"]:
         config.train.lr_backbone = 0.0  # the whole backbone frozen
     state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
@@ -279,12 +277,27 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
     return result
 
 
-def make_weights(path: str) -> None:
+def hf_state_dict() -> dict:
+    """The peer's random initial weights (seed 0): what every worker and script starts from."""
     import torch
 
     torch.manual_seed(0)
-    model = build_hf(aux_loss=True)
-    torch.save(model.state_dict(), path)
+    return build_hf(aux_loss=True).state_dict()
+
+
+def make_weights(path: str) -> None:
+    import torch
+
+    torch.save(hf_state_dict(), path)
+
+
+def r50_config():
+    """Our DETR-R50 config with the peer's class count."""
+    from detr_jax.config import base_config
+
+    config = base_config()
+    config.model.num_classes = NUM_CLASSES
+    return config
 
 
 def versions() -> dict:
