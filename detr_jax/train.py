@@ -200,6 +200,11 @@ def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.
 # ----------------------------------------------------------------------------- step
 
 
+def stop_frozen_gradients(params, frozen):
+    """`params` with a stop_gradient on every leaf `frozen` (a bool tree like params) marks."""
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
 def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
                     accum_steps: int = 1, frozen=None) -> Callable:
     """The jitted step: (state, batch) -> (state, metrics).
@@ -221,7 +226,7 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
 
         def loss_fn(params):
             if frozen is not None:
-                params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+                params = stop_frozen_gradients(params, frozen)
             outputs = model.apply({"params": params, "frozen_bn": state.frozen_bn}, batch["image"],
                                   batch["mask"], train=True, rngs={"dropout": dropout_rng})
             return criterion(outputs, batch)

@@ -42,7 +42,7 @@ def main() -> int:
     import bench_vs_torch as bench
     from detr_jax.convert import convert_state_dict
     from detr_jax.models.backbone import Backbone
-    from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, frozen_mask
+    from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, frozen_mask, stop_frozen_gradients
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     case = bench.CASES["train_b2_512x512"]
@@ -60,7 +60,7 @@ def main() -> int:
     params, frozen_bn = variables["params"]["backbone"], variables["frozen_bn"]["backbone"]
 
     def loss(params, x, mask):
-        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        params = stop_frozen_gradients(params, frozen)
         features, _ = backbone.apply({"params": params, "frozen_bn": frozen_bn}, x, mask)
         return features.sum()
 

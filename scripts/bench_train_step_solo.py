@@ -1,10 +1,10 @@
 """Our DETR-R50 training step (bench_vs_torch's train_b2_512x512) timed alone in one process.
 
-`bench_vs_torch.py` runs the frameworks in worker processes that take turns; on a machine
-that pages out idle memory (DAMON `pageout`, memory ballooning) the waiting worker pays for
-it on its next step. This script times the same step with nothing else alive, and can vary
-what was suspected of slowing it down: the weights' values, subnormal arithmetic, idle time
-between steps.
+`bench_vs_torch.py` runs the frameworks in worker processes that take turns; this script
+times the same step with nothing else alive, counts the minor page faults per step, and can
+vary what was suspected of slowing it down: glibc's malloc handing large blocks back to the
+kernel (`--host_malloc default`: every step faults its buffers in again), the weights'
+values, subnormal arithmetic, idle time between steps (a machine that pages out idle memory).
 
     python scripts/bench_train_step_solo.py                      # converted HF weights
     python scripts/bench_train_step_solo.py --weights normal     # N(0, 0.02) weights

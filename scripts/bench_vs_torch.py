@@ -351,7 +351,8 @@ def main() -> int:
                                     not args.no_torch_compile, args.host_malloc == "retain"))
             print(format_table(results[-1:]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
-              "reps": args.reps, "host_malloc": args.host_malloc, "versions": versions(), "load_average": os.getloadavg(), "results": results}
+              "reps": args.reps, "host_malloc": args.host_malloc, "versions": versions(),
+              "load_average": os.getloadavg(), "results": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
