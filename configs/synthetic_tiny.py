@@ -7,8 +7,8 @@ layer transformer of width 128 and 10 queries. The backbone starts from scratch,
 trained whole, at the main learning rate, with GroupNorm (frozen BatchNorm statistics would
 be no normalization at all); no random crop (it cuts shapes into ambiguous ones).
 
-Measured on 2 CPU cores (docs/BENCHMARKS.md): ~0.26 s per step of 32 images; 5 epochs of
-625 steps reach AP50 0.968 (AP 0.715) on held-out images in 14.5 minutes.
+Measured on 2 CPU cores (docs/BENCHMARKS.md): 5 epochs of 625 steps of 32 images reach
+AP50 0.968 (AP 0.705-0.715) on held-out images in 14.5-15 minutes (two runs).
 """
 
 from detr_jax.config import base_config
