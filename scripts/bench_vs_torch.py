@@ -19,14 +19,17 @@ Each (framework, case) runs in its own worker process, pinned to the same CPU co
 sees only those cores), so each worker's peak resident set is its own. The two (or
 three, with torch.compile) workers of a case are timed in turns, one repetition each
 per round, so slow drifts of the machine hit both alike; the median over rounds is
-reported, with the ratio peer / ours (> 1: we are faster). Weights are the same: the
-HF model is built with random weights (no download), and ours are converted from it.
+reported, with the ratio peer / ours (> 1: we are faster). With `--rewarm` each timed
+call follows an untimed one of the same worker, so no worker is timed straight after
+waiting. Weights are the same: the HF model is built with random weights (no download),
+and ours are converted from it.
 Our compile time (first call) is reported separately and not in the medians. By default
 every worker (ours and the peer's alike) keeps freed host memory, as `detr-jax train`
 does (detr_jax.host_memory); `--host_malloc default` leaves glibc's malloc as it is.
 
     python scripts/bench_vs_torch.py                 # CPU, all cores
     python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
+    python scripts/bench_vs_torch.py --rewarm        # an untimed call before each timed one
     python scripts/bench_vs_torch.py --device gpu    # on a GPU machine (cuda + jax[cuda])
 
 Writes a table to stdout and JSON to --out (default bench_results/bench_vs_torch.json).
@@ -229,7 +232,8 @@ def _serve(conn, run):
 
 
 def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
-             torch_compile: bool, retain_host_memory: bool = True) -> dict:
+             torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False) -> dict:
+    """Times every framework of `case_name` in turns; `rewarm`: one untimed call before each timed one."""
     ctx = mp.get_context("spawn")
     common = (case_name, weights_path, cores, device, retain_host_memory)
     workers = {"detr-jax": (jax_worker, common), "hf-torch": (torch_worker, (*common, False))}
@@ -249,6 +253,12 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
     times = {name: [] for name in conns}
     for r in range(warmup + reps):
         for name, conn in conns.items():
+            if rewarm and r >= warmup:
+                conn.send("run")
+                kind, value = conn.recv()
+                if kind == "error":
+                    errors[name] = value
+                    continue
             conn.send("run")
             kind, value = conn.recv()
             if kind == "error":
@@ -337,6 +347,11 @@ def main() -> int:
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
                         help="retain: every worker keeps freed host memory (detr_jax.host_memory, what "
                              "`detr-jax train` does); default: glibc's own behaviour")
+    parser.add_argument("--rewarm", action="store_true",
+                        help="one untimed call before each timed call of a worker's turn: times each framework "
+                             "warm, as in a training loop, not just after the other worker's turn (on a machine "
+                             "that pages out idle processes' file pages, e.g. DAMON's pageout, the first call "
+                             "after waiting is slower)")
     parser.add_argument("--out", default="bench_results/bench_vs_torch.json")
     args = parser.parse_args()
 
@@ -348,10 +363,10 @@ def main() -> int:
         for case in args.cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
-                                    not args.no_torch_compile, args.host_malloc == "retain"))
+                                    not args.no_torch_compile, args.host_malloc == "retain", args.rewarm))
             print(format_table(results[-1:]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
-              "reps": args.reps, "host_malloc": args.host_malloc, "versions": versions(),
+              "reps": args.reps, "rewarm": args.rewarm, "host_malloc": args.host_malloc, "versions": versions(),
               "load_average": os.getloadavg(), "results": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
