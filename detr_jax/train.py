@@ -53,6 +53,18 @@ def train_compiler_options(mesh: Mesh) -> dict | None:
     return dict(CPU_TRAIN_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
+def dispatch_ahead(mesh: Mesh) -> bool:
+    """Whether the training loop queues the next step before the current one has finished.
+
+    On accelerators it does: the host prepares batch N+1 while the device runs step N. On
+    CPU the "device" is the host's own cores, so running ahead gains nothing, and it was
+    measured slower: synthetic_tiny's loop took 162-215 ms per step queued ahead and
+    138-158 ms waiting for each step (2 cores), the overlapping host allocations faulting
+    in up to ~70k fresh pages per step (docs/BENCHMARKS.md).
+    """
+    return mesh.devices.flat[0].platform != "cpu"
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, bad init checkpoint, ...)."""
 
@@ -388,12 +400,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         progress.set_postfix(loss=f"{last_metrics['loss']:.3f}", step_s=f"{last_metrics['step_time']:.3f}")
         window.update(start=time.perf_counter(), images=0)
 
+    ahead = dispatch_ahead(mesh)
     progress = tqdm(total=plan.total_steps, initial=start_step, disable=not (show_progress and is_main),
                     desc="train", unit="step", dynamic_ncols=True)
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar
             for step in range(start_step, plan.total_steps):
                 state, metrics = train_step(state, global_batch(next(data_iter), mesh))
+                if not ahead:
+                    jax.block_until_ready(metrics)
                 pending.append(metrics)
                 window["images"] += t.batch_size
                 done = step + 1

@@ -376,6 +376,31 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
+def test_training_loop_waits_for_each_step_on_cpu(tmp_path, monkeypatch):
+    """On CPU the loop finishes each step before queueing the next one (faster there: the
+    host's cores are the device's); on accelerators it dispatches ahead."""
+    import types
+
+    import detr_jax.train as train_module
+
+    assert not train_module.dispatch_ahead(make_mesh())
+    gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+    assert train_module.dispatch_ahead(gpu_mesh)
+
+    waited_for_steps = []
+    block_until_ready = jax.block_until_ready
+
+    def recording_block_until_ready(x):
+        if isinstance(x, dict) and {"loss", "finite"} <= set(x):
+            waited_for_steps.append(x)
+        return block_until_ready(x)
+
+    monkeypatch.setattr(train_module.jax, "block_until_ready", recording_block_until_ready)
+    config = tiny_config(**{"train.num_steps": 3, "train.eval_every_epochs": 0, "train.log_every_steps": 10})
+    train_module.train(config, tmp_path, show_progress=False)
+    assert len(waited_for_steps) == 3
+
+
 def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
     """train.init_from lays a (converted, backbone-only) checkpoint over fresh variables."""
     from detr_jax.checkpoint_io import save_variables
