@@ -47,6 +47,17 @@ def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: 
     }
 
 
+def config_train_step(config):
+    """(mesh, jitted train step, initial train state) of `config`, built as `detr-jax train` does."""
+    mesh = make_mesh()
+    model = DETR.from_config(config.model)
+    shapes = init_variables_shapes(model)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
+    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
+    return mesh, step, create_train_state(config, model, optimizer, mesh)
+
+
 class CompileCounter:
     """Counts XLA backend compilations (JAX's "backend_compile" duration events)."""
 
@@ -71,13 +82,7 @@ def main() -> int:
     config = config_from_args(args.config, {})
     if config.train.retain_host_memory:  # as `detr-jax train` does
         retain_freed_memory()
-    mesh = make_mesh()
-    model = DETR.from_config(config.model)
-    shapes = init_variables_shapes(model)
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
-    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
-    state = create_train_state(config, model, optimizer, mesh)
+    mesh, step, state = config_train_step(config)
     compiles = CompileCounter()
 
     rows = []

@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def measure(run_steps, steps: int) -> dict:
     """Runs `run_steps(steps)`; returns ms, page faults and system CPU ms per step."""
@@ -50,20 +52,13 @@ def main() -> int:
     if config.train.retain_host_memory:
         retain_freed_memory()
     import jax
+    from bench_scaling import config_train_step
 
     from detr_jax.data.pipeline import make_train_iterator
-    from detr_jax.losses import SetCriterion
-    from detr_jax.models.detr import DETR
-    from detr_jax.train import (create_train_state, frozen_mask, global_batch, init_variables_shapes, make_mesh,
-                                make_optimizer, make_train_step)
+    from detr_jax.train import global_batch
 
-    mesh = make_mesh()
-    model = DETR.from_config(config.model)
-    shapes = init_variables_shapes(model)
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
-    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
-    holder = {"state": create_train_state(config, model, optimizer, mesh)}
+    mesh, step, state = config_train_step(config)
+    holder = {"state": state}
     data = make_train_iterator(config.data, config.train.batch_size, config.seed)
 
     def run(wait: bool):
