@@ -58,9 +58,9 @@ def dispatch_ahead(mesh: Mesh) -> bool:
 
     On accelerators it does: the host prepares batch N+1 while the device runs step N. On
     CPU the "device" is the host's own cores, so running ahead gains nothing, and it was
-    measured slower: synthetic_tiny's loop took 162-215 ms per step queued ahead and
-    138-158 ms waiting for each step (2 cores), the overlapping host allocations faulting
-    in up to ~70k fresh pages per step (docs/BENCHMARKS.md).
+    measured slower: synthetic_tiny's loop took 190-195 ms per step queued ahead and
+    147-152 ms waiting for each step on 2 cores (scripts/bench_train_loop.py, two runs),
+    the overlapping host work faulting in ~40-57k fresh pages per step (docs/BENCHMARKS.md).
     """
     return mesh.devices.flat[0].platform != "cpu"
 
