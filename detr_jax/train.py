@@ -48,9 +48,14 @@ CPU_TRAIN_COMPILER_OPTIONS = {
 }
 
 
+def on_cpu(mesh: Mesh) -> bool:
+    """Whether `mesh`'s devices are the host's CPU cores."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def train_compiler_options(mesh: Mesh) -> dict | None:
     """XLA options for the train step on `mesh`'s platform (None: XLA's defaults)."""
-    return dict(CPU_TRAIN_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+    return dict(CPU_TRAIN_COMPILER_OPTIONS) if on_cpu(mesh) else None
 
 
 def dispatch_ahead(mesh: Mesh) -> bool:
@@ -62,7 +67,7 @@ def dispatch_ahead(mesh: Mesh) -> bool:
     147-152 ms waiting for each step on 2 cores (scripts/bench_train_loop.py, two runs),
     the overlapping host work faulting in ~40-57k fresh pages per step (docs/BENCHMARKS.md).
     """
-    return mesh.devices.flat[0].platform != "cpu"
+    return not on_cpu(mesh)
 
 
 class TrainingError(RuntimeError):
