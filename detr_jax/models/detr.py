@@ -136,3 +136,8 @@ def init_variables(model: DETR, rng: jax.Array, image_size: tuple[int, int] = (6
     mask = jnp.ones((1, *image_size), bool)
     variables = jax.jit(lambda r: model.init({"params": r}, images, mask, train=False))(rng)
     return {"frozen_bn": {}, **variables}
+
+
+def variable_shapes(model: DETR) -> dict:
+    """Shapes and dtypes of the model's variables (no computation)."""
+    return jax.eval_shape(lambda r: init_variables(model, r), jax.random.PRNGKey(0))
