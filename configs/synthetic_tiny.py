@@ -48,9 +48,8 @@ def get_config():
     config.train.update(
         batch_size=32,
         lr=5e-4,
-        lr_backbone=5e-4,
+        param_rules=(),  # the whole model trains from scratch, at one lr
         warmup_steps=200,
-        freeze_stem_and_layer1=False,
         epochs=5,
         lr_drop_epoch=4,
         log_every_steps=25,

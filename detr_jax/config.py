@@ -13,11 +13,11 @@ import pathlib
 
 import ml_collections
 
-from detr_jax.models.backbone import NORMS, RESNETS
-
-BACKBONES = tuple(RESNETS)
-POSITION_EMBEDDINGS = ("sine", "learned")
-DTYPES = ("float32", "bfloat16")
+from detr_jax.losses import LOSSES
+from detr_jax.matcher import MATCHERS
+from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS
+from detr_jax.models.detr import DTYPES
+from detr_jax.optim import check_param_rules
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,10 @@ def loss_config() -> ml_collections.ConfigDict:
             eos_coef=0.1,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
+            # Name in detr_jax.matcher.MATCHERS.
+            matcher="hungarian",
+            # Terms of the set criterion, names in detr_jax.losses.LOSSES.
+            losses=("labels", "boxes", "cardinality"),
         )
     )
 
@@ -97,6 +101,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     validate_model(config.model)
     validate_loss(config.loss)
+    validate_train(config.train)
     validate_data(config.data)
 
 
@@ -106,20 +111,24 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"loss.{key}={loss[key]} must be >= 0")
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
+    if loss.matcher not in MATCHERS:
+        raise ConfigError(f"loss.matcher={loss.matcher!r}: expected one of {sorted(MATCHERS)}")
+    unknown = [name for name in loss.losses if name not in LOSSES]
+    if unknown or not loss.losses:
+        raise ConfigError(f"loss.losses={tuple(loss.losses)!r}: expected names from {sorted(LOSSES)}")
+
+
+def validate_train(train: ml_collections.ConfigDict) -> None:
+    problems = check_param_rules(train.param_rules)
+    if problems:
+        raise ConfigError("train.param_rules: " + "; ".join(problems))
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
-    if m.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={m.backbone!r}: expected one of {BACKBONES}")
-    if m.backbone_norm not in NORMS:
-        raise ConfigError(f"model.backbone_norm={m.backbone_norm!r}: expected one of {NORMS}")
-    if m.position_embedding not in POSITION_EMBEDDINGS:
-        raise ConfigError(
-            f"model.position_embedding={m.position_embedding!r}: "
-            f"expected one of {POSITION_EMBEDDINGS}"
-        )
-    if m.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={m.dtype!r}: expected one of {DTYPES}")
+    for key, registry in (("backbone", BACKBONES), ("backbone_norm", NORMS),
+                          ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
+        if m[key] not in registry:
+            raise ConfigError(f"model.{key}={m[key]!r}: expected one of {tuple(sorted(registry))}")
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
             f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}"

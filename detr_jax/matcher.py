@@ -9,10 +9,14 @@ The cost of matching query q to target m (official DETR's HungarianMatcher):
 It is computed on device for every decoder layer and image at once ([L, B, Q, M]); then
 ONE `jax.pure_callback` per step solves every (layer, image) problem with
 `scipy.optimize.linear_sum_assignment`, on the valid target columns only (padded targets
-are dropped from the problem, so they can never be matched). With a mesh,
-`HungarianMatcher` wraps both in `jax.shard_map` over the "data" mesh axis so each device
-solves its own shard of the batch (left to the SPMD partitioner, the callback would run
-on device 0 on the gathered batch; on CPU with several devices that was seen to deadlock).
+are dropped from the problem, so they can never be matched). Under a mesh, `per_device`
+wraps any matcher in `jax.shard_map` over the "data" mesh axis so each device solves its
+own shard of the batch (left to the SPMD partitioner, the callback would run on device 0
+on the gathered batch; on CPU with several devices that was seen to deadlock).
+
+A matcher is anything callable as `matcher(pred_logits, pred_boxes, labels, boxes, valid)
+-> Matching` on one device's shard; MATCHERS maps `loss.matcher` names to builders
+`(loss_config) -> matcher`.
 
 Never raising inside the callback (undefined behaviour in JAX), the host validates and
 reports instead: NaN/Inf costs (from non-finite predictions) are replaced by
@@ -25,6 +29,7 @@ host it is one vectorized `np.isfinite` in the common all-finite case.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -34,7 +39,7 @@ import scipy.optimize
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from detr_jax import box_ops
+from detr_jax import box_ops, sharding
 
 # Replaces NaN/Inf costs before the solver. Finite costs are O(10) (class cost in [-1, 0],
 # L1 of normalized boxes <= 4, GIoU in [-1, 1], default weights <= 5).
@@ -183,30 +188,23 @@ class HungarianMatcher:
 
     Attributes:
       cost_class, cost_bbox, cost_giou: weights of the matching cost terms.
-      mesh: optional `jax.sharding.Mesh`; if given, the matching runs inside
-        `jax.shard_map`, each device on its shard of the batch along `data_axis`.
-      data_axis: mesh axis name (or tuple of names) that the batch is split over.
     """
 
     cost_class: float = 1.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
-    mesh: Mesh | None = None
-    data_axis: Any = "data"
 
     @classmethod
-    def from_config(cls, loss_config, mesh: Mesh | None = None, data_axis: Any = "data"):
+    def from_config(cls, loss_config) -> "HungarianMatcher":
         """From the config's `loss` section (cost_class, cost_bbox, cost_giou)."""
         return cls(
             cost_class=float(loss_config.cost_class),
             cost_bbox=float(loss_config.cost_bbox),
             cost_giou=float(loss_config.cost_giou),
-            mesh=mesh,
-            data_axis=data_axis,
         )
 
-    def match_local(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
-        """Matching without any sharding logic (a single device, or inside shard_map).
+    def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
+        """Matches every layer and image of one device's batch (no sharding logic).
 
         Args:
           pred_logits: [L, B, Q, K+1]; pred_boxes: [L, B, Q, 4] normalized cxcywh.
@@ -225,24 +223,30 @@ class HungarianMatcher:
         )
         return assign(cost, jnp.broadcast_to(valid, cost.shape[:2] + valid.shape[-1:]))
 
-    def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
-        """Matches every layer and image; per device on its batch shard if `mesh` is set.
 
-        Args:
-          pred_logits: [L, B, Q, K+1]; pred_boxes: [L, B, Q, 4] normalized cxcywh.
-          labels: [B, M] int; boxes: [B, M, 4] normalized cxcywh; valid: [B, M] bool.
-          With a mesh, B must be divisible by the size of the data axis.
-        Returns:
-          Matching with [L, B, ...] fields (sharded like the batch under a mesh).
-        """
-        if self.mesh is None:
-            return self.match_local(pred_logits, pred_boxes, labels, boxes, valid)
-        per_layer = P(None, self.data_axis)
-        per_image = P(self.data_axis)
-        sharded = jax.shard_map(
-            self.match_local,
-            mesh=self.mesh,
-            in_specs=(per_layer, per_layer, per_image, per_image, per_image),
-            out_specs=per_layer,
-        )
-        return sharded(pred_logits, pred_boxes, labels, boxes, valid)
+# loss.matcher -> builder (loss_config) -> matcher
+MATCHERS: dict[str, Callable[[Any], Callable[..., Matching]]] = {"hungarian": HungarianMatcher.from_config}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedMatcher:
+    """A matcher run by each device on its own shard of the batch (inside `jax.shard_map`).
+
+    Called on global arrays under `jax.jit`: predictions [L, B, ...] and targets [B, ...]
+    split along B over the mesh's data axis (B must be divisible by its size).
+    """
+
+    matcher: Callable[..., Matching]
+    mesh: Mesh
+
+    def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
+        per_layer, per_image = P(None, sharding.DATA_AXIS), P(sharding.DATA_AXIS)
+        fn = sharding.per_device(self.matcher, self.mesh,
+                                 in_specs=(per_layer, per_layer, per_image, per_image, per_image),
+                                 out_specs=per_layer)
+        return fn(pred_logits, pred_boxes, labels, boxes, valid)
+
+
+def per_device(matcher: Callable[..., Matching], mesh: Mesh | None) -> Callable[..., Matching]:
+    """`matcher` run per device on its batch shard under `mesh`; as is without a mesh."""
+    return matcher if mesh is None else ShardedMatcher(matcher, mesh)

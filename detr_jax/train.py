@@ -1,9 +1,10 @@
-"""Training: train state, optimizer, the sharded train step, and the training loop.
+"""Training: one assembly (model, criterion, optimizer, step, state) and the loop.
 
-One jitted step over a Mesh whose "data" axis spans every device of every process:
-parameters and optimizer state replicated, the batch split along its first axis, the
-Hungarian matching run per device on its shard (see detr_jax.matcher). Each process
-feeds its own slice of the data (`jax.make_array_from_process_local_data`).
+`assemble(config, mesh, ...)` is the one place that builds a run's model, criterion,
+optimizer, schedule, train step and abstract state; `train()`, the scripts and the tests
+call it. One jitted step over a Mesh whose "data" axis spans every device of every
+process (detr_jax.sharding): parameters and optimizer state replicated, the batch split
+along its first axis, the matching run per device on its shard.
 """
 
 from __future__ import annotations
@@ -21,27 +22,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from detr_jax import sharding
+from detr_jax.checkpoint import Checkpointer, abstract_like
+from detr_jax.checkpoint_io import load_variables, merge_variables
+from detr_jax.data.pipeline import make_source, make_train_iterator
 from detr_jax.host_memory import retain_freed_memory
 from detr_jax.losses import SetCriterion
-from detr_jax.models.detr import DETR, init_variables
+from detr_jax.metrics_writer import MetricsWriter
+from detr_jax.models import DETR, build_model, init_variables, variable_shapes
+from detr_jax.optim import frozen_mask, make_optimizer
 
 log = logging.getLogger(__name__)
 
-DATA_AXIS = "data"
-
-# Backbone parameters official DETR never trains (requires_grad False): the stem and layer1.
-FROZEN_BACKBONE_PREFIXES = ("conv1", "bn1", "layer1_")  # bn1: the stem norm when trainable
-
 
 # XLA:CPU compiler options for the train step: hand convolutions, single dots, elementwise
-# fusions and reductions to YNNPACK. On a 2-core machine this took the DETR-R50 step
-# (2x512x512) from 2.27 s with XLA's default library fusions to 1.97 s
-# (scripts/bench_train_step_solo.py); the same option slows inference (1.26 -> 1.42 s at
-# 800x1216), so only the train step uses it. The option exists in the pinned jaxlib and is
-# only passed when compiling for CPU.
+# fusions and reductions to YNNPACK, which made the R50 step faster and inference slower
+# (docs/BENCHMARKS.md), so only the train step uses them, and only when compiling for CPU.
+# They also map NaN activations to finite ones (a ReLU of NaN is 0 there), so a NaN input
+# image does not make the loss non-finite: bad numbers are caught from the gradient.
 CPU_TRAIN_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": ",".join(
         f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_CONVOLUTION", "INDIVIDUAL_DOT", "ELTWISE", "REDUCE")),
@@ -63,9 +65,7 @@ def dispatch_ahead(mesh: Mesh) -> bool:
 
     On accelerators it does: the host prepares batch N+1 while the device runs step N. On
     CPU the "device" is the host's own cores, so running ahead gains nothing, and it was
-    measured slower: synthetic_tiny's loop took 190-195 ms per step queued ahead and
-    147-152 ms waiting for each step on 2 cores (scripts/bench_train_loop.py, two runs),
-    the overlapping host work faulting in ~40-57k fresh pages per step (docs/BENCHMARKS.md).
+    measured slower (scripts/bench_train_loop.py, docs/BENCHMARKS.md).
     """
     return not on_cpu(mesh)
 
@@ -94,102 +94,13 @@ class TrainState:
         return {"params": self.params, "frozen_bn": self.frozen_bn}
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-
-def param_labels(params, train_backbone: bool, learned_pos_with_backbone: bool = True,
-                 freeze_stem_and_layer1: bool = True):
-    """Labels each parameter "main", "backbone" or "frozen" (same tree structure).
-
-    The backbone's stem and first stage are frozen, as in official DETR; the whole
-    backbone is frozen when it is not trained (lr_backbone <= 0). The learned position
-    embedding (if any) gets the backbone's learning rate when `learned_pos_with_backbone`:
-    official DETR applies lr_backbone to every parameter named "backbone*", and its
-    learned embedding lives at `backbone.1.row_embed`.
-    """
-
-    def label(path, _):
-        names = [getattr(k, "key", str(k)) for k in path]
-        if names[0] == "backbone":
-            body_name = names[2] if len(names) > 2 else ""
-            if not train_backbone or (freeze_stem_and_layer1 and body_name.startswith(FROZEN_BACKBONE_PREFIXES)):
-                return "frozen"
-            return "backbone"
-        if names[0] == "position_embedding" and learned_pos_with_backbone:
-            return "backbone" if train_backbone else "frozen"
-        return "main"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def frozen_mask(params, train_config: ml_collections.ConfigDict):
-    """True for every parameter that is never trained (same tree structure as params)."""
-    labels = param_labels(params, train_config.lr_backbone > 0, train_config.learned_pos_with_backbone,
-                          train_config.freeze_stem_and_layer1)
-    return jax.tree.map(lambda label: label == "frozen", labels)
-
-
-def lr_schedule(base_lr: float, steps_per_epoch: int, lr_drop_epoch: int, warmup_steps: int = 0,
-                drop_factor: float = 0.1) -> optax.Schedule:
-    """Constant lr, x`drop_factor` from epoch `lr_drop_epoch` on (torch StepLR per epoch),
-    with an optional linear warmup. Counted in optimizer updates."""
-    step_decay = optax.piecewise_constant_schedule(
-        base_lr, {max(1, lr_drop_epoch * steps_per_epoch): drop_factor})
-    if warmup_steps <= 0:
-        return step_decay
-
-    # A factor on the step decay (not optax.join_schedules, which would restart the decay's
-    # step count after the warmup and so move the drop `warmup_steps` later).
-    def schedule(step):
-        return jnp.minimum(step / warmup_steps, 1.0) * step_decay(step)
-
-    return schedule
-
-
-def make_optimizer(train_config: ml_collections.ConfigDict, params, updates_per_epoch: int):
-    """AdamW with a lower backbone lr, frozen stem/layer1, global-norm clipping.
-
-    Returns (optimizer, main_lr_schedule). Gradients of frozen parameters are zeroed
-    before clipping so they do not count in the global norm (they have no gradient in
-    the reference). With grad_accum_steps > 1 the optimizer is wrapped in
-    optax.MultiSteps and applies the mean gradient every grad_accum_steps micro-steps.
-    """
-    t = train_config
-    train_backbone = t.lr_backbone > 0
-    labels = param_labels(params, train_backbone, t.learned_pos_with_backbone, t.freeze_stem_and_layer1)
-    main_lr = lr_schedule(t.lr, updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
-    backbone_lr = lr_schedule(max(t.lr_backbone, 0.0), updates_per_epoch, t.lr_drop_epoch, t.warmup_steps)
-    transforms = [optax.masked(optax.set_to_zero(), frozen_mask(params, t))]
-    if t.clip_max_norm > 0:
-        transforms.append(optax.clip_by_global_norm(t.clip_max_norm))
-    transforms.append(optax.multi_transform(
-        {
-            "main": optax.adamw(main_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay),
-            "backbone": optax.adamw(backbone_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay),
-            "frozen": optax.set_to_zero(),
-        },
-        labels,
-    ))
-    optimizer = optax.chain(*transforms)
-    if t.grad_accum_steps > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=t.grad_accum_steps)
-    return optimizer, main_lr
-
-
 # ----------------------------------------------------------------------------- state
-
-
-def make_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, axis "data"."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.Array) -> dict:
     """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set."""
     variables = init_variables(model, rng)
     if config.train.init_from:
-        from detr_jax.checkpoint_io import load_variables, merge_variables
-
         pretrained = load_variables(config.train.init_from)
         variables = merge_variables(variables, pretrained, source=config.train.init_from)
         log.info("initialized from %s", config.train.init_from)
@@ -211,7 +122,7 @@ def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.
         opt_state=optimizer.init(variables["params"]),
         rng=rng,
     )
-    return jax.device_put(state, NamedSharding(mesh, P()))
+    return jax.device_put(state, sharding.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------- step
@@ -235,8 +146,7 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
     unchanged (and reports it in `metrics["finite"]`), so the caller can stop with the
     last good state intact.
     """
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def step_fn(state: TrainState, batch: dict):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -264,13 +174,54 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
                    compiler_options=train_compiler_options(mesh))
 
 
-MODEL_INPUT_KEYS = ("image", "mask", "labels", "boxes", "valid")
+# ----------------------------------------------------------------------------- assembly
 
 
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-    """This process's numpy batch -> global jax arrays sharded over the data axis."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, local_batch[k]) for k in MODEL_INPUT_KEYS}
+@dataclasses.dataclass(frozen=True)
+class Assembly:
+    """Everything one training run is built from (see `assemble`).
+
+    model, criterion, optimizer, lr (the main lr schedule), frozen (bool tree like params:
+    never trained), variable_shapes (of the model's variables), abstract_state (the
+    TrainState's shapes, replicated over the mesh: what a checkpoint restores into),
+    step (the jitted train step) and mesh.
+    """
+
+    model: DETR
+    criterion: SetCriterion
+    optimizer: optax.GradientTransformation
+    lr: optax.Schedule
+    frozen: Any
+    variable_shapes: Any
+    abstract_state: TrainState
+    step: Callable
+    mesh: Mesh
+
+    def initial_state(self, config: ml_collections.ConfigDict) -> TrainState:
+        """The replicated step-0 state (from `config.seed`, overlaid with train.init_from)."""
+        return create_train_state(config, self.model, self.optimizer, self.mesh)
+
+
+def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: int,
+             model: DETR | None = None) -> Assembly:
+    """Builds model, criterion, optimizer, schedule, train step and abstract state.
+
+    Args:
+      config: the full config (model, loss and train sections are read).
+      mesh: the devices; the criterion's matcher runs per device over its data axis.
+      updates_per_epoch: optimizer updates per epoch (for the lr drop epoch).
+      model: the model to train instead of `build_model(config.model)` (e.g. with other weights' dtype).
+    """
+    t = config.train
+    model = build_model(config.model) if model is None else model
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    shapes = variable_shapes(model)
+    optimizer, lr = make_optimizer(t, shapes["params"], updates_per_epoch)
+    frozen = frozen_mask(shapes["params"], t.param_rules)
+    step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps, frozen=frozen)
+    abstract_state = abstract_like(abstract_train_state(shapes, optimizer), sharding.replicated(mesh))
+    return Assembly(model=model, criterion=criterion, optimizer=optimizer, lr=lr, frozen=frozen,
+                    variable_shapes=shapes, abstract_state=abstract_state, step=step, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -333,13 +284,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     Returns the final host metrics (last logged train metrics plus the last evaluation).
     """
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from detr_jax.checkpoint import Checkpointer, abstract_like
-    from detr_jax.data.pipeline import make_source, make_train_iterator
-    from detr_jax.metrics_writer import MetricsWriter
-
     workdir = pathlib.Path(workdir)
     t = config.train
     if t.batch_size % jax.device_count():
@@ -352,22 +296,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     if t.retain_host_memory:
         retain_freed_memory()
-    mesh = make_mesh()
-    model = DETR.from_config(config.model)
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh, data_axis=DATA_AXIS)
+    mesh = sharding.make_mesh()
     source = make_source(config.data, "train")
     plan = make_plan(config, len(source))
-    shapes = init_variables_shapes(model)
-    optimizer, lr = make_optimizer(t, shapes["params"], max(1, plan.steps_per_epoch // t.grad_accum_steps))
-    train_step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps,
-                                 frozen=frozen_mask(shapes["params"], t))
+    run = assemble(config, mesh, max(1, plan.steps_per_epoch // t.grad_accum_steps))
 
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
     data_iter = make_train_iterator(config.data, t.batch_size, config.seed, source=source)
-    abstract_state = abstract_like(abstract_train_state(shapes, optimizer), NamedSharding(mesh, P()))
-    restored = checkpointer.restore_latest(abstract_state)
+    restored = checkpointer.restore_latest(run.abstract_state)
     if restored is None:
-        state = create_train_state(config, model, optimizer, mesh)
+        state = run.initial_state(config)
         log.info("starting from scratch: %d steps (%d per epoch)", plan.total_steps, plan.steps_per_epoch)
     else:
         state, data_state, meta = restored
@@ -411,7 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     try:
         with logging_redirect_tqdm():  # log lines go above the progress bar
             for step in range(start_step, plan.total_steps):
-                state, metrics = train_step(state, global_batch(next(data_iter), mesh))
+                state, metrics = run.step(state, sharding.global_batch(next(data_iter), mesh))
                 if not ahead:
                     jax.block_until_ready(metrics)
                 pending.append(metrics)
@@ -437,11 +375,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         checkpointer.close()
         writer.close()
     return last_metrics
-
-
-def init_variables_shapes(model: DETR) -> dict:
-    """Shapes of the model's variables (no computation)."""
-    return jax.eval_shape(lambda r: init_variables(model, r), jax.random.PRNGKey(0))
 
 
 def abstract_train_state(variable_shapes: dict, optimizer) -> TrainState:

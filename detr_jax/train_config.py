@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from detr_jax.optim import OFFICIAL_PARAM_RULES
+
 
 def train_config() -> ml_collections.ConfigDict:
-    """AdamW, lr 1e-4 (backbone 1e-5), weight decay 1e-4, clip 0.1, 300 epochs, drop at 200."""
+    """AdamW, lr 1e-4 (backbone 1e-5, stem and layer1 frozen), weight decay 1e-4, clip 0.1,
+    300 epochs, drop at 200."""
     return ml_collections.ConfigDict(
         dict(
             lr=1e-4,
-            lr_backbone=1e-5,
+            # (regex on the parameter path, lr multiplier or None = frozen), first full match
+            # wins, unmatched parameters train at lr (detr_jax.optim). Default: official DETR.
+            param_rules=OFFICIAL_PARAM_RULES,
             weight_decay=1e-4,
             clip_max_norm=0.1,
             epochs=300,
@@ -18,13 +23,6 @@ def train_config() -> ml_collections.ConfigDict:
             num_steps=0,
             lr_drop_epoch=200,
             warmup_steps=0,
-            # The learned position embedding gets lr_backbone, as in official DETR (whose
-            # backbone lr applies to every parameter named "backbone*", and the embedding
-            # is `backbone.1.*`). False: it gets the main lr.
-            learned_pos_with_backbone=True,
-            # Official DETR never trains the ResNet stem and first stage (they come
-            # ImageNet-pretrained). False trains them too (a backbone trained from scratch).
-            freeze_stem_and_layer1=True,
             batch_size=64,  # global, over all devices and hosts
             grad_accum_steps=1,
             log_every_steps=50,

@@ -41,8 +41,9 @@ def main() -> int:
 
     import bench_vs_torch as bench
     from detr_jax.convert import convert_state_dict
-    from detr_jax.models.backbone import Backbone
-    from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, frozen_mask, stop_frozen_gradients
+    from detr_jax.models import build_model
+    from detr_jax.optim import frozen_mask
+    from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, stop_frozen_gradients
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     case = bench.CASES["train_b2_512x512"]
@@ -54,15 +55,13 @@ def main() -> int:
     images, mask, _, _ = bench.inputs(case)
 
     # Ours: the backbone module of DETR, with DETR's parameter subtree.
-    m = config.model
-    backbone = Backbone(m.backbone, m.dilation, m.backbone_norm)
-    frozen = frozen_mask(variables["params"], config.train)["backbone"]
+    backbone = build_model(config.model).backbone
+    frozen = frozen_mask(variables["params"], config.train.param_rules)["backbone"]
     params, frozen_bn = variables["params"]["backbone"], variables["frozen_bn"]["backbone"]
 
     def loss(params, x, mask):
         params = stop_frozen_gradients(params, frozen)
-        features, _ = backbone.apply({"params": params, "frozen_bn": frozen_bn}, x, mask)
-        return features.sum()
+        return backbone.apply({"params": params, "frozen_bn": frozen_bn}, x, mask).features.sum()
 
     ours_fwd = jax.jit(loss, compiler_options=CPU_TRAIN_COMPILER_OPTIONS)
     ours_grad = jax.jit(jax.grad(loss), compiler_options=CPU_TRAIN_COMPILER_OPTIONS)

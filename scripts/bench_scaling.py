@@ -28,10 +28,8 @@ import numpy as np
 
 from detr_jax.cli import config_from_args
 from detr_jax.host_memory import retain_freed_memory
-from detr_jax.losses import SetCriterion
-from detr_jax.models.detr import DETR
-from detr_jax.train import (create_train_state, frozen_mask, global_batch, init_variables_shapes, make_mesh,
-                            make_optimizer, make_train_step)
+from detr_jax.sharding import global_batch, make_mesh
+from detr_jax.train import assemble
 
 
 def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: int = 0) -> dict:
@@ -50,12 +48,8 @@ def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: 
 def config_train_step(config):
     """(mesh, jitted train step, initial train state) of `config`, built as `detr-jax train` does."""
     mesh = make_mesh()
-    model = DETR.from_config(config.model)
-    shapes = init_variables_shapes(model)
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    optimizer, lr = make_optimizer(config.train, shapes["params"], 1000)
-    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(shapes["params"], config.train))
-    return mesh, step, create_train_state(config, model, optimizer, mesh)
+    run = assemble(config, mesh, 1000)
+    return mesh, run.step, run.initial_state(config)
 
 
 class CompileCounter:

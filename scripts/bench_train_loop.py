@@ -55,7 +55,7 @@ def main() -> int:
     from bench_scaling import config_train_step
 
     from detr_jax.data.pipeline import make_train_iterator
-    from detr_jax.train import global_batch
+    from detr_jax.sharding import global_batch
 
     mesh, step, state = config_train_step(config)
     holder = {"state": state}

@@ -52,7 +52,7 @@ def main() -> int:
 
     import bench_vs_torch as bench
     from detr_jax.convert import convert_state_dict
-    from detr_jax.models.detr import DETR
+    from detr_jax.models import build_model
 
     case = bench.CASES["train_b2_512x512"]
     config = bench.r50_config()
@@ -62,7 +62,7 @@ def main() -> int:
         rng = np.random.default_rng(0)
         variables["params"] = jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.02).astype(np.float32),
                                            variables["params"])
-    model = DETR.from_config(config.model)
+    model = build_model(config.model)
     step, state, batch = bench.jax_train_step(config, model, variables, case)
     start = time.perf_counter()
     state, metrics = step(state, batch)

@@ -163,16 +163,16 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
     import torch
 
     from detr_jax.convert import convert_state_dict
-    from detr_jax.models.detr import DETR
+    from detr_jax.models import build_model
 
     case = CASES[case_name]
     config = r50_config()
     if case["kind"] == "train" and not case["train_backbone"]:
-        config.train.lr_backbone = 0.0  # the whole backbone frozen
+        config.train.param_rules = (("backbone/.*", None), ("position_embedding/.*", None))  # the whole backbone frozen
     state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
     variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
     del state_dict
-    model = DETR.from_config(config.model)
+    model = build_model(config.model)
     images, mask, labels, boxes = inputs(case)
 
     if case["kind"] == "infer":
@@ -198,16 +198,14 @@ def jax_train_step(config, model, variables: dict, case: dict):
     import jax
     import numpy as np
 
-    from detr_jax.losses import SetCriterion
-    from detr_jax.train import (frozen_mask, global_batch, make_mesh, make_optimizer, make_train_step,
-                                train_state_from_variables)
+    from detr_jax.sharding import global_batch, make_mesh
+    from detr_jax.train import assemble, train_state_from_variables
 
     images, mask, labels, boxes = inputs(case)
     mesh = make_mesh()
-    criterion = SetCriterion.from_config(config.loss, NUM_CLASSES, mesh=mesh)
-    optimizer, lr = make_optimizer(config.train, variables["params"], 1000)
-    state = train_state_from_variables(variables, optimizer, mesh, jax.random.PRNGKey(0))
-    step = make_train_step(model, criterion, optimizer, lr, mesh, frozen=frozen_mask(variables["params"], config.train))
+    run = assemble(config, mesh, 1000, model=model)
+    state = train_state_from_variables(variables, run.optimizer, mesh, jax.random.PRNGKey(0))
+    step = run.step
     batch = global_batch({"image": images, "mask": mask, "labels": labels, "boxes": boxes,
                           "valid": np.ones(labels.shape, bool)}, mesh)
     return step, state, batch

@@ -122,11 +122,11 @@ def main() -> int:
 
     import bench_vs_torch as bench
     from detr_jax.convert import convert_state_dict
-    from detr_jax.models.detr import DETR
+    from detr_jax.models import build_model
 
     config = bench.r50_config()
     variables, _ = convert_state_dict({k: v.numpy() for k, v in bench.hf_state_dict().items()}, config.model)
-    step, state, batch = bench.jax_train_step(config, DETR.from_config(config.model), variables,
+    step, state, batch = bench.jax_train_step(config, build_model(config.model), variables,
                                               bench.CASES["train_b2_512x512"])
     for _ in range(3):
         state, metrics = step(state, batch)

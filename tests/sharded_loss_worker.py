@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from detr_jax import matcher as matcher_lib  # noqa: E402
 from detr_jax.losses import SetCriterion  # noqa: E402
+from detr_jax.matcher import HungarianMatcher  # noqa: E402
+from detr_jax.matcher import per_device as matcher_per_device  # noqa: E402
 
 L, B, Q, K, M = 3, 16, 6, 5, 4
 
@@ -78,7 +80,7 @@ def main():
         sharded_targets = jax.device_put(targets, NamedSharding(mesh, P("data")))
 
         # 1. jit over global sharded arrays; only the matching is in shard_map.
-        step = jax.jit(value_and_grad(SetCriterion(K, mesh=mesh)))
+        step = jax.jit(value_and_grad(SetCriterion(K, matcher=matcher_per_device(HungarianMatcher(), mesh))))
         got = jax.device_get(step(sharded_outputs, sharded_targets))
         results[f"{name}/jit"] = {"diff": max_abs_diff(got, reference), "callbacks": callback_shapes[:]}
         callback_shapes.clear()

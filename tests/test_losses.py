@@ -9,6 +9,7 @@ import scipy.optimize
 from detr_jax import matcher as matcher_lib
 from detr_jax.config import loss_config
 from detr_jax.losses import SetCriterion
+from detr_jax.matcher import HungarianMatcher
 
 K = 5  # num_classes; logits have K + 1 entries
 WEIGHTS = dict(
@@ -101,7 +102,14 @@ def numpy_criterion(outputs, targets, eos_coef=0.1, aux_loss=True):
 
 
 def criterion(**kwargs):
-    return SetCriterion(num_classes=K, **WEIGHTS, **kwargs)
+    return SetCriterion(num_classes=K, **criterion_parts(), **kwargs)
+
+
+def criterion_parts():
+    """The matcher and weight dict of WEIGHTS."""
+    w = WEIGHTS
+    return dict(matcher=HungarianMatcher(w["cost_class"], w["cost_bbox"], w["cost_giou"]),
+                weight_dict={"loss_ce": w["class_coef"], "loss_bbox": w["bbox_coef"], "loss_giou": w["giou_coef"]})
 
 
 @pytest.mark.parametrize("aux_loss", [True, False])
@@ -149,7 +157,7 @@ def test_from_config_equals_keywords():
     config.eos_coef = 0.2
     config.aux_loss = False
     assert SetCriterion.from_config(config, K) == SetCriterion(
-        num_classes=K, eos_coef=0.2, aux_loss=False, **WEIGHTS
+        num_classes=K, eos_coef=0.2, aux_loss=False, **criterion_parts()
     )
 
 

@@ -262,7 +262,7 @@ def test_from_config_reads_the_cost_weights():
     config.cost_bbox = 3.0
     matcher = HungarianMatcher.from_config(config)
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1.0, 3.0, 2.0)
-    assert matcher.mesh is None
+    assert matcher_lib.per_device(matcher, None) is matcher  # no mesh: not wrapped in shard_map
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

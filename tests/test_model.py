@@ -6,13 +6,26 @@ import numpy as np
 import optax
 import pytest
 
-from detr_jax.models.backbone import RESNETS, Backbone, downsample_mask, nearest_indices
-from detr_jax.models.detr import DETR, init_variables
+from detr_jax.config import model_config
+from detr_jax.models import BACKBONES, build_model, init_variables
+from detr_jax.models.backbone import RESNETS, downsample_mask, nearest_indices
 from detr_jax.models.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
 from detr_jax.models.transformer import Transformer
 
 TINY = dict(backbone="resnet_tiny", hidden_dim=32, num_heads=4, num_encoder_layers=2,
             num_decoder_layers=3, dim_feedforward=64, num_queries=7, num_classes=5)
+
+
+def DETR(**fields):  # noqa: N802 -- the model of the default `model` section with `fields` changed
+    config = model_config()
+    config.update(fields)
+    return build_model(config)
+
+
+def Backbone(name, dilation=False):  # noqa: N802 -- the named backbone of the default `model` section
+    config = model_config()
+    config.update(dilation=dilation)
+    return BACKBONES[name](config, jnp.float32)
 
 
 def _padded_batch(rng, sizes, canvas):
@@ -229,7 +242,7 @@ def test_feature_stride_and_dc5():
     for dilation, stride in ((False, 32), (True, 16)):
         backbone = Backbone("resnet_tiny", dilation=dilation)
         variables = jax.jit(backbone.init)(jax.random.key(0), images, mask)
-        features, feature_mask = jax.jit(backbone.apply)(variables, images, mask)
+        features, feature_mask, _ = jax.jit(backbone.apply)(variables, images, mask)
         assert features.shape == (1, 128 // stride, 96 // stride, RESNETS["resnet_tiny"].num_channels)
         assert feature_mask.shape == features.shape[:3]
 
@@ -280,7 +293,7 @@ def test_initialization_matches_reference_bounds():
 
 def test_bfloat16_compute_close_to_float32(tiny):
     model, variables = tiny
-    model_bf16 = model.clone(dtype=jnp.bfloat16)
+    model_bf16 = DETR(**TINY, dtype="bfloat16")
     images, mask = _padded_batch(np.random.default_rng(6), [(64, 64)], (64, 64))
     out32 = _jit_apply(model)(variables, images, mask)
     out16 = _jit_apply(model_bf16)(variables, images, mask)

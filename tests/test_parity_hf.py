@@ -48,7 +48,8 @@ from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d  # noqa
 from detr_jax import convert  # noqa: E402
 from detr_jax.config import model_config  # noqa: E402
 from detr_jax.models.backbone import ResNet, ResNetSpec  # noqa: E402
-from detr_jax.models.detr import DETR  # noqa: E402
+from detr_jax.matcher import HungarianMatcher  # noqa: E402
+from detr_jax.models import DETR, build_model  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -205,7 +206,7 @@ def _jitted_apply(model: DETR):
 
 def run_ours(config, variables, images, mask) -> tuple[np.ndarray, np.ndarray]:
     """Our per-layer predictions (logits [L, B, Q, K+1], boxes [L, B, Q, 4]) as numpy."""
-    out = _jitted_apply(DETR.from_config(config))(variables, images, mask)
+    out = _jitted_apply(build_model(config))(variables, images, mask)
     return np.asarray(out["pred_logits"]), np.asarray(out["pred_boxes"])
 
 
@@ -273,8 +274,8 @@ def hf_set_loss(model, predictions, hf_labels, aux_loss: bool = True):
 def our_set_loss(predictions, targets, num_classes: int, aux_loss: bool = True):
     losses = pytest.importorskip("detr_jax.losses", reason="detr_jax/losses.py (the set criterion) is not there yet")
     criterion = losses.SetCriterion(
-        num_classes=num_classes, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
-        class_coef=1.0, bbox_coef=5.0, giou_coef=2.0, eos_coef=0.1, aux_loss=aux_loss,
+        num_classes=num_classes, matcher=HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0),
+        weight_dict={"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, eos_coef=0.1, aux_loss=aux_loss,
     )
     logits, boxes = predictions
     loss, metrics = jax.jit(criterion.__call__)({"pred_logits": logits, "pred_boxes": boxes}, targets)
@@ -355,7 +356,7 @@ def test_dilated_backbone_matches_torchvision_dc5_on_hf():
             for key in path[2:-1]:
                 node = node.setdefault(key, {})
             node[path[-1]] = array
-    ours = np.asarray(jax.jit(ResNet(spec, dilation=True).apply)(body, images))
+    ours = np.asarray(jax.jit(ResNet(spec, dilation=True).apply)(body, images)["res5"])
     assert reference.shape == ours.shape == (2, 13, 15, 256)  # stride 16, not 32
     diff = float(np.abs(ours - reference).max())
     print(f"DC5 backbone max |diff| {diff:.2e} (features std {reference.std():.2f})")

@@ -15,10 +15,10 @@ import pytest
 
 from detr_jax.checkpoint import Checkpointer, latest_step_dir, read_state_as_numpy
 from detr_jax.config import load_config
-from detr_jax.losses import SetCriterion
-from detr_jax.models.detr import DETR
-from detr_jax.train import (create_train_state, init_variables_shapes, lr_schedule, make_mesh, make_optimizer,
-                            make_train_step, param_labels)
+from detr_jax.models import build_model, variable_shapes
+from detr_jax.optim import OFFICIAL_PARAM_RULES, lr_schedule, make_optimizer, param_groups
+from detr_jax.sharding import global_batch, make_mesh
+from detr_jax.train import assemble, create_train_state, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,9 +33,17 @@ TINY_OVERRIDES = {
     "train.batch_size": 4, "train.log_every_steps": 1,
     # The official model and optimizer (synthetic_tiny itself trains its whole backbone from
     # scratch, with GroupNorm, a higher lr and warmup).
-    "model.backbone_norm": "frozen_bn", "train.lr": 1e-4, "train.lr_backbone": 1e-5,
-    "train.warmup_steps": 0, "train.freeze_stem_and_layer1": True, "model.dropout": 0.1,
+    "model.backbone_norm": "frozen_bn", "train.lr": 1e-4, "train.param_rules": OFFICIAL_PARAM_RULES,
+    "train.warmup_steps": 0, "model.dropout": 0.1,
 }
+
+# Optimizer groups of the official rules: the backbone (and a learned position embedding)
+# at 0.1 x lr, everything else at lr.
+BACKBONE, MAIN = "lr_x0p1", "lr_x1"
+# Official DETR with lr_backbone <= 0 (no backbone training) and a backbone trained from
+# scratch (no frozen stem), as rules.
+BACKBONE_FROZEN_RULES = ((r"backbone/.*", None), (r"position_embedding/.*", None))
+FROM_SCRATCH_RULES = ((r"backbone/.*", 0.1), (r"position_embedding/.*", 0.1))
 
 
 def tiny_config(**extra):
@@ -56,26 +64,26 @@ def fixed_batch(batch_size=4, seed=0):
 
 
 def _model_and_shapes(config):
-    model = DETR.from_config(config.model)
-    return model, init_variables_shapes(model)
+    model = build_model(config.model)
+    return model, variable_shapes(model)
 
 
 def test_param_labels_freeze_stem_and_first_stage():
     config = tiny_config()
     _, shapes = _model_and_shapes(config)
-    labels = param_labels(shapes["params"], train_backbone=True)
+    labels = param_groups(shapes["params"], OFFICIAL_PARAM_RULES)
     body = labels["backbone"]["body"]
     assert body["conv1"]["kernel"] == "frozen"
     assert all(v == "frozen" for v in jax.tree.leaves(body["layer1_0"]))
     for stage in ("layer2_0", "layer3_0", "layer4_0"):
-        assert all(v == "backbone" for v in jax.tree.leaves(body[stage]))
-    assert labels["class_embed"]["kernel"] == "main"
-    assert labels["query_embed"] == "main"
-    assert all(v == "main" for v in jax.tree.leaves(labels["transformer"]))
-    frozen_all = param_labels(shapes["params"], train_backbone=False)
+        assert all(v == BACKBONE for v in jax.tree.leaves(body[stage]))
+    assert labels["class_embed"]["kernel"] == MAIN
+    assert labels["query_embed"] == MAIN
+    assert all(v == MAIN for v in jax.tree.leaves(labels["transformer"]))
+    frozen_all = param_groups(shapes["params"], BACKBONE_FROZEN_RULES)
     assert all(v == "frozen" for v in jax.tree.leaves(frozen_all["backbone"]))
-    from_scratch = param_labels(shapes["params"], True, freeze_stem_and_layer1=False)
-    assert all(v == "backbone" for v in jax.tree.leaves(from_scratch["backbone"]))
+    from_scratch = param_groups(shapes["params"], FROM_SCRATCH_RULES)
+    assert all(v == BACKBONE for v in jax.tree.leaves(from_scratch["backbone"]))
 
 
 def test_param_labels_freeze_the_trainable_stem_norm():
@@ -83,17 +91,18 @@ def test_param_labels_freeze_the_trainable_stem_norm():
     the stem freezes them too, and layer2's norms train with the backbone."""
     config = tiny_config(**{"model.backbone_norm": "group_norm"})
     _, shapes = _model_and_shapes(config)
-    body = param_labels(shapes["params"], train_backbone=True)["backbone"]["body"]
+    body = param_groups(shapes["params"], OFFICIAL_PARAM_RULES)["backbone"]["body"]
     assert body["bn1"] == {"scale": "frozen", "bias": "frozen"}
     assert body["layer1_0"]["bn1"] == {"scale": "frozen", "bias": "frozen"}
-    assert body["layer2_0"]["bn1"] == {"scale": "backbone", "bias": "backbone"}
+    assert body["layer2_0"]["bn1"] == {"scale": BACKBONE, "bias": BACKBONE}
 
 
 def test_learned_position_embedding_lr_group():
     config = tiny_config(**{"model.position_embedding": "learned"})
     _, shapes = _model_and_shapes(config)
-    assert param_labels(shapes["params"], True, True)["position_embedding"]["row_embed"] == "backbone"
-    assert param_labels(shapes["params"], True, False)["position_embedding"]["row_embed"] == "main"
+    assert param_groups(shapes["params"], OFFICIAL_PARAM_RULES)["position_embedding"]["row_embed"] == BACKBONE
+    without_pos_rule = OFFICIAL_PARAM_RULES[:2]  # official DETR's learned_pos_with_backbone=False
+    assert param_groups(shapes["params"], without_pos_rule)["position_embedding"]["row_embed"] == MAIN
 
 
 def test_lr_schedule_step_decay_and_warmup():
@@ -115,19 +124,17 @@ def one_step():
     """Initial state, the state after one step on a fixed batch, and the step's metrics."""
     config = tiny_config()
     mesh = make_mesh()
-    model = DETR.from_config(config.model)
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    shapes = init_variables_shapes(model)
-    optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
-    state0 = create_train_state(config, model, optimizer, mesh)
-    state0 = jax.tree.map(np.asarray, state0)
-    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    run = assemble(config, mesh, 100)
+    state0 = jax.tree.map(np.asarray, run.initial_state(config))
+    # Without the frozen mask, as this fixture always was: gradients reach the frozen stem,
+    # whose backward turns a NaN image into a NaN gradient (test_non_finite_step_keeps_the_state;
+    # the step compiled with the CPU options maps NaN activations to finite ones in the forward).
+    step = make_train_step(run.model, run.criterion, run.optimizer, run.lr, mesh)
     batch = fixed_batch()
-    from detr_jax.train import global_batch
 
     state1, metrics = step(jax.device_put(state0), global_batch(batch, mesh))
-    return dict(config=config, model=model, criterion=criterion, optimizer=optimizer, lr=lr, mesh=mesh,
-                step=step, batch=batch, state0=state0, state1=jax.tree.map(np.asarray, state1),
+    return dict(config=config, model=run.model, criterion=run.criterion, optimizer=run.optimizer, lr=run.lr,
+                mesh=mesh, step=step, batch=batch, state0=state0, state1=jax.tree.map(np.asarray, state1),
                 metrics=jax.device_get(metrics))
 
 
@@ -151,7 +158,6 @@ def test_one_step_updates_by_group(one_step):
 def test_non_finite_step_keeps_the_state(one_step):
     batch = dict(one_step["batch"])
     batch["image"] = np.full_like(batch["image"], np.nan)
-    from detr_jax.train import global_batch
 
     state, metrics = one_step["step"](jax.device_put(one_step["state0"]), global_batch(batch, one_step["mesh"]))
     assert not bool(metrics["finite"])
@@ -168,7 +174,7 @@ def test_train_step_is_compiled_with_the_cpu_options(one_step, monkeypatch):
     step = make_train_step(one_step["model"], one_step["criterion"], one_step["optimizer"], one_step["lr"],
                            one_step["mesh"])
     with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
-        step(jax.device_put(one_step["state0"]), train_module.global_batch(one_step["batch"], one_step["mesh"]))
+        step(jax.device_put(one_step["state0"]), global_batch(one_step["batch"], one_step["mesh"]))
 
 
 def test_cpu_options_do_not_change_the_step(one_step, monkeypatch):
@@ -184,7 +190,7 @@ def test_cpu_options_do_not_change_the_step(one_step, monkeypatch):
     step = make_train_step(one_step["model"], one_step["criterion"], one_step["optimizer"], one_step["lr"],
                            one_step["mesh"])
     state1, metrics = step(jax.device_put(one_step["state0"]),
-                           train_module.global_batch(one_step["batch"], one_step["mesh"]))
+                           global_batch(one_step["batch"], one_step["mesh"]))
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(float(metrics[key]), float(one_step["metrics"][key]), rtol=1e-5)
     diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state1.params, one_step["state1"].params)
@@ -196,12 +202,10 @@ def test_overfits_one_batch(one_step):
 
     (Measured: 12.5 -> 1.85 with dropout 0 and lr 1e-3 for all trained parameters.)
     """
-    config = tiny_config(**{"model.dropout": 0.0, "train.lr": 1e-3, "train.lr_backbone": 1e-3})
-    model = DETR.from_config(config.model)
-    optimizer, lr = make_optimizer(config.train, one_step["state0"].params, 1000)
-    state = create_train_state(config, model, optimizer, one_step["mesh"])
-    step = make_train_step(model, one_step["criterion"], optimizer, lr, one_step["mesh"])
-    from detr_jax.train import global_batch
+    config = tiny_config(**{"model.dropout": 0.0, "train.lr": 1e-3,
+                            "train.param_rules": OFFICIAL_PARAM_RULES[:1]})  # lr_backbone = lr
+    run = assemble(config, one_step["mesh"], 1000)
+    state, step = run.initial_state(config), run.step
 
     batch = global_batch(one_step["batch"], one_step["mesh"])
     losses = []
@@ -222,23 +226,18 @@ import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import Mesh
 import sys; sys.path.insert(0, "tests")
 from test_train import tiny_config, fixed_batch
-from detr_jax.models.detr import DETR
-from detr_jax.losses import SetCriterion
-from detr_jax.train import make_optimizer, create_train_state, make_train_step, global_batch, init_variables_shapes
+from detr_jax.sharding import global_batch
+from detr_jax.train import assemble
 assert jax.device_count() == 8, jax.devices()
 config = tiny_config()
-model = DETR.from_config(config.model)
 batch = fixed_batch(batch_size=8)
 params = {}
 for n in (1, 8):
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
-    shapes = init_variables_shapes(model)
-    optimizer, lr = make_optimizer(config.train, shapes["params"], 100)
-    state = create_train_state(config, model, optimizer, mesh)
-    step = make_train_step(model, criterion, optimizer, lr, mesh)
+    run = assemble(config, mesh, 100)
+    state = run.initial_state(config)
     for _ in range(2):
-        state, metrics = step(state, global_batch(batch, mesh))
+        state, metrics = run.step(state, global_batch(batch, mesh))
     params[n] = jax.tree.map(np.asarray, state.params)
     print("loss", n, float(metrics["loss"]))
 diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])))
@@ -367,7 +366,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     from detr_jax.train import TrainingError, train
 
     config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every_steps": 1, "train.lr": 1e30,
-                            "train.lr_backbone": 1e30, "train.eval_every_epochs": 0, "train.log_every_steps": 10})
+                            "train.eval_every_epochs": 0, "train.log_every_steps": 10})
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 2") as error:
         train(config, tmp_path, show_progress=False)
     assert str(tmp_path) in str(error.value)
@@ -418,14 +417,13 @@ def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
 
 
 def test_gradient_accumulation_updates_every_k_steps(one_step):
-    from detr_jax.train import frozen_mask, global_batch, train_state_from_variables
+    from detr_jax.train import train_state_from_variables
 
     config = tiny_config(**{"train.grad_accum_steps": 2})
     state0 = one_step["state0"]
-    optimizer, lr = make_optimizer(config.train, state0.params, 100)
-    state = train_state_from_variables(state0.variables, optimizer, one_step["mesh"], state0.rng)
-    step = make_train_step(one_step["model"], one_step["criterion"], optimizer, lr, one_step["mesh"],
-                           accum_steps=2, frozen=frozen_mask(state0.params, config.train))
+    run = assemble(config, one_step["mesh"], 100)
+    state = train_state_from_variables(state0.variables, run.optimizer, one_step["mesh"], state0.rng)
+    step = run.step
     batch = global_batch(one_step["batch"], one_step["mesh"])
     state1, _ = step(state, batch)
     head0 = state0.params["class_embed"]["kernel"]

@@ -1,4 +1,10 @@
-"""DETR from parts: `build_model(config.model)` is the one place where config meets modules."""
+"""DETR from parts: `build_model(config.model)` is the one place where config meets modules.
+
+Each part's file has a plain dict of named builders `(model_config, dtype) -> Module`:
+`backbone.BACKBONES` (model.backbone), `position_encoding.POSITION_EMBEDDINGS`
+(model.position_embedding), and `backbone.NORMS` (model.backbone_norm). A new variant
+is one module plus an entry in its dict (docs/EXTENDING.md).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,37 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from detr_jax.models.backbone import BACKBONES, NORMS
 from detr_jax.models.detr import DETR, DTYPES, init_variables, variable_shapes
+from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.transformer import build_transformer
 
 
-def build_model(model_config, dtype: str | Any | None = None) -> DETR:
-    """DETR of the `model` config section, with compute dtype `dtype` ("float32",
-    "bfloat16", a jnp dtype) instead of `model.dtype` when given. Parameters stay float32."""
-    model = DETR.from_config(model_config)
-    if dtype is None:
-        return model
+def resolve_dtype(dtype: str | Any) -> Any:
+    """"float32" / "bfloat16" / a jnp dtype -> the jnp dtype; ValueError for anything else."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    return model.clone(dtype=jnp.dtype(dtype))
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
 
 
-__all__ = ["DETR", "build_model", "init_variables", "variable_shapes"]
+def build_model(model_config, dtype: str | Any | None = None) -> DETR:
+    """DETR of the `model` config section (validated at config load), computing in
+    `dtype` ("float32", "bfloat16", a jnp dtype) instead of `model.dtype` when given.
+    Parameters stay float32 either way."""
+    m = model_config
+    compute = resolve_dtype(m.dtype if dtype is None else dtype)
+    return DETR(
+        backbone=BACKBONES[m.backbone](m, compute),
+        position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, compute),
+        transformer=build_transformer(m, compute),
+        num_classes=m.num_classes,
+        num_queries=m.num_queries,
+        hidden_dim=m.hidden_dim,
+        dtype=compute,
+    )
+
+
+__all__ = ["BACKBONES", "DETR", "NORMS", "POSITION_EMBEDDINGS", "build_model", "init_variables", "resolve_dtype",
+           "variable_shapes"]

@@ -5,18 +5,25 @@ Layout follows torchvision's ResNet ("v1.5"): the stride of a bottleneck block s
 torchvision (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_conv`, ...) so that
 PyTorch checkpoints map one to one.
 
-All BatchNorm layers are frozen: their scale, bias, running mean and running variance live
-in the `frozen_bn` variable collection, not in `params`, so no optimizer ever sees them.
-That is right for a pretrained backbone, but a backbone trained from scratch then has no
-normalization at all (frozen statistics are the identity); `norm="group_norm"` puts a
-trainable GroupNorm in each BatchNorm's place instead (same module names, in `params`).
+The normalization is passed in (`norm`, a factory `(channels, name) -> Module`, flax
+ImageNet's `norm=partial(nn.BatchNorm, ...)` pattern), chosen by name from NORMS:
+"frozen_bn" keeps scale, bias, running mean and running variance in the `frozen_bn`
+variable collection, not in `params`, so no optimizer ever sees them (right for a
+pretrained backbone); "group_norm" puts a trainable GroupNorm in each BatchNorm's place
+(same module names, in `params`), for a backbone trained from scratch, which frozen
+statistics would leave with no normalization at all.
+
+A backbone is any module `(images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput`;
+BACKBONES maps a name to its builder `(model_config, dtype) -> Module`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +33,7 @@ from flax import linen as nn
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 FROZEN_BN = "frozen_bn"
-NORMS = ("frozen_bn", "group_norm")
+ModuleDef = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +87,19 @@ def group_norm_groups(channels: int) -> int:
     return math.gcd(channels, min(32, max(1, channels // 4)))
 
 
-def _norm(kind: str, channels: int, name: str, dtype: Any) -> nn.Module:
-    """The normalization in a BatchNorm's place: FrozenBatchNorm, or a trainable GroupNorm."""
-    if kind == "frozen_bn":
-        return FrozenBatchNorm(dtype=dtype, name=name)
-    if kind == "group_norm":
-        return nn.GroupNorm(num_groups=group_norm_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
-    raise ValueError(f"unknown backbone norm {kind!r}; known: {NORMS}")
+def frozen_batch_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
+    """A norm factory: FrozenBatchNorm (`channels` is implied by the statistics)."""
+    del channels
+    return FrozenBatchNorm(dtype=dtype, name=name)
+
+
+def group_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
+    """A norm factory: trainable GroupNorm with `group_norm_groups(channels)` groups."""
+    return nn.GroupNorm(num_groups=group_norm_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
+
+
+# model.backbone_norm -> norm factory (channels, name, dtype) -> Module
+NORMS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": frozen_batch_norm, "group_norm": group_norm}
 
 
 class PointwiseConv(nn.Module):
@@ -144,7 +157,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dilation: int = 1
     expansion: int = 4
-    norm: str = "frozen_bn"
+    norm: ModuleDef = frozen_batch_norm
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -152,19 +165,20 @@ class Bottleneck(nn.Module):
         """x: [B, H, W, C_in] -> [B, H/stride, W/stride, width * expansion]."""
         out_ch = self.width * self.expansion
         y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
-        y = nn.relu(_norm(self.norm, self.width, "bn1", self.dtype)(y))
+        y = nn.relu(self.norm(self.width, "bn1")(y))
         y = _conv(self.width, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(y)
-        y = nn.relu(_norm(self.norm, self.width, "bn2", self.dtype)(y))
+        y = nn.relu(self.norm(self.width, "bn2")(y))
         y = _conv(out_ch, 1, name="conv3", dtype=self.dtype)(y)
-        y = _norm(self.norm, out_ch, "bn3", self.dtype)(y)
+        y = self.norm(out_ch, "bn3")(y)
         if self.stride != 1 or x.shape[-1] != out_ch:
             x = _conv(out_ch, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
-            x = _norm(self.norm, out_ch, "downsample_bn", self.dtype)(x)
+            x = self.norm(out_ch, "downsample_bn")(x)
         return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet trunk; returns the last stage's feature map (stride 32, or 16 with DC5).
+    """Bottleneck ResNet trunk; returns every stage's output, "res2" (stride 4) to "res5"
+    (stride 32, or 16 with DC5).
 
     With `dilation=True` the last stage keeps stride 16 and dilates its 3x3 convolutions
     instead, as torchvision's `replace_stride_with_dilation=[False, False, True]`: the first
@@ -173,19 +187,21 @@ class ResNet(nn.Module):
 
     spec: ResNetSpec
     dilation: bool = False
-    norm: str = "frozen_bn"
+    norm: ModuleDef = frozen_batch_norm  # factory (channels, name) -> Module, dtype bound
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: [B, H, W, 3] normalized image -> [B, ceil(H/32), ceil(W/32), num_channels]."""
+    def __call__(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """x: [B, H, W, 3] normalized image -> {"res2": [B, H/4, W/4, C2], ...,
+        "res5": [B, ceil(H/32), ceil(W/32), num_channels]}."""
         x = x.astype(self.dtype)
         x = nn.Conv(
             self.spec.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
             use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
         )(x)
-        x = nn.relu(_norm(self.norm, self.spec.stem_width, "bn1", self.dtype)(x))
+        x = nn.relu(self.norm(self.spec.stem_width, "bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = {}
         current_dilation = 1
         last_stage = len(self.spec.depths) - 1
         for stage, (depth, width) in enumerate(zip(self.spec.depths, self.spec.widths)):
@@ -204,7 +220,8 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     name=f"layer{stage + 1}_{block}",
                 )(x)
-        return x
+            stages[f"res{stage + 2}"] = x
+        return stages
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -225,26 +242,43 @@ def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     return mask[:, rows][:, :, cols]
 
 
-class Backbone(nn.Module):
-    """ResNet trunk plus the padding mask brought to the feature map's resolution."""
+class BackboneOutput(NamedTuple):
+    """What every backbone returns.
 
-    resnet: str = "resnet50"
+    features: [B, h, w, C], the map the transformer reads; mask: [B, h, w] bool (True =
+    real position); stages: named intermediate maps for heads that want them (a ResNet's
+    "res2".."res5", "res5" being `features`).
+    """
+
+    features: jnp.ndarray
+    mask: jnp.ndarray
+    stages: dict[str, jnp.ndarray]
+
+
+class ResNetBackbone(nn.Module):
+    """A ResNet trunk (submodule "body") plus the padding mask at the feature map's resolution."""
+
+    spec: ResNetSpec
     dilation: bool = False
-    norm: str = "frozen_bn"
+    norm: ModuleDef = frozen_batch_norm
     dtype: Any = jnp.float32
 
-    @property
-    def num_channels(self) -> int:
-        return RESNETS[self.resnet].num_channels
-
     @nn.compact
-    def __call__(self, images: jnp.ndarray, mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """images: [B, H, W, 3], mask: [B, H, W] bool (True = real pixel).
+    def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False) -> BackboneOutput:
+        """images: [B, H, W, 3] normalized, mask: [B, H, W] bool (True = real pixel)."""
+        del train  # frozen BN and GroupNorm behave the same in training and inference
+        stages = ResNet(self.spec, self.dilation, self.norm, self.dtype, name="body")(images)
+        features = stages["res5"]
+        return BackboneOutput(features, downsample_mask(mask, features.shape[1], features.shape[2]), stages)
 
-        Returns features [B, h, w, C] and mask [B, h, w] bool (True = real position).
-        """
-        if self.resnet not in RESNETS:
-            raise ValueError(f"unknown backbone {self.resnet!r}; known: {sorted(RESNETS)}")
-        features = ResNet(RESNETS[self.resnet], self.dilation, self.norm, self.dtype, name="body")(images)
-        return features, downsample_mask(mask, features.shape[1], features.shape[2])
 
+def build_resnet(spec: ResNetSpec, model_config, dtype: Any) -> ResNetBackbone:
+    """A ResNet backbone from the `model` config section (dilation, backbone_norm)."""
+    norm = functools.partial(NORMS[model_config.backbone_norm], dtype=dtype)
+    return ResNetBackbone(spec=spec, dilation=model_config.dilation, norm=norm, dtype=dtype)
+
+
+# model.backbone -> builder (model_config, dtype) -> backbone module
+BACKBONES: dict[str, Callable[[Any, Any], nn.Module]] = {
+    name: functools.partial(build_resnet, spec) for name, spec in RESNETS.items()
+}

@@ -6,12 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
-from detr_jax.models.backbone import Backbone, PointwiseConv
-from detr_jax.models.position_encoding import build_position_embedding
-from detr_jax.models.transformer import Transformer, torch_dense, torch_linear_bias_init, torch_linear_kernel_init
+from detr_jax.models.backbone import PointwiseConv
+from detr_jax.models.transformer import torch_dense, torch_linear_bias_init, torch_linear_kernel_init
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,66 +35,53 @@ class BoxHead(nn.Module):
 
 
 class DETR(nn.Module):
-    """The DETR detector.
+    """The DETR detector, from its parts (official DETR's `DETR(backbone, transformer, ...)`).
+
+    Fields:
+      backbone: a module `(images, mask, train) -> BackboneOutput` (features [B, h, w, C],
+        mask [B, h, w], named stages); see detr_jax.models.backbone.
+      position_embedding: a module `mask [B, h, w] -> [B, h, w, hidden_dim]`.
+      transformer: a module `(src [B, S, E], mask [B, S], query_embed [Q, E], pos [B, S, E],
+        deterministic) -> (decoder states [L, B, Q, E], memory [B, S, E])`.
+      num_classes: max class id + 1; the class head has num_classes + 1 outputs.
+      num_queries, hidden_dim: Q and E.
+    The parts are submodules named after their fields ("backbone", "position_embedding",
+    "transformer"), which fixes the parameter paths that checkpoints and conversion use.
 
     Call: `model.apply({"params": ..., "frozen_bn": ...}, images, mask, train=..., rngs=...)`
     with `rngs={"dropout": key}` when `train=True`.
     """
 
+    backbone: nn.Module
+    position_embedding: nn.Module
+    transformer: nn.Module
     num_classes: int = 91
     num_queries: int = 100
     hidden_dim: int = 256
-    num_heads: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    pre_norm: bool = False
-    backbone: str = "resnet50"
-    dilation: bool = False
-    backbone_norm: str = "frozen_bn"
-    position_embedding: str = "sine"
     dtype: Any = jnp.float32
 
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "DETR":
-        """Builds the model from the `model` config section (see detr_jax/config.py).
-
-        Raises ConfigError (a ValueError) for an invalid section, as config loading does.
-        """
-        from detr_jax.config import validate_model
-
-        validate_model(config)
-        return cls(
-            num_classes=config.num_classes,
-            num_queries=config.num_queries,
-            hidden_dim=config.hidden_dim,
-            num_heads=config.num_heads,
-            num_encoder_layers=config.num_encoder_layers,
-            num_decoder_layers=config.num_decoder_layers,
-            dim_feedforward=config.dim_feedforward,
-            dropout=config.dropout,
-            pre_norm=config.pre_norm,
-            backbone=config.backbone,
-            dilation=config.dilation,
-            backbone_norm=config.backbone_norm,
-            position_embedding=config.position_embedding,
-            dtype=DTYPES[config.dtype],
-        )
-
     @nn.compact
-    def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+    def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
+                 intermediates: bool = False) -> dict[str, Any]:
         """images: [B, H, W, 3] normalized; mask: [B, H, W] bool (True = real pixel).
 
         Returns float32 predictions of every decoder layer (index -1 is the last):
           pred_logits [L, B, Q, num_classes + 1] (the last class is "no object"),
           pred_boxes  [L, B, Q, 4] normalized (cx, cy, w, h) relative to the unpadded image.
+        With `intermediates=True` also what heads need (in the compute dtype):
+          backbone_stages {name: [B, h_i, w_i, C_i]} (a ResNet's "res2".."res5"),
+          projected [B, h, w, E] the input projection of the backbone features,
+          pos [B, h, w, E] the position encoding, memory [B, h, w, E] the encoder output,
+          memory_mask [B, h, w] bool, decoder_states [L, B, Q, E] (after the final norm).
+        Attention weights: apply with `mutable=["intermediates"]` (see
+        `detr_jax.models.transformer.attention_maps`).
         """
         # Padded pixels are zero in the reference; zeroing them here makes the output
         # independent of whatever values the padding holds.
         images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
-        features, feature_mask = Backbone(self.backbone, self.dilation, self.backbone_norm, self.dtype, name="backbone")(images, mask)
-        pos = build_position_embedding(self.position_embedding, self.hidden_dim)(feature_mask)
+        backbone_out = self.backbone(images, mask, train)
+        features, feature_mask = backbone_out.features, backbone_out.mask
+        pos = self.position_embedding(feature_mask)
 
         in_channels = features.shape[-1]
         src = PointwiseConv(
@@ -105,16 +90,7 @@ class DETR(nn.Module):
         )(features)
         batch, h, w, _ = src.shape
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
-        hs, _ = Transformer(
-            num_heads=self.num_heads,
-            num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers,
-            dim_feedforward=self.dim_feedforward,
-            dropout=self.dropout,
-            pre_norm=self.pre_norm,
-            dtype=self.dtype,
-            name="transformer",
-        )(
+        hs, memory = self.transformer(
             src.reshape(batch, h * w, self.hidden_dim),
             feature_mask.reshape(batch, h * w),
             query_embed,
@@ -123,13 +99,17 @@ class DETR(nn.Module):
         )
         logits = torch_dense(self.num_classes + 1, self.hidden_dim, "class_embed", self.dtype)(hs)
         boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs)
-        return {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
+        outputs = {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
+        if intermediates:
+            outputs.update(backbone_stages=backbone_out.stages, projected=src, pos=pos,
+                           memory=memory.reshape(batch, h, w, -1), memory_mask=feature_mask, decoder_states=hs)
+        return outputs
 
 
 def init_variables(model: DETR, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
     """Initial variables {"params": ..., "frozen_bn": ...} for a batch of one image.
 
-    "frozen_bn" is always present ({} with backbone_norm="group_norm"), so code that
+    "frozen_bn" is always present ({} without frozen BatchNorm), so code that
     carries both collections need not ask which backbone it has.
     """
     images = jnp.zeros((1, *image_size, 3), jnp.float32)

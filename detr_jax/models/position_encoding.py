@@ -1,8 +1,14 @@
-"""2-D positional encodings of a feature map: sine (DETR's default) and learned."""
+"""2-D positional encodings of a feature map: sine (DETR's default) and learned.
+
+A position encoding is any module `mask [B, h, w] bool -> [B, h, w, hidden_dim]`;
+POSITION_EMBEDDINGS maps a name to its builder `(model_config, dtype) -> Module`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -72,10 +78,15 @@ class LearnedPositionEmbedding(nn.Module):
         return jnp.broadcast_to(pos[None], (batch, h, w, 2 * self.num_pos_feats))
 
 
-def build_position_embedding(kind: str, hidden_dim: int, name: str = "position_embedding") -> nn.Module:
-    """'sine' or 'learned', producing hidden_dim channels."""
-    if kind == "sine":
-        return SinePositionEmbedding(num_pos_feats=hidden_dim // 2, name=name)
-    if kind == "learned":
-        return LearnedPositionEmbedding(num_pos_feats=hidden_dim // 2, name=name)
-    raise ValueError(f"unknown position embedding {kind!r}; expected 'sine' or 'learned'")
+def build_sine(model_config, dtype: Any) -> SinePositionEmbedding:
+    del dtype  # computed in float32; the transformer casts
+    return SinePositionEmbedding(num_pos_feats=model_config.hidden_dim // 2)
+
+
+def build_learned(model_config, dtype: Any) -> LearnedPositionEmbedding:
+    del dtype  # float32 parameters
+    return LearnedPositionEmbedding(num_pos_feats=model_config.hidden_dim // 2)
+
+
+# model.position_embedding -> builder (model_config, dtype) -> module
+POSITION_EMBEDDINGS: dict[str, Callable[[Any, Any], nn.Module]] = {"sine": build_sine, "learned": build_learned}

@@ -9,6 +9,10 @@ each passed through the shared final LayerNorm, for the auxiliary losses.
 Initialization follows the reference: every matrix xavier-uniform (the q/k/v projections
 as slices of PyTorch's fused [3E, E] in_proj matrix), attention biases zero, FFN biases
 PyTorch's Linear default.
+
+Attention weights are sown into the "intermediates" collection, so they are kept only
+when the caller asks (`apply(..., mutable=["intermediates"])`, see `attention_maps`);
+otherwise sowing is a no-op and nothing extra is computed or kept.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+ATTENTION_WEIGHTS = "attention_weights"
 
 xavier_uniform = nn.initializers.xavier_uniform()
 # xavier_uniform_ of the fused [3E, E] in_proj matrix, seen from one [E, E] slice:
@@ -92,6 +98,7 @@ class MultiHeadAttention(nn.Module):
         if key_mask is not None:
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)
+        self.sow("intermediates", ATTENTION_WEIGHTS, weights)  # [B, H, Lq, Lk], masked keys 0
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         out = out.reshape(out.shape[:-2] + (embed,))
@@ -218,3 +225,32 @@ class Transformer(nn.Module):
                 tgt, memory, pos, query_pos, mask, deterministic)
             intermediate.append(decoder_norm(tgt))
         return jnp.stack(intermediate), memory
+
+
+def build_transformer(model_config, dtype: Any) -> Transformer:
+    """DETR's transformer from the `model` config section."""
+    m = model_config
+    return Transformer(num_heads=m.num_heads, num_encoder_layers=m.num_encoder_layers,
+                       num_decoder_layers=m.num_decoder_layers, dim_feedforward=m.dim_feedforward,
+                       dropout=m.dropout, pre_norm=m.pre_norm, dtype=dtype)
+
+
+def attention_maps(intermediates: dict) -> dict[str, jnp.ndarray]:
+    """Per-layer attention weights from a Transformer's sown "intermediates" collection.
+
+    Args:
+      intermediates: the transformer's subtree of `apply(..., mutable=["intermediates"])`'s
+        second output (`state["intermediates"]["transformer"]` for a DETR).
+    Returns (float32, softmax over keys, zero weight on masked keys):
+      encoder_self   [L_enc, B, heads, S, S]  (absent with no encoder layer)
+      decoder_self   [L_dec, B, heads, Q, Q]
+      decoder_cross  [L_dec, B, heads, Q, S]
+    with S = h * w feature positions in row-major order.
+    """
+    def stack(prefix, attn):
+        layers = sorted((k for k in intermediates if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+        return [intermediates[k][attn][ATTENTION_WEIGHTS][0] for k in layers]
+
+    maps = {"decoder_self": stack("decoder_layer", "self_attn"), "decoder_cross": stack("decoder_layer", "cross_attn"),
+            "encoder_self": stack("encoder_layer", "self_attn")}
+    return {k: jnp.stack(v) for k, v in maps.items() if v}
