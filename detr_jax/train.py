@@ -188,7 +188,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.A
     """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set."""
     variables = init_variables(model, rng)
     if config.train.init_from:
-        from detr_jax.checkpoint_io import load_variables, merge_variables
+        from detr_jax.checkpoint import load_variables, merge_variables
 
         pretrained = load_variables(config.train.init_from)
         variables = merge_variables(variables, pretrained, source=config.train.init_from)

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from detr_jax.cli import config_from_args, parse_value, resolve_config_path, split_overrides
-from detr_jax.config import ConfigError, load_config
+from detr_jax.cli.main import split_overrides
+from detr_jax.config import ConfigError, config_from_args, load_config, parse_value, resolve_config_path
 from detr_jax.models.detr import DETR
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
