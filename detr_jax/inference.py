@@ -128,7 +128,7 @@ class Predictor:
       config: full config; uses `model`, `data.eval_scale`, `data.eval_max_size`, the
         bucket settings of `data`, and `eval.batch_size` (default batch size).
       variables: {"params", "frozen_bn"} (numpy or jax arrays), e.g. from
-        `load_checkpoint` or a training state.
+        `restore.load_checkpoint` or a training state.
       dtype: compute dtype override ("float32", "bfloat16"); default `config.model.dtype`.
       batch_size: images per compiled call (shorter batches are padded with fillers).
       class_names: {category id: name}; default `category_names_for(config)`.
