@@ -1,6 +1,7 @@
-"""Training checkpoints: orbax CheckpointManager for the train state and the data position.
+"""Checkpoints: orbax training checkpoints (the train state and the data position) and
+params-only checkpoints (model variables and a JSON of metadata), with one error type.
 
-Layout of a workdir:
+Training checkpoints. Layout of a workdir:
   checkpoints/<step>/state   params, frozen BN, optimizer state, step, RNG (orbax pytree)
   checkpoints/<step>/data    the input iterator's state (JSON), so a resumed run reads
                              the next batch it would have read
@@ -10,6 +11,15 @@ Layout of a workdir:
 orbax writes a checkpoint into a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoints intact; `restore_latest` also falls
 back to an older checkpoint when the newest one cannot be read (with a warning).
+
+Params-only checkpoints, written by `detr-jax convert` (weights converted from PyTorch) and
+read by evaluation, prediction (`detr_jax.restore`) and training's `init_from`:
+
+    DIR/variables/      orbax (StandardCheckpointer) tree {"params": ..., "frozen_bn": ...}
+    DIR/metadata.json   where the weights came from and the model they describe
+
+The tree may be partial (a torchvision ResNet gives only the backbone subtrees);
+`merge_variables` lays such a tree over freshly initialized variables.
 """
 
 from __future__ import annotations
@@ -17,19 +27,31 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "meta")
 
+VARIABLES_DIR = "variables"
+METADATA_FILE = "metadata.json"
+FORMAT = "detr-jax-variables"
+FORMAT_VERSION = 1
+_LISTED = 20  # problems listed per kind in a "does not fit" error
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a directory could be restored."""
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or unreadable, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------
+# Training checkpoints
 
 
 def _manager(directory: pathlib.Path, keep: int, async_save: bool, best_metric: str | None):
@@ -157,13 +179,135 @@ def is_train_checkpoint(path: str | pathlib.Path) -> bool:
     return True
 
 
-def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
-    """({"params", "frozen_bn"} as numpy, the run's config as a dict, step) of the newest
-    training checkpoint under `path`."""
+def load_train_meta(path: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """(step folder, its meta item: step, epoch, config) of the newest training checkpoint
+    under `path`, without reading the state."""
     step_dir = latest_step_dir(path)
-    state = read_state_as_numpy(step_dir / "state")
     meta_file = step_dir / "meta" / "metadata"  # where orbax's JsonSave puts the item
     if not meta_file.is_file():
         raise CheckpointError(f"{step_dir}: no meta item (not a detr-jax training checkpoint?)")
-    meta = json.loads(meta_file.read_text())
+    return step_dir, json.loads(meta_file.read_text())
+
+
+def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
+    """({"params", "frozen_bn"} as numpy, the run's config as a dict, step) of the newest
+    training checkpoint under `path`."""
+    step_dir, meta = load_train_meta(path)
+    state = read_state_as_numpy(step_dir / "state")
     return {"params": state["params"], "frozen_bn": state["frozen_bn"]}, meta["config"], int(meta["step"])
+
+
+# ----------------------------------------------------------------------------------------
+# Params-only checkpoints
+
+
+def save_variables(variables: Mapping[str, Any], path: str | pathlib.Path, metadata: Mapping[str, Any]) -> pathlib.Path:
+    """Writes `variables` ({"params": ..., "frozen_bn": ...}, arrays) and `metadata` to `path`.
+
+    `path` must not exist yet or be an empty directory (a checkpoint is never overwritten
+    in place). `metadata` must be JSON-serializable; format and version are added.
+    Returns the absolute checkpoint directory.
+    """
+    path = pathlib.Path(path).absolute()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path}: already exists and is not an empty directory")
+    path.mkdir(parents=True, exist_ok=True)
+    host_tree = jax.tree.map(np.asarray, dict(variables))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / VARIABLES_DIR, host_tree)
+    # Written last: a directory with metadata.json holds a complete checkpoint.
+    full_metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+    (path / METADATA_FILE).write_text(json.dumps(full_metadata, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_metadata(path: str | pathlib.Path) -> dict:
+    """The metadata.json of a checkpoint written by `save_variables`."""
+    path = pathlib.Path(path).absolute()
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"{path}: not a detr-jax params checkpoint (no {METADATA_FILE}; "
+            "convert PyTorch weights with `detr-jax convert SRC DST` first)"
+        )
+    metadata = json.loads(meta_file.read_text())
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_file}: format version {metadata['format_version']} is newer than this "
+            f"detr-jax reads ({FORMAT_VERSION})"
+        )
+    return metadata
+
+
+def load_variables(path: str | pathlib.Path) -> dict:
+    """The variables tree of a checkpoint written by `save_variables`, as numpy arrays.
+
+    Returns {"params": ..., "frozen_bn": ...} (possibly partial, see `metadata["contents"]`).
+    """
+    path = pathlib.Path(path).absolute()
+    load_metadata(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path / VARIABLES_DIR)
+
+
+# ----------------------------------------------------------------------------------------
+# Does a tree fit the model?
+
+
+def compare_trees(expected: Mapping, given: Mapping) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(missing, unknown, mismatched) leaf paths of `given` against `expected`.
+
+    Both are nested dicts of arrays or ShapeDtypeStructs, or flat {path tuple: array} dicts.
+    missing: in `expected` only; unknown: in `given` only; mismatched: in both with other
+    shapes. Each is sorted.
+    """
+    expected = _flat(expected)
+    given = _flat(given)
+    missing = sorted(p for p in expected if p not in given)
+    unknown = sorted(p for p in given if p not in expected)
+    mismatched = sorted(p for p in given if p in expected and np.shape(given[p]) != np.shape(expected[p]))
+    return missing, unknown, mismatched
+
+
+def _flat(tree: Mapping) -> dict[tuple, Any]:
+    if all(isinstance(k, tuple) for k in tree):
+        return dict(tree)
+    return traverse_util.flatten_dict(dict(tree))
+
+
+def check_fits(expected: Mapping, given: Mapping, source: str = "variables", partial: bool = False) -> None:
+    """Raises CheckpointError, listing every problem, unless the leaves of `given` are those
+    of `expected` with the same shapes (`partial`: a subset of them)."""
+    missing, unknown, mismatched = compare_trees(expected, given)
+    expected, given = _flat(expected), _flat(given)
+    sections = (
+        ("missing", [] if partial else ["/".join(p) for p in missing]),
+        ("not in the model", ["/".join(p) for p in unknown]),
+        ("shape mismatches", [f"{'/'.join(p)}: {tuple(np.shape(given[p]))} in {source}, "
+                              f"{tuple(np.shape(expected[p]))} in the model" for p in mismatched]),
+    )
+    if not any(items for _, items in sections):
+        return
+    lines = [f"{source}: does not fit the model"]
+    for title, items in sections:
+        if items:
+            lines.append(f"  {title} ({len(items)}):")
+            lines += [f"    {item}" for item in items[:_LISTED]]
+            lines += [f"    ... ({len(items) - _LISTED} more)"] if len(items) > _LISTED else []
+    raise CheckpointError("\n".join(lines))
+
+
+def merge_variables(variables: Mapping, pretrained: Mapping, source: str = "pretrained") -> dict:
+    """`variables` with every leaf that `pretrained` has replaced by the pretrained one.
+
+    Used to start training from a partial tree (e.g. only the backbone). Every pretrained
+    leaf must exist in `variables` with the same shape; all offenders are listed in the
+    error. Dtypes follow `variables`.
+    """
+    check_fits(variables, pretrained, source, partial=True)
+    merged = traverse_util.flatten_dict(dict(variables), keep_empty_nodes=True)  # keeps "frozen_bn": {}
+    for p, v in traverse_util.flatten_dict(dict(pretrained)).items():
+        merged[p] = np.asarray(v, dtype=merged[p].dtype)
+    return traverse_util.unflatten_dict(merged)

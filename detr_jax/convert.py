@@ -26,19 +26,19 @@ import dataclasses
 import hashlib
 import pathlib
 import re
-import sys
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 import detr_jax
-from detr_jax import checkpoint_io
-from detr_jax.config import base_config, load_config, set_by_path, validate
+from detr_jax.checkpoint import compare_trees
+from detr_jax.config import config_from_dict, load_config
+from detr_jax.models import build_model, variable_shapes
 from detr_jax.models.backbone import RESNETS
-from detr_jax.models.detr import DETR
 from detr_jax.models.transformer import torch_dense
 
 LAYOUTS = ("official", "huggingface", "torchvision")
@@ -367,11 +367,8 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
 
 def expected_shapes(model_config: ml_collections.ConfigDict) -> dict[Path, tuple[int, ...]]:
     """{flax path: shape} of every variable of DETR built from the `model` config section."""
-    model = DETR.from_config(model_config)
-    image = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    mask = jnp.ones((1, 64, 64), bool)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, mask))
-    return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    flat = traverse_util.flatten_dict(variable_shapes(build_model(model_config)))
+    return {path: leaf.shape for path, leaf in flat.items()}
 
 
 def _config_mismatches(
@@ -400,14 +397,14 @@ def _tree_problems(
     leaves: Mapping[Path, np.ndarray], sources: Mapping[Path, str], expected: Mapping[Path, tuple[int, ...]]
 ) -> tuple[list[str], list[str], list[str]]:
     """(missing, not in the model, shape mismatches), each a sorted list of lines."""
-    missing = sorted("/".join(p) for p in expected if p not in leaves)
-    extra = sorted(f"{'/'.join(p)} (from {sources[p]})" for p in leaves if p not in expected)
-    mismatched = sorted(
-        f"{'/'.join(p)} (from {sources[p]}): checkpoint {tuple(a.shape)}, model {tuple(expected[p])}"
-        for p, a in leaves.items()
-        if p in expected and tuple(a.shape) != tuple(expected[p])
+    shapes = {p: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for p, s in expected.items()}
+    missing, extra, mismatched = compare_trees(shapes, leaves)
+    return (
+        sorted("/".join(p) for p in missing),
+        sorted(f"{'/'.join(p)} (from {sources[p]})" for p in extra),
+        sorted(f"{'/'.join(p)} (from {sources[p]}): checkpoint {tuple(leaves[p].shape)}, model {tuple(expected[p])}"
+               for p in mismatched),
     )
-    return missing, extra, mismatched
 
 
 def _section(title: str, lines: list[str]) -> list[str]:
@@ -419,16 +416,6 @@ def _class_head(model_config, seed: int) -> dict[Path, np.ndarray]:
     head = torch_dense(model_config.num_classes + 1, model_config.hidden_dim, "class_embed", jnp.float32)
     params = head.init(jax.random.key(seed), jnp.zeros((1, model_config.hidden_dim), jnp.float32))["params"]
     return {("params", "class_embed", name): np.asarray(value) for name, value in params.items()}
-
-
-def _unflatten(leaves: Mapping[Path, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in sorted(leaves.items()):
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def convert_state_dict(
@@ -510,7 +497,7 @@ def convert_state_dict(
         "reinitialized": ["params/class_embed"] if reinit_class_head and layout != "torchvision" else [],
         "notes": notes,
     }
-    return _unflatten(leaves), metadata
+    return traverse_util.unflatten_dict(dict(sorted(leaves.items()))), metadata
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,7 +517,7 @@ def _checkpoint_file(path: pathlib.Path) -> pathlib.Path:
 
 
 def _to_numpy(value) -> np.ndarray | None:
-    import torch
+    import torch  # an optional extra (detr-jax[torch]), imported only to read a PyTorch file
 
     if not isinstance(value, torch.Tensor):
         return None
@@ -547,7 +534,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     detr-jax[torch]`). Loading never runs code from the file (`weights_only=True`).
     """
     path = _checkpoint_file(pathlib.Path(path))
-    try:
+    try:  # torch and safetensors are an optional extra (detr-jax[torch]), needed only here
         import torch
     except ImportError as e:
         raise ConversionError(f"{path}: reading PyTorch checkpoints needs torch (pip install 'detr-jax[torch]')") from e
@@ -590,57 +577,32 @@ def file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def convert_checkpoint(
-    src: str | pathlib.Path,
-    model_config: ml_collections.ConfigDict,
-    *,
-    reinit_class_head: bool = False,
-    seed: int = 0,
-) -> tuple[dict, dict]:
-    """Reads and converts a PyTorch checkpoint file; see `convert_state_dict`."""
-    path = _checkpoint_file(pathlib.Path(src).absolute())
-    variables, metadata = convert_state_dict(
-        load_state_dict(path), model_config, reinit_class_head=reinit_class_head, seed=seed, source=str(path)
-    )
-    metadata["source"] = str(path)
-    metadata["source_sha256"] = file_sha256(path)
-    return variables, metadata
-
-
-def _target_config(
+def target_config(
     state_dict: Mapping[str, np.ndarray], config, overrides: Mapping[str, Any] | None, source: str
 ) -> ml_collections.ConfigDict:
-    """The config to convert for: the given one (or file), else the defaults with the inferred shape."""
+    """The config to convert for: the given one (or file, with `overrides`), else the
+    defaults with the model shape inferred from the weights, then `overrides`."""
     if isinstance(config, ml_collections.ConfigDict):
         return config
     if config is not None:
         return load_config(config, overrides)
-    config = base_config()
+    inferred = {}
     layout = detect_layout(list(state_dict))
     if layout is not None:
         inferred = infer_model(map_state_dict(state_dict, layout).leaves, layout)
-        for field, value in inferred.items():
-            if value is not None:
-                config.model[field] = value
-    validate(config)
-    config.lock()
-    for key, value in (overrides or {}).items():
-        set_by_path(config, key, value, source=source)
-    validate(config)
-    return config
+    model = {field: value for field, value in inferred.items() if value is not None}
+    return config_from_dict({"model": model}, source=source, overrides=overrides)
 
 
-def convert_main(
+def convert_file(
     src: str | pathlib.Path,
-    dst: str | pathlib.Path,
     config: ml_collections.ConfigDict | str | pathlib.Path | None = None,
     reinit_class_head: bool = False,
     overrides: Mapping[str, Any] | None = None,
-) -> dict:
-    """`detr-jax convert SRC DST [--config FILE] [--reinit_class_head]`.
-
-    Converts the PyTorch checkpoint SRC (file, or a Hugging Face model directory) and
-    writes a params-only checkpoint to the new directory DST (see `detr_jax.checkpoint_io`).
+) -> tuple[dict, dict]:
+    """Reads and converts the PyTorch checkpoint `src` (a file, or a Hugging Face model
+    directory); writes nothing (`detr-jax convert` saves the result with
+    `checkpoint.save_variables`).
 
     Args:
       config: the config the weights must fit: a loaded config, a config file (then
@@ -649,14 +611,15 @@ def convert_main(
         `overrides` apply on top.
       reinit_class_head: start a new class head (fine-tuning on other classes).
     Returns:
-      The metadata written. Prints a summary.
+      (variables, metadata): see `convert_state_dict`; the metadata also names the source
+      file (and its sha256), the config file and the model config.
     Raises:
-      ConversionError (every problem listed), ConfigError, checkpoint_io.CheckpointError.
+      ConversionError (every problem listed), ConfigError.
     """
     src_path = _checkpoint_file(pathlib.Path(src).absolute())
     state_dict = load_state_dict(src_path)
     config_file = None if config is None or isinstance(config, ml_collections.ConfigDict) else config
-    config = _target_config(state_dict, config, overrides, str(src_path))
+    config = target_config(state_dict, config, overrides, str(src_path))
     variables, metadata = convert_state_dict(
         state_dict, config.model, reinit_class_head=reinit_class_head, seed=config.seed, source=str(src_path)
     )
@@ -671,11 +634,4 @@ def convert_main(
         not_inferred_from_weights=list(NOT_INFERABLE_FIELDS),
         converted_by=f"detr-jax {detr_jax.__version__}",
     )
-    out = checkpoint_io.save_variables(variables, dst, metadata)
-    count = sum(np.size(x) for x in jax.tree.leaves(variables))
-    print(f"converted {metadata['layout']} checkpoint {src_path} ({count:,} values, {metadata['contents']})")
-    print(f"model: {', '.join(f'{k}={v}' for k, v in model.items())}")
-    for note in metadata["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {out}")
-    return metadata
+    return variables, metadata

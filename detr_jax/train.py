@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detr_jax import sharding
-from detr_jax.checkpoint import Checkpointer, abstract_like
-from detr_jax.checkpoint_io import load_variables, merge_variables
+from detr_jax.checkpoint import Checkpointer, abstract_like, load_variables, merge_variables
 from detr_jax.data.pipeline import make_source, make_train_iterator
 from detr_jax.host_memory import retain_freed_memory
 from detr_jax.losses import SetCriterion

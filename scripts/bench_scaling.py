@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from detr_jax.cli import config_from_args
+from detr_jax.config import config_from_args
 from detr_jax.host_memory import retain_freed_memory
 from detr_jax.sharding import global_batch, make_mesh
 from detr_jax.train import assemble

@@ -45,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from detr_jax.cli import config_from_args
+    from detr_jax.config import config_from_args
     from detr_jax.host_memory import retain_freed_memory
 
     config = config_from_args(args.config, {})

@@ -4,9 +4,9 @@ import pathlib
 
 import pytest
 
-from detr_jax.cli import config_from_args, parse_value, resolve_config_path, split_overrides
-from detr_jax.config import ConfigError, load_config
-from detr_jax.models.detr import DETR
+from detr_jax.cli.main import split_overrides
+from detr_jax.config import ConfigError, config_from_args, load_config, parse_value, resolve_config_path
+from detr_jax.models import build_model
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
 
@@ -20,7 +20,7 @@ def test_there_are_the_documented_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_builds_model(path):
     config = load_config(path)
-    model = DETR.from_config(config.model)
+    model = build_model(config.model)
     assert model.num_queries == config.model.num_queries
 
 

@@ -35,7 +35,9 @@ from test_parity_hf import (  # noqa: E402  (tests/ is on sys.path under pytest)
     to_hf_inputs,
 )
 
-from detr_jax import checkpoint_io, convert  # noqa: E402
+from detr_jax import convert  # noqa: E402
+from detr_jax.checkpoint import CheckpointError, load_metadata, load_variables, merge_variables, save_variables  # noqa: E402
+from detr_jax.cli.convert import convert_main  # noqa: E402
 from detr_jax.config import load_config  # noqa: E402
 
 TINY_MODEL = dict(backbone="resnet_tiny", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=3,
@@ -75,7 +77,7 @@ def write_config(directory, position_embedding: str = "sine", **model_overrides)
 def predictions_of(checkpoint_dir, config) -> tuple[np.ndarray, np.ndarray]:
     """Loads a converted checkpoint and runs our model on the reference batch."""
     ref = tiny_reference(config.model.position_embedding)
-    return run_ours(config.model, checkpoint_io.load_variables(checkpoint_dir), ref.images, ref.mask)
+    return run_ours(config.model, load_variables(checkpoint_dir), ref.images, ref.mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,12 +201,12 @@ def test_converted_checkpoint_reproduces_hf_model(kind, position_embedding, tmp_
     src = save_as(kind, ref, tmp_path)
     # A config file, or (as `detr-jax convert --config` passes it) a loaded config.
     config_arg = load_config(config_file) if kind == "official" else config_file
-    metadata = convert.convert_main(src, tmp_path / "converted", config=config_arg)
+    metadata = convert_main(src, tmp_path / "converted", config=config_arg)
 
     expected_layout = "official" if kind == "official" else "huggingface"
     assert metadata["layout"] == expected_layout and metadata["contents"] == "detr"
     assert metadata["inferred_model"]["position_embedding"] == position_embedding
-    assert checkpoint_io.load_metadata(tmp_path / "converted")["source_sha256"] == metadata["source_sha256"]
+    assert load_metadata(tmp_path / "converted")["source_sha256"] == metadata["source_sha256"]
     config = load_config(config_file)
     assert_same_predictions(f"{kind}/{position_embedding}", predictions_of(tmp_path / "converted", config),
                             ref.predictions)
@@ -214,7 +216,7 @@ def test_convert_without_config_infers_the_model(tmp_path):
     ref = tiny_reference("learned")
     src = save_as("official", ref, tmp_path).rename(tmp_path / "detr-tiny-dc5.pth")
     # num_heads cannot be read from the weights: given as an override.
-    metadata = convert.convert_main(src, tmp_path / "out", overrides={"model.num_heads": 4})
+    metadata = convert_main(src, tmp_path / "out", overrides={"model.num_heads": 4})
     for field, value in {**TINY_MODEL, "position_embedding": "learned", "pre_norm": False}.items():
         assert metadata["model"][field] == value, field
     # Nor can dilation: a DC5 file name without model.dilation=True gets a note.
@@ -226,18 +228,18 @@ def test_convert_without_config_infers_the_model(tmp_path):
 def test_torchvision_resnet_becomes_the_backbone_subtree(tmp_path):
     ref = tiny_reference()
     torch.save(torchvision_state_dict(ref.state_dict), tmp_path / "resnet.pth")
-    metadata = convert.convert_main(tmp_path / "resnet.pth", tmp_path / "backbone",
-                                    config=write_config(tmp_path))
+    metadata = convert_main(tmp_path / "resnet.pth", tmp_path / "backbone",
+                            config=write_config(tmp_path))
     assert metadata["layout"] == "torchvision" and metadata["contents"] == "backbone"
     assert {"fc.weight", "fc.bias", "bn1.num_batches_tracked"} <= set(metadata["ignored_keys"])
-    backbone = checkpoint_io.load_variables(tmp_path / "backbone")
+    backbone = load_variables(tmp_path / "backbone")
     assert {c: list(t) for c, t in backbone.items()} == {"params": ["backbone"], "frozen_bn": ["backbone"]}
 
     # The same tensors as the backbone of the full HF conversion, merged into a fresh model.
     full, _ = convert.convert_state_dict({k: v.numpy() for k, v in ref.state_dict.items()},
                                          load_config(write_config(tmp_path)).model)
     fresh = jax.tree.map(np.zeros_like, full)  # stands in for an initialized model
-    merged = checkpoint_io.merge_variables(fresh, backbone, source="resnet.pth")
+    merged = merge_variables(fresh, backbone, source="resnet.pth")
     for collection in ("params", "frozen_bn"):
         jax.tree.map(np.testing.assert_array_equal, merged[collection]["backbone"], full[collection]["backbone"])
     jax.tree.map(np.testing.assert_array_equal, merged["params"]["transformer"], fresh["params"]["transformer"])
@@ -269,19 +271,19 @@ def test_num_classes_mismatch_needs_the_reinit_flag(tmp_path):
     src = save_as("official", ref, tmp_path)
     config_file = write_config(tmp_path, num_classes=3)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(src, tmp_path / "refused", config=config_file)
+        convert_main(src, tmp_path / "refused", config=config_file)
     message = str(error.value)
     assert str(src) in message
     assert "model.num_classes: checkpoint has 5, config has 3" in message and "--reinit_class_head" in message
     assert not (tmp_path / "refused").exists()
 
-    metadata = convert.convert_main(src, tmp_path / "finetune", config=config_file, reinit_class_head=True)
+    metadata = convert_main(src, tmp_path / "finetune", config=config_file, reinit_class_head=True)
     assert metadata["reinitialized"] == ["params/class_embed"] and metadata["notes"]
-    tuned = checkpoint_io.load_variables(tmp_path / "finetune")
+    tuned = load_variables(tmp_path / "finetune")
     assert tuned["params"]["class_embed"]["kernel"].shape == (32, 4)
     # PyTorch nn.Linear init, U(+-1/sqrt(32)): a fresh head, not zeros or the old one.
     assert 0.05 < np.abs(tuned["params"]["class_embed"]["kernel"]).max() <= 32**-0.5
-    full, _ = convert.convert_checkpoint(src, load_config(write_config(tmp_path)).model)
+    full, _ = convert.convert_state_dict(convert.load_state_dict(src), load_config(write_config(tmp_path)).model)
     del tuned["params"]["class_embed"], full["params"]["class_embed"]
     jax.tree.map(np.testing.assert_array_equal, tuned, full)
 
@@ -290,15 +292,15 @@ def test_num_queries_mismatch_is_refused(tmp_path):
     ref = tiny_reference()
     src = save_as("official", ref, tmp_path)
     with pytest.raises(convert.ConversionError, match=r"model\.num_queries: checkpoint has 7, config has 10"):
-        convert.convert_main(src, tmp_path / "out", config=write_config(tmp_path, num_queries=10),
-                             reinit_class_head=True)
+        convert_main(src, tmp_path / "out", config=write_config(tmp_path, num_queries=10),
+                     reinit_class_head=True)
 
 
 def test_group_norm_model_is_refused_with_the_reason(tmp_path):
     ref = tiny_reference()
     src = save_as("official", ref, tmp_path)
     with pytest.raises(convert.ConversionError, match=r"backbone_norm='frozen_bn'.*'group_norm'"):
-        convert.convert_main(src, tmp_path / "out", config=write_config(tmp_path, backbone_norm="group_norm"))
+        convert_main(src, tmp_path / "out", config=write_config(tmp_path, backbone_norm="group_norm"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,14 +311,14 @@ def test_unrelated_state_dict_is_refused(tmp_path):
     path = tmp_path / "classifier.pth"
     torch.save({"features.0.weight": torch.randn(8, 3, 3, 3), "classifier.bias": torch.randn(10)}, path)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(path, tmp_path / "out", config=write_config(tmp_path))
+        convert_main(path, tmp_path / "out", config=write_config(tmp_path))
     message = str(error.value)
     assert str(path) in message and "not a DETR or ResNet checkpoint" in message and "features.0.weight" in message
 
     torch.save({"model": {"detr." + k: v for k, v in official_state_dict(tiny_reference().state_dict).items()}},
                tmp_path / "panoptic.pth")
     with pytest.raises(convert.ConversionError, match="panoptic/segmentation model: not supported"):
-        convert.convert_main(tmp_path / "panoptic.pth", tmp_path / "out")
+        convert_main(tmp_path / "panoptic.pth", tmp_path / "out")
 
 
 def test_every_missing_extra_and_misshaped_tensor_is_listed(tmp_path):
@@ -329,7 +331,7 @@ def test_every_missing_extra_and_misshaped_tensor_is_listed(tmp_path):
     path = tmp_path / "broken.pth"
     torch.save({"model": official}, path)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(path, tmp_path / "out", config=write_config(tmp_path))
+        convert_main(path, tmp_path / "out", config=write_config(tmp_path))
     message = str(error.value)
     for expected in [
         str(path),
@@ -346,8 +348,8 @@ def test_every_missing_extra_and_misshaped_tensor_is_listed(tmp_path):
 def test_architecture_mismatch_lists_config_fields_and_extra_layers(tmp_path):
     src = save_as("official", tiny_reference(), tmp_path)
     with pytest.raises(convert.ConversionError) as error:
-        convert.convert_main(src, tmp_path / "out",
-                             config=write_config(tmp_path, num_decoder_layers=2, backbone="resnet50"))
+        convert_main(src, tmp_path / "out",
+                     config=write_config(tmp_path, num_decoder_layers=2, backbone="resnet50"))
     message = str(error.value)
     assert "model.num_decoder_layers: checkpoint has 3, config has 2" in message
     assert "model.backbone: checkpoint has 'resnet_tiny', config has 'resnet50'" in message
@@ -358,22 +360,22 @@ def test_unreadable_and_absent_files_are_named(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     with pytest.raises(convert.ConversionError, match=re.escape(str(text)) + ": cannot be read"):
-        convert.convert_main(text, tmp_path / "out")
+        convert_main(text, tmp_path / "out")
     with pytest.raises(convert.ConversionError, match="no such file"):
-        convert.convert_main(tmp_path / "absent.pth", tmp_path / "out")
+        convert_main(tmp_path / "absent.pth", tmp_path / "out")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(convert.ConversionError, match="neither model.safetensors nor pytorch_model.bin"):
-        convert.convert_main(tmp_path / "empty_dir", tmp_path / "out")
+        convert_main(tmp_path / "empty_dir", tmp_path / "out")
 
 
 def test_checkpoint_directories_are_checked(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    with pytest.raises(checkpoint_io.CheckpointError, match="already exists"):
-        checkpoint_io.save_variables({"params": {"w": np.zeros(2)}}, tmp_path / "taken", {})
-    with pytest.raises(checkpoint_io.CheckpointError, match="not a detr-jax params checkpoint"):
-        checkpoint_io.load_variables(tmp_path / "taken")
-    with pytest.raises(checkpoint_io.CheckpointError) as error:
-        checkpoint_io.merge_variables({"params": {"w": np.zeros(2)}},
-                                      {"params": {"w": np.zeros(3), "v": np.zeros(1)}}, source="x.ckpt")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_variables({"params": {"w": np.zeros(2)}}, tmp_path / "taken", {})
+    with pytest.raises(CheckpointError, match="not a detr-jax params checkpoint"):
+        load_variables(tmp_path / "taken")
+    with pytest.raises(CheckpointError) as error:
+        merge_variables({"params": {"w": np.zeros(2)}},
+                        {"params": {"w": np.zeros(3), "v": np.zeros(1)}}, source="x.ckpt")
     assert "params/v" in str(error.value) and "params/w: (3,) in x.ckpt, (2,) in the model" in str(error.value)

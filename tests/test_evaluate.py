@@ -21,11 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax import evaluate
+from detr_jax import coco_metrics, evaluate
 from detr_jax.config import load_config
 from detr_jax.data import SyntheticShapesSource, to_coco_dict
 from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_cxcywh
-from detr_jax.evaluate import METRIC_NAMES, Evaluator, postprocess, select_detections
+from detr_jax.cli.eval import eval_main
+from detr_jax.coco_metrics import METRIC_NAMES
+from detr_jax.evaluate import Evaluator
+from detr_jax.postprocess import postprocess, select_detections
+from detr_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 300
@@ -135,10 +139,10 @@ def run_oracle(config, mesh=None, noise=0.02, max_batches=None):
 
 def run_tiny_detr(config, meshes):
     """Evaluations of one random-weight tiny DETR on each mesh."""
-    from detr_jax.models.detr import DETR
+    from detr_jax.models import build_model
     from test_inference import random_variables
 
-    model = DETR.from_config(config.model)
+    model = build_model(config.model)
     variables = random_variables(model)
     return [Evaluator(model, config, mesh=mesh)(variables) for mesh in meshes]
 
@@ -213,8 +217,8 @@ def _predictions_from_gt(gt, num_queries=6, box_noise=0.0, seed=0):
 
 
 def test_perfect_predictions_give_ap_one(ground_truth):
-    results = evaluate.to_coco_results(*_predictions_from_gt(ground_truth))
-    metrics = evaluate.coco_evaluate(ground_truth, results).metrics
+    results = coco_metrics.to_coco_results(*_predictions_from_gt(ground_truth))
+    metrics = coco_metrics.coco_evaluate(ground_truth, results).metrics
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert metrics[name] == pytest.approx(1.0, abs=1e-12), name
     assert metrics["APs"] in (1.0, -1.0) and metrics["APm"] in (1.0, -1.0)
@@ -223,7 +227,7 @@ def test_perfect_predictions_give_ap_one(ground_truth):
 def test_shuffled_boxes_give_low_ap(ground_truth):
     ids, scores, labels, boxes = _predictions_from_gt(ground_truth)
     shuffled = np.roll(boxes, 1, axis=0)  # every image gets its neighbour's boxes
-    metrics = evaluate.coco_evaluate(ground_truth, evaluate.to_coco_results(ids, scores, labels, shuffled)).metrics
+    metrics = coco_metrics.coco_evaluate(ground_truth, coco_metrics.to_coco_results(ids, scores, labels, shuffled)).metrics
     # Boxes land at random places: an accidental IoU >= 0.5 with a same-class object is rare.
     assert metrics["AP"] < 0.05 and metrics["AP50"] < 0.1
 
@@ -231,9 +235,9 @@ def test_shuffled_boxes_give_low_ap(ground_truth):
 def test_partial_evaluation_counts_only_the_evaluated_images(ground_truth):
     ids, scores, labels, boxes = _predictions_from_gt(ground_truth)
     half = len(ids) // 2
-    results = evaluate.to_coco_results(ids[:half], scores[:half], labels[:half], boxes[:half])
-    assert evaluate.coco_evaluate(ground_truth, results, image_ids=ids[:half]).metrics["AP"] == pytest.approx(1.0)
-    assert evaluate.coco_evaluate(ground_truth, results).metrics["AR100"] < 0.75  # the rest: missed
+    results = coco_metrics.to_coco_results(ids[:half], scores[:half], labels[:half], boxes[:half])
+    assert coco_metrics.coco_evaluate(ground_truth, results, image_ids=ids[:half]).metrics["AP"] == pytest.approx(1.0)
+    assert coco_metrics.coco_evaluate(ground_truth, results).metrics["AR100"] < 0.75  # the rest: missed
 
 
 def test_metrics_equal_a_direct_pycocotools_run(ground_truth, tmp_path):
@@ -243,8 +247,8 @@ def test_metrics_equal_a_direct_pycocotools_run(ground_truth, tmp_path):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    results = evaluate.to_coco_results(*_predictions_from_gt(ground_truth, box_noise=0.08, seed=1))
-    ours = evaluate.coco_evaluate(ground_truth, results)
+    results = coco_metrics.to_coco_results(*_predictions_from_gt(ground_truth, box_noise=0.08, seed=1))
+    ours = coco_metrics.coco_evaluate(ground_truth, results)
     assert 0.2 < ours.metrics["AP"] < 0.9  # a non-trivial case
 
     (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
@@ -259,7 +263,7 @@ def test_metrics_equal_a_direct_pycocotools_run(ground_truth, tmp_path):
         with contextlib.redirect_stdout(printed):
             direct.summarize()
     np.testing.assert_array_equal(ours.stats, direct.stats)
-    assert evaluate.format_coco_summary(ours.stats) == printed.getvalue().rstrip("\n")
+    assert coco_metrics.format_coco_summary(ours.stats) == printed.getvalue().rstrip("\n")
     assert list(ours.metrics) == list(METRIC_NAMES)
 
     for cat_id in sorted(ours.per_class_ap):  # a class alone: COCOeval restricted to it
@@ -273,7 +277,7 @@ def test_metrics_equal_a_direct_pycocotools_run(ground_truth, tmp_path):
 
 
 def test_empty_results_are_reported_as_undefined(ground_truth):
-    metrics = evaluate.coco_evaluate(ground_truth, []).metrics
+    metrics = coco_metrics.coco_evaluate(ground_truth, []).metrics
     assert set(metrics.values()) == {-1.0}
 
 
@@ -326,21 +330,21 @@ def test_training_eval_fn_returns_metrics_and_saves_samples(tmp_path):
 
 
 def test_eval_main_prints_the_table_and_writes_metrics_and_samples(tmp_path, capsys):
-    from detr_jax import checkpoint_io
-    from detr_jax.models.detr import DETR
+    from detr_jax.checkpoint import save_variables
+    from detr_jax.models import build_model
     from test_inference import random_variables
 
     config = tiny_config(num_eval=6, batch_size=4)
     config.data.synthetic_image_size = (64, 64)  # one bucket: one compilation
-    variables = random_variables(DETR.from_config(config.model))
-    checkpoint_io.save_variables(variables, tmp_path / "ckpt", {"contents": "detr", "model": config.model.to_dict()})
+    variables = random_variables(build_model(config.model))
+    save_variables(variables, tmp_path / "ckpt", {"contents": "detr", "model": config.model.to_dict()})
 
-    metrics = evaluate.eval_main(config, tmp_path / "ckpt", tmp_path / "out", num_visualized=3,
-                                 save_detections=True, progress=False)
+    metrics = eval_main(config, tmp_path / "ckpt", tmp_path / "out", num_visualized=3,
+                        save_detections=True, progress=False)
 
     assert list(metrics) == list(METRIC_NAMES)
     printed = capsys.readouterr().out
-    assert "on 6 images" in printed and evaluate.format_coco_summary(list(metrics.values())) in printed
+    assert "on 6 images" in printed and coco_metrics.format_coco_summary(list(metrics.values())) in printed
     report = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())
     assert report["metrics"] == metrics and report["num_images"] == 6
     assert [c["name"] for c in report["per_class_ap"]] == ["rectangle", "ellipse", "triangle"]
@@ -425,12 +429,12 @@ def _worker(argv):
     mode = argv[0]
     if mode == "devices8":
         config = tiny_config()
-        one = evaluate.data_mesh(jax.devices()[:1])
+        one = make_mesh(jax.devices()[:1])
         result = {"num_devices": jax.device_count()}
         result["oracle_1"] = _result_json(run_oracle(config, mesh=one))
         result["oracle_8"] = _result_json(run_oracle(config))
         config.data.synthetic_image_size = (64, 64)  # one bucket: one compilation per mesh
-        detr_1, detr_8 = run_tiny_detr(config, [one, evaluate.data_mesh()])
+        detr_1, detr_8 = run_tiny_detr(config, [one, make_mesh()])
         result["detr_1"], result["detr_8"] = _result_json(detr_1), _result_json(detr_8)
     elif mode == "process":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

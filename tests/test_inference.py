@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax import checkpoint_io, inference
+from detr_jax import inference, restore
+from detr_jax.checkpoint import CheckpointError, save_variables
+from detr_jax.cli.predict import predict_main
 from detr_jax.config import load_config
 from detr_jax.data import batching
 from detr_jax.data.records import ImageLoadError
 from detr_jax.data.transforms import resized_size
+from detr_jax.data.pipeline import buckets_for
+from detr_jax.models import build_model
 from detr_jax.models.detr import init_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +72,7 @@ def random_variables(model, seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def variables(config):
-    return random_variables(inference.build_model(config))
+    return random_variables(build_model(config.model))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def _image(h, w, seed=0):
 
 def _bucket(config, h, w):
     rh, rw = resized_size(h, w, config.data.eval_scale, config.data.eval_max_size)
-    return batching.choose_bucket(inference.buckets_for(config.data), rh, rw, config.data.bucket_step)[0]
+    return batching.choose_bucket(buckets_for(config.data), rh, rw, config.data.bucket_step)[0]
 
 
 def _max_diff(a, b):
@@ -138,7 +142,7 @@ def test_compilations_are_bounded_by_the_bucket_count(predictor, config):
     predictor.predict([_image(h, w, i) for i, (h, w) in enumerate(sizes)], score_threshold=0.0)
     expected = {_bucket(config, h, w) for h, w in sizes}
     assert set(predictor.compiled_shapes) == before | expected
-    assert predictor.num_compilations == len(before | expected) <= len(inference.buckets_for(config.data))
+    assert predictor.num_compilations == len(before | expected) <= len(buckets_for(config.data))
     assert len(expected) < len(set(sizes))
     # New sizes in buckets already compiled: nothing new is compiled.
     count = predictor.num_compilations
@@ -224,12 +228,12 @@ def test_load_image_names_an_unreadable_file(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, config, variables):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint_io.save_variables(variables, path, {"contents": "detr", "model": config.model.to_dict()})
+    save_variables(variables, path, {"contents": "detr", "model": config.model.to_dict()})
     return path
 
 
 def test_checkpoint_without_config_takes_the_model_from_its_metadata(checkpoint, config):
-    loaded, loaded_config = inference.load_checkpoint(checkpoint)
+    loaded, loaded_config = restore.load_checkpoint(checkpoint)
     assert loaded_config.model.to_dict() == config.model.to_dict()
     assert loaded_config.data.eval_scale == 800  # the defaults: COCO-size evaluation
     assert jax.tree.structure(loaded) == jax.tree.structure(jax.tree.map(np.asarray, dict(loaded)))
@@ -238,16 +242,16 @@ def test_checkpoint_without_config_takes_the_model_from_its_metadata(checkpoint,
 def test_checkpoint_that_does_not_fit_the_config_is_rejected(checkpoint, config, variables, tmp_path):
     other = tiny_config()
     other.model.num_heads = 2  # same tensor shapes, different model: must be caught
-    with pytest.raises(checkpoint_io.CheckpointError, match="model.num_heads"):
-        inference.load_checkpoint(checkpoint, other)
+    with pytest.raises(CheckpointError, match="model.num_heads"):
+        restore.load_checkpoint(checkpoint, other)
     partial = {"params": dict(variables["params"]), "frozen_bn": variables["frozen_bn"]}
     del partial["params"]["query_embed"]
-    with pytest.raises(checkpoint_io.CheckpointError, match="missing.*\n.*query_embed"):
-        inference.check_variables_fit(inference.build_model(config), partial)
+    with pytest.raises(CheckpointError, match="missing.*\n.*query_embed"):
+        restore.check_variables_fit(build_model(config.model), partial)
     backbone = tmp_path / "backbone"
-    checkpoint_io.save_variables({"frozen_bn": variables["frozen_bn"]}, backbone, {"contents": "backbone"})
-    with pytest.raises(checkpoint_io.CheckpointError, match="only a backbone"):
-        inference.load_checkpoint(backbone, config)
+    save_variables({"frozen_bn": variables["frozen_bn"]}, backbone, {"contents": "backbone"})
+    with pytest.raises(CheckpointError, match="only a backbone"):
+        restore.load_checkpoint(backbone, config)
 
 
 def test_predict_folder_with_a_corrupt_image(checkpoint, config, tmp_path, capsys):
@@ -259,7 +263,7 @@ def test_predict_folder_with_a_corrupt_image(checkpoint, config, tmp_path, capsy
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
 
-    status = inference.predict_main(checkpoint, [images], out, config=config, score_threshold=0.0, top_k=3)
+    status = predict_main(checkpoint, [images], out, config=config, score_threshold=0.0, top_k=3)
 
     assert status == 0
     summary = json.loads((out / "detections.json").read_text())
@@ -278,8 +282,8 @@ def test_predict_folder_with_a_corrupt_image(checkpoint, config, tmp_path, capsy
 
 def test_predict_fails_when_every_image_fails(checkpoint, config, tmp_path, capsys):
     (tmp_path / "a.jpg").write_bytes(b"garbage")
-    status = inference.predict_main(checkpoint, [tmp_path / "a.jpg", tmp_path / "missing.png"],
-                                    tmp_path / "out", config=config)
+    status = predict_main(checkpoint, [tmp_path / "a.jpg", tmp_path / "missing.png"],
+                          tmp_path / "out", config=config)
     assert status == 1
     err = capsys.readouterr().err
     assert "a.jpg" in err and "missing.png: no such file or directory" in err

@@ -402,7 +402,7 @@ def test_training_loop_waits_for_each_step_on_cpu(tmp_path, monkeypatch):
 
 def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
     """train.init_from lays a (converted, backbone-only) checkpoint over fresh variables."""
-    from detr_jax.checkpoint_io import save_variables
+    from detr_jax.checkpoint import save_variables
     from detr_jax.train import initial_variables
 
     state0 = one_step["state0"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from detr_jax.config.errors import ConfigError
+from detr_jax.data.tfds_source import LABEL_MAPPINGS
 from detr_jax.data.transforms import COCO_TRAIN_SCALES
 
 DATASETS = ("synthetic", "coco_folder", "tfds")
@@ -78,8 +80,6 @@ def data_config() -> ml_collections.ConfigDict:
 
 def validate(data: ml_collections.ConfigDict) -> None:
     """Checks the `data` section; raises ConfigError naming the key."""
-    from detr_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-    from detr_jax.data.tfds_source import LABEL_MAPPINGS  # pylint: disable=import-outside-toplevel
 
     def fail(key, message):
         raise ConfigError(f"data.{key}={data[key]!r}: {message}")

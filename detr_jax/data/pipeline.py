@@ -41,6 +41,7 @@ from detr_jax.data.config import validate
 from detr_jax.data.records import DataError, DetectionSource, ImageLoadError
 from detr_jax.data.stats import PipelineStats
 from detr_jax.data.synthetic import SyntheticShapesSource
+from detr_jax.data.tfds_source import TfdsSource  # TensorFlow itself is imported only when one is built
 from detr_jax.data.transforms import EvalResize, TrainAugmentation, clean_record, to_normalized_cxcywh
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,6 @@ def make_source(data: ml_collections.ConfigDict, split: str) -> DetectionSource:
         annotation_file = annotation_file or os.path.join(data.coco_dir, "annotations", f"instances_{name}.json")
         image_dir = image_dir or os.path.join(data.coco_dir, name)
         return CocoFolderSource(annotation_file, image_dir)
-    from detr_jax.data.tfds_source import TfdsSource  # pylint: disable=import-outside-toplevel
-
     return TfdsSource(data.tfds_name, name, data.tfds_data_dir, data.tfds_label_mapping)
 
 

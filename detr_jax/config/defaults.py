@@ -1,4 +1,4 @@
-"""Configuration: defaults shared by every file in `configs/`, loading and validation.
+"""Config defaults shared by every file in `configs/`, and their validation.
 
 A config is an `ml_collections.ConfigDict` with sections `model`, `loss`, `data`,
 `train` and `eval`. Experiment files in `configs/` call `base_config()` and override
@@ -8,20 +8,19 @@ file or in a `--config.key=value` override) is an error instead of a silent no-o
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from detr_jax.config.errors import ConfigError
+from detr_jax.config.train_config import eval_config, train_config
+# The data section's defaults live with the data package. Bound as a module, not by name:
+# data.config imports ConfigError from this package, and a module binding lets either
+# package be imported first (its names are read only when a config is built or checked).
+from detr_jax.data import config as data_defaults
 from detr_jax.losses import LOSSES
 from detr_jax.matcher import MATCHERS
 from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS
 from detr_jax.models.detr import DTYPES
 from detr_jax.optim import check_param_rules
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid (unknown key, bad value)."""
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -81,14 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     Locked: a config file may change values but not add keys, so a typo such as
     `config.model.hiden_dim = 128` fails loudly.
     """
-    from detr_jax.data.config import data_config  # data owns its own defaults
-    from detr_jax.train_config import eval_config, train_config
-
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config()
     config.loss = loss_config()
-    config.data = data_config()
+    config.data = data_defaults.data_config()
     config.train = train_config()
     config.eval = eval_config()
     config.lock()
@@ -97,12 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that the type of a key cannot express; raises ConfigError."""
-    from detr_jax.data.config import validate as validate_data
-
     validate_model(config.model)
     validate_loss(config.loss)
     validate_train(config.train)
-    validate_data(config.data)
+    data_defaults.validate(config.data)
 
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
@@ -142,86 +136,3 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.num_decoder_layers={m.num_decoder_layers} must be >= 1")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-
-
-def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Validates and locks a config so unknown keys are rejected from now on."""
-    validate(config)
-    config.lock()
-    return config
-
-
-def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a config file and applies dotted-key overrides.
-
-    Args:
-      path: a Python file defining `get_config()` (e.g. `configs/synthetic_tiny.py`).
-      overrides: {"model.num_queries": 10, ...}; each key must already exist.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"detr_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a config file is user code: name it in the error
-        raise ConfigError(f"{path}: failed to load config: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: defines no get_config()")
-    try:
-        config = module.get_config()
-    except (AttributeError, KeyError) as e:  # a locked ConfigDict refuses unknown keys
-        raise ConfigError(f"{path}: get_config() failed, unknown config key? {e}") from e
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
-    config.lock()
-    validate(config)
-    for key, value in (overrides or {}).items():
-        set_by_path(config, key, value, source=str(path))
-    validate(config)
-    return config
-
-
-def config_from_dict(values: dict, source: str = "saved config") -> ml_collections.ConfigDict:
-    """The base config with the values of a saved config dict (e.g. from a checkpoint).
-
-    Keys this version does not know are ignored with a warning (an older or newer save).
-    """
-    import logging
-
-    config = base_config()
-
-    def assign(node, saved, prefix):
-        for key, value in saved.items():
-            if key not in node:
-                logging.getLogger(__name__).warning("%s: ignoring unknown config key %s%s", source, prefix, key)
-            elif isinstance(node[key], ml_collections.ConfigDict):
-                assign(node[key], value, f"{prefix}{key}.")
-            else:
-                current = node[key]
-                node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) \
-                    if isinstance(current, tuple) and isinstance(value, list) else value
-
-    assign(config, values, "")
-    validate(config)
-    return config
-
-
-def set_by_path(config: ml_collections.ConfigDict, key: str, value, source: str = "config") -> None:
-    """Sets `a.b.c = value` on a locked config; unknown keys raise ConfigError naming them."""
-    *parents, leaf = key.split(".")
-    node = config
-    walked = []
-    for part in parents:
-        walked.append(part)
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ConfigError(f"{source}: unknown config key {'.'.join(walked)!r}")
-        node = node[part]
-    if leaf not in node:
-        known = ", ".join(sorted(node.keys()))
-        raise ConfigError(f"{source}: unknown config key {key!r} (known here: {known})")
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: bad value for {key!r}: {e}") from e

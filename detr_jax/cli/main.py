@@ -1,0 +1,89 @@
+"""The `detr-jax` command: train, eval, predict, convert.
+
+Config overrides use ml_collections' flag syntax: `--config.model.num_queries=20`.
+Values are parsed as Python literals when the key's current value is not a string
+(`--config.data.train_scales="(96, 128)"`, `--config.model.pre_norm=true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from absl import logging as absl_logging
+
+from detr_jax.checkpoint import CheckpointError
+from detr_jax.cli import convert as convert_command
+from detr_jax.cli import eval as eval_command
+from detr_jax.cli import predict as predict_command
+from detr_jax.cli import train as train_command
+from detr_jax.config import ConfigError
+from detr_jax.convert import ConversionError
+from detr_jax.data.records import DataError
+
+COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command}
+
+# Exceptions that mean bad input (a file, a checkpoint, a dataset), not a bug.
+USER_ERRORS = (CheckpointError, DataError, ConversionError, FileNotFoundError)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.a.b=value` (or `--config.a.b value`) from the other arguments."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: missing value")
+                value = argv[i + 1]
+                i += 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """INFO for this package, WARNING for the libraries (orbax and absl are chatty)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("detr_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detr-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = ""
+    try:
+        rest, overrides = split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        command = args.command or ""
+        setup_logging(args.verbose)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command].run(args, overrides)
+        build_parser().print_help()
+        return 2
+    except ConfigError as e:
+        print(f"detr-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:  # bad input (a file, a checkpoint, a dataset): the message names it
+        print(f"detr-jax {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
