@@ -32,7 +32,8 @@ def test_paper_settings():
     assert not m.pre_norm and m.position_embedding == "sine"
     assert (loss.cost_class, loss.cost_bbox, loss.cost_giou) == (1, 5, 2)
     assert (loss.bbox_coef, loss.giou_coef, loss.eos_coef) == (5, 2, 0.1)
-    assert (train.lr, train.lr_backbone, train.weight_decay, train.clip_max_norm) == (1e-4, 1e-5, 1e-4, 0.1)
+    lr_backbone = train.lr * dict(train.param_rules)["backbone/.*"]  # the lr_backbone of official DETR
+    assert (train.lr, lr_backbone, train.weight_decay, train.clip_max_norm) == (1e-4, pytest.approx(1e-5), 1e-4, 0.1)
     assert load_config(resolve_config_path("detr_r101_dc5_coco")).model.dilation
 
 

@@ -7,7 +7,6 @@ This is the worked example of docs/EXTENDING.md.
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 from typing import Any
@@ -17,13 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from conftest import REPO, tiny_config
 from detr_jax.losses import LOSSES, LossTerm
 from detr_jax.matcher import MATCHERS, Matching, matching_cost
 from detr_jax.models import BACKBONES
 from detr_jax.models.backbone import BackboneOutput, downsample_mask
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 # 1. A backbone: any module (images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput.
 class TwoConvBackbone(nn.Module):
@@ -71,15 +68,14 @@ class GreedyMatcher:
         num_layers, batch, num_queries, num_targets = cost.shape
         valid = jnp.broadcast_to(valid, (num_layers, batch, num_targets))
 
-        def take(m, carry):
-            taken, t2q = carry
+        taken = jnp.zeros(cost.shape[:3], bool)  # [L, B, Q]
+        columns = []
+        for m in range(num_targets):  # static and small (data.max_boxes)
             q = jnp.argmin(jnp.where(taken, jnp.inf, cost[..., m]), axis=-1)  # [L, B]
             q = jnp.where(valid[..., m], q, -1)
             taken = taken | (jnp.arange(num_queries) == q[..., None])
-            return taken, t2q.at[..., m].set(q)
-
-        t2q = jnp.full((num_layers, batch, num_targets), -1, jnp.int32)
-        _, t2q = jax.lax.fori_loop(0, num_targets, take, (jnp.zeros(cost.shape[:3], bool), t2q))
+            columns.append(q)
+        t2q = jnp.stack(columns, axis=-1)
         return Matching(target_to_query=t2q.astype(jnp.int32), solved=jnp.ones((num_layers, batch), bool),
                         nonfinite=jnp.zeros((num_layers, batch), jnp.int32))
 
@@ -87,25 +83,17 @@ class GreedyMatcher:
 MATCHERS["greedy"] = GreedyMatcher
 
 
-OVERRIDES = {
-    # the variants, by name
+# the variants, by name, on the shared tiny config; evaluation after the last step
+VARIANT = {
     "model.backbone": "two_conv", "loss.matcher": "greedy",
     "loss.losses": ("labels", "boxes", "l2_boxes", "cardinality"),
-    # a tiny run on 64x64 synthetic images
-    "model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-    "model.num_decoder_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 6,
     "data.synthetic_train_examples": 16, "data.synthetic_eval_examples": 4,
-    "data.synthetic_image_size": (64, 64), "data.train_scales": (64,), "data.train_max_size": 64,
-    "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
-    "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
-    "train.batch_size": 4, "train.num_steps": 2, "train.log_every_steps": 1, "train.eval_every_epochs": 1,
-    "train.warmup_steps": 0, "eval.batch_size": 2, "eval.num_visualized": 2,
+    "train.num_steps": 2, "train.eval_every_epochs": 1, "eval.batch_size": 2, "eval.num_visualized": 2,
 }
 
 
 def run_variant(workdir: str) -> dict:
     """Trains, evaluates and predicts with the variants above (called in a 2-device process)."""
-    from detr_jax.config import load_config
     from detr_jax.evaluate import Evaluator, make_eval_fn
     from detr_jax.inference import Predictor
     from detr_jax.models import build_model
@@ -113,7 +101,7 @@ def run_variant(workdir: str) -> dict:
     from detr_jax.train import train
 
     assert jax.device_count() == 2, jax.devices()
-    config = load_config(REPO / "configs" / "synthetic_tiny.py", OVERRIDES)
+    config = tiny_config(**VARIANT)
     metrics = train(config, workdir, eval_fn=make_eval_fn(config, workdir), show_progress=False)
 
     variables, saved = load_checkpoint(workdir)
@@ -150,10 +138,9 @@ def test_new_backbone_loss_and_matcher_from_config(tmp_path):
 
 def test_greedy_matcher_and_l2_term_are_what_the_criterion_runs():
     """The registered matcher and term are the ones used: the loss equals a hand computation."""
-    from detr_jax.config import load_config
     from detr_jax.losses import SetCriterion
 
-    config = load_config(REPO / "configs" / "synthetic_tiny.py", OVERRIDES)
+    config = tiny_config(**VARIANT)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes)
     assert isinstance(criterion.matcher, GreedyMatcher) and criterion.weight_dict["loss_l2"] == 3.0
     # one layer, one image, two queries, one target closest to query 1

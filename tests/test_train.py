@@ -13,29 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import REPO, cli_overrides, tiny_config
 from detr_jax.checkpoint import Checkpointer, latest_step_dir, read_state_as_numpy
-from detr_jax.config import load_config
 from detr_jax.models import build_model, variable_shapes
-from detr_jax.optim import OFFICIAL_PARAM_RULES, lr_schedule, make_optimizer, param_groups
+from detr_jax.optim import OFFICIAL_PARAM_RULES, lr_schedule, param_groups
 from detr_jax.sharding import global_batch, make_mesh
-from detr_jax.train import assemble, create_train_state, make_train_step
+from detr_jax.train import assemble, make_train_step
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# A very small model and 64x64 images in one bucket: one compilation per process.
-TINY_OVERRIDES = {
-    "model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
-    "model.num_decoder_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 6,
-    "data.synthetic_train_examples": 64, "data.synthetic_eval_examples": 8,
-    "data.synthetic_image_size": (64, 64), "data.train_scales": (64,), "data.train_max_size": 64,
-    "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
-    "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
-    "train.batch_size": 4, "train.log_every_steps": 1,
-    # The official model and optimizer (synthetic_tiny itself trains its whole backbone from
-    # scratch, with GroupNorm, a higher lr and warmup).
-    "model.backbone_norm": "frozen_bn", "train.lr": 1e-4, "train.param_rules": OFFICIAL_PARAM_RULES,
-    "train.warmup_steps": 0, "model.dropout": 0.1,
-}
 
 # Optimizer groups of the official rules: the backbone (and a learned position embedding)
 # at 0.1 x lr, everything else at lr.
@@ -44,15 +28,6 @@ BACKBONE, MAIN = "lr_x0p1", "lr_x1"
 # scratch (no frozen stem), as rules.
 BACKBONE_FROZEN_RULES = ((r"backbone/.*", None), (r"position_embedding/.*", None))
 FROM_SCRATCH_RULES = ((r"backbone/.*", 0.1), (r"position_embedding/.*", 0.1))
-
-
-def tiny_config(**extra):
-    return load_config(REPO / "configs" / "synthetic_tiny.py", {**TINY_OVERRIDES, **extra})
-
-
-def cli_overrides(**extra) -> list[str]:
-    return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
-            for k, v in {**TINY_OVERRIDES, **extra}.items()]
 
 
 def fixed_batch(batch_size=4, seed=0):
@@ -225,7 +200,8 @@ SHARDED_STEP = """
 import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import Mesh
 import sys; sys.path.insert(0, "tests")
-from test_train import tiny_config, fixed_batch
+from conftest import tiny_config
+from test_train import fixed_batch
 from detr_jax.sharding import global_batch
 from detr_jax.train import assemble
 assert jax.device_count() == 8, jax.devices()

@@ -1,0 +1,41 @@
+"""The shared tiny config of the tests: `tiny_config(**overrides)`.
+
+A very small model (width 32, 1+2 layers, 6 queries) on 64x64 synthetic images in one
+bucket, so a process compiles its train step once; the official model and optimizer
+(frozen BN, official parameter rules) rather than synthetic_tiny's from-scratch recipe.
+Subprocess workers import it as `from conftest import tiny_config` (tests/ on sys.path).
+Files whose measured tolerances depend on other shapes (test_evaluate, test_inference,
+the data tests) pass their own overrides.
+"""
+
+import pathlib
+
+from detr_jax.config import load_config
+from detr_jax.optim import OFFICIAL_PARAM_RULES
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_OVERRIDES = {
+    "model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1,
+    "model.num_decoder_layers": 2, "model.dim_feedforward": 64, "model.num_queries": 6,
+    "data.synthetic_train_examples": 64, "data.synthetic_eval_examples": 8,
+    "data.synthetic_image_size": (64, 64), "data.train_scales": (64,), "data.train_max_size": 64,
+    "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
+    "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
+    "train.batch_size": 4, "train.log_every_steps": 1,
+    # The official model and optimizer (synthetic_tiny itself trains its whole backbone from
+    # scratch, with GroupNorm, a higher lr and warmup).
+    "model.backbone_norm": "frozen_bn", "train.lr": 1e-4, "train.param_rules": OFFICIAL_PARAM_RULES,
+    "train.warmup_steps": 0, "model.dropout": 0.1,
+}
+
+
+def tiny_config(**overrides):
+    """configs/synthetic_tiny.py with TINY_OVERRIDES, then `overrides` ({"train.num_steps": 3})."""
+    return load_config(REPO / "configs" / "synthetic_tiny.py", {**TINY_OVERRIDES, **overrides})
+
+
+def cli_overrides(**overrides) -> list[str]:
+    """The same as `--config.KEY=VALUE` arguments of `detr-jax`."""
+    return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
+            for k, v in {**TINY_OVERRIDES, **overrides}.items()]
