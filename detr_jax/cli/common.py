@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from detr_jax.config import config_from_args
+from detr_jax.models.detr import DTYPES
 from detr_jax.restore import checkpoint_config
 
-DTYPE_CHOICES = ("float32", "bfloat16")
+DTYPE_CHOICES = tuple(DTYPES)
 
 
 def config_for_checkpoint(args, overrides: dict[str, str]):
