@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from detr_jax import visualize
 from detr_jax.coco_metrics import METRIC_NAMES, coco_evaluate, coco_from_dict, format_coco_summary, to_coco_results
+from detr_jax.config.errors import ConfigError
 from detr_jax.data import eval_shard_range, make_eval_iterator, make_source, num_eval_batches, to_coco_dict
+from detr_jax.data.checks import check_category_ids, check_image_files
 from detr_jax.models import build_model
 from detr_jax.postprocess import make_predict_fn, select_detections
 from detr_jax.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
@@ -96,11 +98,13 @@ class Evaluator:
         self.batch_size = int(config.eval.batch_size)
         num_shards = data_size(self.mesh)
         if self.batch_size % num_shards or self.batch_size % jax.process_count():
-            raise ValueError(
+            raise ConfigError(
                 f"eval.batch_size={self.batch_size} (global) must be a multiple of the "
                 f"{num_shards} devices of the mesh's '{DATA_AXIS}' axis"
             )
         self.source = source if source is not None else make_source(config.data, "eval")
+        check_category_ids(self.source, model.num_classes)
+        check_image_files(self.source)
         self._predict = make_predict_fn(model, self.mesh)
         self._batch_sharding = batch_sharded(self.mesh)
         self._ground_truth = None  # built on first use, on process 0 only

@@ -13,27 +13,35 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
+import signal
 import time
 from typing import Any, Callable
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detr_jax import sharding
 from detr_jax.checkpoint import Checkpointer, abstract_like, load_variables, merge_variables
+from detr_jax.config.defaults import AUTO
+from detr_jax.data.checks import check_category_ids, check_max_boxes, describe
 from detr_jax.data.pipeline import make_source, make_train_iterator
+from detr_jax.data.records import DetectionSource
 from detr_jax.host_memory import retain_freed_memory
 from detr_jax.losses import SetCriterion
 from detr_jax.metrics_writer import MetricsWriter
 from detr_jax.models import DETR, build_model, init_variables, variable_shapes
 from detr_jax.optim import frozen_mask, make_optimizer
+from detr_jax.stop_request import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,21 @@ class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, bad init checkpoint, ...)."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on a SIGINT/SIGTERM after writing the checkpoint of step `step`.
+
+    signal_name: "SIGINT" or "SIGTERM" (None: the signal came to another process).
+    exit_code: the shell's convention for a process ended by that signal (128 + its number).
+    """
+
+    def __init__(self, signal_name: str | None, step: int, checkpoint: pathlib.Path):
+        by = signal_name or "a signal to another process"
+        super().__init__(f"stopped by {by} after step {step}; checkpoint written to {checkpoint}; "
+                         "run the same command to resume")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = 128 + int(signal.Signals[signal_name or "SIGTERM"])
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes or needs, as one pytree (checkpointed whole).
@@ -97,12 +120,19 @@ class TrainState:
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.Array) -> dict:
-    """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set."""
+    """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set,
+    except the parameters `train.init_exclude` names (they keep their fresh values)."""
     variables = init_variables(model, rng)
-    if config.train.init_from:
-        pretrained = load_variables(config.train.init_from)
-        variables = merge_variables(variables, pretrained, source=config.train.init_from)
-        log.info("initialized from %s", config.train.init_from)
+    t = config.train
+    if t.init_from:
+        pretrained = traverse_util.flatten_dict(load_variables(t.init_from))
+        excluded = [re.compile(pattern) for pattern in t.init_exclude]
+        kept = {path: value for path, value in pretrained.items()
+                if not any(p.fullmatch("/".join(path[1:])) for p in excluded)}  # path[0]: the collection
+        variables = merge_variables(variables, traverse_util.unflatten_dict(kept), source=t.init_from)
+        skipped = sorted({"/".join(path[1:-1]) for path in pretrained.keys() - kept.keys()})
+        log.info("initialized from %s%s", t.init_from,
+                 f" except {', '.join(skipped)} (train.init_exclude)" if skipped else "")
     return variables
 
 
@@ -277,17 +307,53 @@ def _host_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def resolve_num_classes(config: ml_collections.ConfigDict, source: DetectionSource) -> None:
+    """Sets `model.num_classes="auto"` to the training source's largest category id + 1."""
+    if config.model.num_classes == AUTO:
+        config.model.num_classes = source.num_classes
+        log.info("model.num_classes=auto: %d (the largest category id + 1 of %s)", source.num_classes,
+                 describe(source))
+
+
+def _agree_to_stop(stop: StopRequest, done: int, log_every: int) -> bool:
+    """Whether every process stops after step `done`. Alone, a process stops after the step
+    its signal came in; with several, they agree at the next logging step (one tiny
+    allgather there, where the loop waits for the device anyway) so that none is left
+    waiting in a collective for the others."""
+    if jax.process_count() == 1:
+        return stop.requested is not None
+    if done % log_every:
+        return False
+    return bool(np.max(multihost_utils.process_allgather(np.int32(stop.requested is not None))))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          eval_fn: Callable | None = None, show_progress: bool = True) -> dict:
+          eval_fn: Callable | None = None, show_progress: bool = True,
+          source: DetectionSource | None = None) -> dict:
     """Trains `config` into `workdir`, resuming from its newest checkpoint if there is one.
 
+    `source`: the training source if already built from `config.data` (the command line
+    builds it to resolve `model.num_classes="auto"` before building `eval_fn`).
+
+    The first SIGINT or SIGTERM finishes the current step, writes a checkpoint and raises
+    TrainingInterrupted; a second one exits at once (`detr_jax.stop_request`). Every step
+    that is evaluated is checkpointed first, so a failing evaluation loses no training.
+
     Returns the final host metrics (last logged train metrics plus the last evaluation).
+    Raises:
+      DataError: the data does not fit the config (category ids beyond model.num_classes, ...).
+      TrainingError: a non-finite step (the last good checkpoint is kept).
+      TrainingInterrupted: stopped by a signal, after writing a checkpoint.
     """
     workdir = pathlib.Path(workdir)
     t = config.train
     if t.batch_size % jax.device_count():
         raise TrainingError(
             f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices")
+    source = make_source(config.data, "train") if source is None else source
+    resolve_num_classes(config, source)
+    check_category_ids(source, config.model.num_classes)
+    check_max_boxes(source, config.data.max_boxes)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +362,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if t.retain_host_memory:
         retain_freed_memory()
     mesh = sharding.make_mesh()
-    source = make_source(config.data, "train")
     plan = make_plan(config, len(source))
     run = assemble(config, mesh, max(1, plan.steps_per_epoch // t.grad_accum_steps))
 
@@ -343,10 +408,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         window.update(start=time.perf_counter(), images=0)
 
     ahead = dispatch_ahead(mesh)
+    stopped_after = None
     progress = tqdm(total=plan.total_steps, initial=start_step, disable=not (show_progress and is_main),
                     desc="train", unit="step", dynamic_ncols=True)
     try:
-        with logging_redirect_tqdm():  # log lines go above the progress bar
+        with StopRequest() as stop, logging_redirect_tqdm():  # log lines go above the progress bar
             for step in range(start_step, plan.total_steps):
                 state, metrics = run.step(state, sharding.global_batch(next(data_iter), mesh))
                 if not ahead:
@@ -355,11 +421,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 window["images"] += t.batch_size
                 done = step + 1
                 progress.update(1)
-                evaluate_now = eval_fn is not None and plan.should_eval(done, t.eval_every_epochs)
-                checkpoint_now = done % t.checkpoint_every_steps == 0 or done == plan.total_steps
+                stopping = _agree_to_stop(stop, done, t.log_every_steps)
+                evaluate_now = not stopping and eval_fn is not None and plan.should_eval(done, t.eval_every_epochs)
+                checkpoint_now = (stopping or evaluate_now or done % t.checkpoint_every_steps == 0
+                                  or done == plan.total_steps)
                 # Never evaluate or checkpoint a state that came after a non-finite step.
-                if done % t.log_every_steps == 0 or evaluate_now or checkpoint_now:
+                if done % t.log_every_steps == 0 or checkpoint_now:
                     flush(done)
+                if checkpoint_now:
+                    checkpointer.save(done, state, data_iter.get_state(), meta(done))
                 if evaluate_now:
                     eval_metrics = eval_fn(state.variables, step=done)
                     scalars = {f"eval_{k}": float(v) for k, v in eval_metrics.items() if np.isscalar(v)}
@@ -367,12 +437,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                     last_metrics.update(scalars)
                     checkpointer.save_best(done, state, data_iter.get_state(), meta(done), eval_metrics)
                     window.update(start=time.perf_counter(), images=0)  # images/s excludes evaluation
-                if checkpoint_now:
-                    checkpointer.save(done, state, data_iter.get_state(), meta(done))
+                if stopping:
+                    stopped_after = (stop.requested, done)
+                    break
     finally:
         progress.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for the checkpoints being written
         writer.close()
+    if stopped_after is not None:
+        name, done = stopped_after
+        raise TrainingInterrupted(name, done, workdir / "checkpoints" / str(done))
     return last_metrics
 
 

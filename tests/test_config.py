@@ -14,12 +14,16 @@ CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"
 def test_there_are_the_documented_configs():
     names = {p.stem for p in CONFIGS}
     assert {"detr_r50_coco", "detr_r50_dc5_coco", "detr_r101_coco", "detr_r101_dc5_coco",
-            "synthetic_tiny"} <= names
+            "synthetic_tiny", "finetune_coco_folder"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_builds_model(path):
     config = load_config(path)
+    if config.model.num_classes == "auto":  # resolved from the training data when training starts
+        with pytest.raises(ValueError, match="taken from the training data"):
+            build_model(config.model)
+        config.model.num_classes = 5
     model = build_model(config.model)
     assert model.num_queries == config.model.num_queries
 
@@ -65,6 +69,19 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     ("model.backbone_norm", "batch_norm", "model.backbone_norm"),
     ("loss.eos_coef", "0", "eos_coef"),
     ("model.num_queries", "0", "num_queries"),
+    ("model.num_classes", "0", "model.num_classes"),
+    ("model.num_classes", "many", "model.num_classes"),
+    ("train.lr", "-0.001", "train.lr=-0.001 must be > 0"),
+    ("train.lr", "0", "train.lr=0.0 must be > 0"),
+    ("train.warmup_steps", "-10", "train.warmup_steps=-10 must be >= 0"),
+    ("train.weight_decay", "-1", "train.weight_decay=-1.0 must be >= 0"),
+    ("train.num_steps", "-5", "train.num_steps=-5 must be >= 0"),
+    ("train.batch_size", "0", "train.batch_size"),
+    ("train.grad_accum_steps", "0", "train.grad_accum_steps"),
+    ("train.checkpoint_every_steps", "0", "train.checkpoint_every_steps"),
+    ("train.clip_max_norm", "-0.1", "train.clip_max_norm"),
+    ("train.init_exclude", "('class_embed/(',)", "train.init_exclude"),
+    ("eval.batch_size", "0", "eval.batch_size"),
 ])
 def test_bad_values_are_errors(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -81,6 +98,26 @@ def test_overrides_are_parsed_to_the_key_type():
     assert tuple(config.data.train_scales) == (96, 128)
     with pytest.raises(ConfigError, match="expected a boolean"):
         parse_value("maybe", False)
+
+
+def test_num_classes_is_a_number_or_auto():
+    assert config_from_args("synthetic_tiny", {"model.num_classes": "auto"}).model.num_classes == "auto"
+    assert config_from_args("synthetic_tiny", {"model.num_classes": "7"}).model.num_classes == 7
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["predict", "x.jpg", "--checkpoint", "c", "--out", "o", "--top_k", "-1"], "--top_k"),
+    (["predict", "x.jpg", "--checkpoint", "c", "--out", "o", "--batch_size", "0"], "--batch_size"),
+    (["predict", "x.jpg", "--checkpoint", "c", "--out", "o", "--score_threshold", "1.5"], "--score_threshold"),
+    (["eval", "--checkpoint", "c", "--max_batches", "0"], "--max_batches"),
+])
+def test_command_line_numbers_that_make_no_sense_are_rejected(argv, option, capsys):
+    from detr_jax.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
 
 
 def test_split_overrides():

@@ -279,18 +279,39 @@ def test_two_processes_equal_single_process(tmp_path):
     assert _max_diff(multi, ref) < 2e-6
 
 
-def test_killed_run_resumes_to_identical_parameters(tmp_path):
-    """SIGKILL after a checkpoint, re-run the same command: same parameters as uninterrupted."""
-    steps = 24
+RESUMABLE_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def resumable_run(tmp_path_factory):
+    """The command of a 24-step run checkpointed every 4 steps, and its uninterrupted result."""
     args = ["-m", "detr_jax.cli", "train", "--config", "synthetic_tiny", "--no_progress",
-            *cli_overrides(**{"train.num_steps": steps, "train.checkpoint_every_steps": 4,
+            *cli_overrides(**{"train.num_steps": RESUMABLE_STEPS, "train.checkpoint_every_steps": 4,
                               "train.eval_every_epochs": 0, "train.keep_checkpoints": 10,
                               # synthetic_tiny's own backbone: no frozen_bn collection to restore
                               "model.backbone_norm": "group_norm"})]
     env = {"JAX_PLATFORMS": "cpu"}
-    reference = _run([*args, "--workdir", str(tmp_path / "ref")], env)
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    reference = _run([*args, "--workdir", str(workdir)], env)
     assert reference.returncode == 0, reference.stderr[-3000:]
+    return args, env, _final_params(workdir)
 
+
+def _assert_resumed_equals_uninterrupted(workdir, resumable_run):
+    args, env, (step_ref, params_ref) = resumable_run
+    step_r, params_r = _final_params(workdir)
+    assert step_r == step_ref == RESUMABLE_STEPS
+    # Bitwise: the same compiled program on the same inputs on CPU is deterministic, and the
+    # resumed run restores the exact state, RNG and input position.
+    jax.tree.map(np.testing.assert_array_equal, params_r, params_ref)
+    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, RESUMABLE_STEPS + 1))  # no duplicated steps
+    assert (workdir / "loss_curve.png").stat().st_size > 0
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path, resumable_run):
+    """SIGKILL after a checkpoint, re-run the same command: same parameters as uninterrupted."""
+    args, env, _ = resumable_run
     workdir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *args, "--workdir", str(workdir)], cwd=REPO,
                             env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -302,20 +323,69 @@ def test_killed_run_resumes_to_identical_parameters(tmp_path):
     proc.wait()
     assert first.is_dir(), "no checkpoint appeared before the kill"
     killed_at, _ = _final_params(workdir)
-    assert killed_at < steps, "the run finished before it was killed; nothing was tested"
+    assert killed_at < RESUMABLE_STEPS, "the run finished before it was killed; nothing was tested"
 
     resumed = _run([*args, "--workdir", str(workdir)], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {killed_at}" in resumed.stderr
-    step_r, params_r = _final_params(workdir)
-    step_ref, params_ref = _final_params(tmp_path / "ref")
-    assert step_r == step_ref == steps
-    # Bitwise: the same compiled program on the same inputs on CPU is deterministic, and the
-    # resumed run restores the exact state, RNG and input position.
-    jax.tree.map(np.testing.assert_array_equal, params_r, params_ref)
-    lines = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(1, steps + 1))  # no duplicated steps
-    assert (workdir / "loss_curve.png").stat().st_size > 0
+    _assert_resumed_equals_uninterrupted(workdir, resumable_run)
+
+
+def _logged_steps(workdir: pathlib.Path) -> int:
+    path = workdir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def _interrupt(args, env, workdir, signum, after_steps: int):
+    """Runs the command and sends `signum` once it has logged more than `after_steps` steps;
+    returns (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, *args, "--workdir", str(workdir)], cwd=REPO, text=True,
+                            env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while _logged_steps(workdir) <= after_steps and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
+def test_sigint_and_sigterm_stop_after_a_checkpoint_and_resume_to_identical_parameters(tmp_path, resumable_run):
+    """Ctrl-C, then (on the resumed run) a scheduler's SIGTERM: each finishes its step, writes
+    a checkpoint and exits with one line; the run resumed twice ends as the uninterrupted one."""
+    args, env, _ = resumable_run
+    workdir = tmp_path / "interrupted"
+    stopped_at = 0
+    for signum, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+        code, stderr = _interrupt(args, env, workdir, signum, after_steps=stopped_at)
+        assert code == 128 + signum, stderr[-3000:]
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+        step, _ = _final_params(workdir)
+        assert stopped_at < step < RESUMABLE_STEPS, "the run finished before the signal; nothing was tested"
+        assert f"detr-jax train: stopped by {name} after step {step}; checkpoint written to" in stderr
+        assert _logged_steps(workdir) == step  # every step trained was logged and checkpointed
+        stopped_at = step
+    resumed = _run([*args, "--workdir", str(workdir)], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in resumed.stderr
+    _assert_resumed_equals_uninterrupted(workdir, resumable_run)
+
+
+def test_a_second_signal_exits_at_once():
+    """The second Ctrl-C does not wait for the step: the process exits with status 130."""
+    script = ("import os, signal, time\n"
+              "from detr_jax.stop_request import StopRequest\n"
+              "with StopRequest() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.2)\n"
+              "    assert stop.requested == 'SIGINT', stop.requested\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(30)\n"
+              "print('still running')\n")
+    start = time.time()
+    result = _run(["-c", script], timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert time.time() - start < 20 and "still running" not in result.stdout
+    assert "SIGINT again: exiting now" in result.stderr
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):

@@ -1,6 +1,9 @@
-"""What several commands share: the config of a checkpoint command, dtype choices."""
+"""What several commands share: the config of a checkpoint command, dtype choices, and
+argument types that reject numbers which make no sense."""
 
 from __future__ import annotations
+
+import argparse
 
 from detr_jax.config import config_from_args
 from detr_jax.models.detr import DTYPES
@@ -17,3 +20,19 @@ def config_for_checkpoint(args, overrides: dict[str, str]):
     if not overrides:
         return None
     return checkpoint_config(args.checkpoint, overrides)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint
+from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint, positive_int
 from detr_jax.coco_metrics import format_per_class_ap, to_coco_results
 from detr_jax.evaluate import Evaluator, save_eval_samples
 from detr_jax.models import build_model
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--config", default=None,
                         help="config file or name (default: the training run's own config)")
     parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval)")
-    parser.add_argument("--max_batches", type=int, default=None, help="evaluate only this many batches")
+    parser.add_argument("--max_batches", type=positive_int, default=None, help="evaluate only this many batches")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype")
     parser.add_argument("--save_detections", action="store_true", help="also write COCO-format detections")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")

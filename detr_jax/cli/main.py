@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from absl import logging as absl_logging
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:  # bad input (a file, a checkpoint, a dataset): the message names it
         print(f"detr-jax {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops gracefully on its own)
+        print(f"detr-jax {command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from detr_jax import visualize
-from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint
+from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint, positive_int, probability
 from detr_jax.data.records import ImageLoadError
 from detr_jax.inference import IMAGE_EXTENSIONS, Predictor, find_images, load_image
 
@@ -23,10 +23,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=None, help="config (default: the checkpoint's)")
-    parser.add_argument("--score_threshold", type=float, default=0.5, help="keep detections scoring at least this")
-    parser.add_argument("--top_k", type=int, default=100, help="keep at most this many detections per image")
+    parser.add_argument("--score_threshold", type=probability, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--top_k", type=positive_int, default=100, help="keep at most this many detections per image")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per compiled batch")
+    parser.add_argument("--batch_size", type=positive_int, default=None, help="images per compiled batch")
     parser.add_argument("--no_draw", action="store_true", help="JSON only, no PNGs")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 

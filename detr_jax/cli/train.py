@@ -8,8 +8,9 @@ import sys
 import jax
 
 from detr_jax.config import config_from_args
+from detr_jax.data import make_source
 from detr_jax.evaluate import make_eval_fn
-from detr_jax.train import TrainingError, distributed_init, train
+from detr_jax.train import TrainingError, TrainingInterrupted, distributed_init, resolve_num_classes, train
 
 DEFAULT_CONFIG = "synthetic_tiny"
 
@@ -36,9 +37,15 @@ def run(args, overrides: dict[str, str]) -> int:
     distributed_init(args.coordinator, args.num_processes, args.process_id, force=args.distributed)
     config = config_from_args(args.config, overrides)
     workdir = args.workdir or default_workdir(args.config)
+    source = make_source(config.data, "train")
+    resolve_num_classes(config, source)  # the evaluator's model needs the number
+    # Built before training starts: it checks the evaluation images (cheaply) at once.
     eval_fn = make_eval_fn(config, workdir) if config.train.eval_every_epochs > 0 else None
     try:
-        metrics = train(config, workdir, eval_fn=eval_fn, show_progress=not args.no_progress)
+        metrics = train(config, workdir, eval_fn=eval_fn, show_progress=not args.no_progress, source=source)
+    except TrainingInterrupted as e:
+        print(f"detr-jax train: {e}", file=sys.stderr)
+        return e.exit_code
     except TrainingError as e:
         print(f"detr-jax train: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ file or in a `--config.key=value` override) is an error instead of a silent no-o
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from detr_jax.config.errors import ConfigError
@@ -44,7 +46,9 @@ def model_config() -> ml_collections.ConfigDict:
             pre_norm=False,
             num_queries=100,
             # Max class id + 1 (COCO: 91). The class head has num_classes + 1 outputs.
-            num_classes=91,
+            # "auto": the training set's largest category id + 1, resolved when training
+            # starts and stored with the run (so eval and predict use the same number).
+            num_classes=ml_collections.FieldReference(91, field_type=object),
             position_embedding="sine",
             # Compute dtype of the transformer and heads; parameters stay float32.
             dtype="float32",
@@ -91,12 +95,24 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+AUTO = "auto"  # model.num_classes from the training data
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that the type of a key cannot express; raises ConfigError."""
     validate_model(config.model)
     validate_loss(config.loss)
     validate_train(config.train)
+    validate_eval(config.eval)
     data_defaults.validate(config.data)
+
+
+def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict) -> None:
+    """ConfigError naming the first key of `values` below its minimum ({key: (min, strict)})."""
+    for key, (low, strict) in minimums.items():
+        value = values[key]
+        if value < low or (strict and value == low):
+            raise ConfigError(f"{section}.{key}={value!r} must be {'>' if strict else '>='} {low}")
 
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
@@ -113,9 +129,24 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
 
 
 def validate_train(train: ml_collections.ConfigDict) -> None:
+    _check_range("train", train, {
+        "lr": (0, True), "weight_decay": (0, False), "clip_max_norm": (0, False), "epochs": (1, False),
+        "num_steps": (0, False), "lr_drop_epoch": (0, False), "warmup_steps": (0, False),
+        "batch_size": (1, False), "grad_accum_steps": (1, False), "log_every_steps": (1, False),
+        "checkpoint_every_steps": (1, False), "keep_checkpoints": (1, False), "eval_every_epochs": (0, False),
+    })
     problems = check_param_rules(train.param_rules)
     if problems:
         raise ConfigError("train.param_rules: " + "; ".join(problems))
+    for pattern in train.init_exclude:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"train.init_exclude: bad regex {pattern!r}: {e}") from None
+
+
+def validate_eval(eval_section: ml_collections.ConfigDict) -> None:
+    _check_range("eval", eval_section, {"batch_size": (1, False), "num_visualized": (0, False)})
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
@@ -129,7 +160,10 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         )
     if m.hidden_dim % 2:
         raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be even (2-D position encoding)")
-    for key in ("num_encoder_layers", "num_queries", "num_classes", "num_heads"):
+    if m.num_classes != AUTO and (isinstance(m.num_classes, bool) or not isinstance(m.num_classes, int)
+                                  or m.num_classes < 1):
+        raise ConfigError(f"model.num_classes={m.num_classes!r} must be a positive integer or {AUTO!r}")
+    for key in ("num_encoder_layers", "num_queries", "num_heads"):
         if m[key] < 1 and not (key == "num_encoder_layers" and m[key] == 0):
             raise ConfigError(f"model.{key}={m[key]} must be positive")
     if m.num_decoder_layers < 1:

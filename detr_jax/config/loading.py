@@ -89,6 +89,16 @@ def _current(config: ml_collections.ConfigDict, key: str):
     return node
 
 
+def _untyped(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether the key holds values of any type (a FieldReference of type object, such as
+    model.num_classes: an integer or "auto")."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    return node.get_ref(leaf).get_type() is object
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None,
                     source: str = "overrides") -> ml_collections.ConfigDict:
     """Sets dotted keys ({"model.num_queries": 10} or "10") on `config`, then validates it.
@@ -101,7 +111,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     for key, value in (overrides or {}).items():
         if isinstance(value, str):
             current = _current(config, key)
-            if current is None:  # no type to follow: a Python literal, else the string
+            if current is not _UNKNOWN and (current is None or _untyped(config, key)):
+                # no type to follow: a Python literal, else the string
                 try:
                     value = ast.literal_eval(value)
                 except (ValueError, SyntaxError):

@@ -61,6 +61,15 @@ class CocoFolderSource:
     def image_path(self, index: int) -> str:
         return os.path.join(self.image_dir, self._file_names[index])
 
+    def image_files(self) -> list[tuple[str, tuple[int, int] | None]]:
+        """(path, (height, width) from the annotation file or None) of every image, in order."""
+        return [(self.image_path(i), size) for i, size in enumerate(self._sizes)]
+
+    def box_counts(self) -> np.ndarray:
+        """int64 [N]: the non-crowd boxes of each image (what training pads to max_boxes)."""
+        return np.array([int(np.sum(~self._annotations[int(i)][2])) if int(i) in self._annotations else 0
+                         for i in self._image_ids], np.int64)
+
     def annotations(self, index: int) -> Record:
         image_id = int(self._image_ids[index])
         boxes, labels, is_crowd = self._annotations.get(image_id, empty_annotations())

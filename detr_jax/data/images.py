@@ -42,31 +42,57 @@ def decode_image(
     """
     is_path = not isinstance(data, (bytes, bytearray))
     name = name or (os.fspath(data) if is_path else "<bytes>")
+    image = _open(data if is_path else io.BytesIO(data), name)
     try:
-        image = Image.open(data if is_path else io.BytesIO(data))
         image.load()  # decode now: truncated files fail here, not later in numpy
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        raise ImageLoadError(name, f"cannot decode image ({type(e).__name__}: {e})") from None
+    if _needs_exif_transpose(image, expected_size, name):
+        image = ImageOps.exif_transpose(image)
+    try:
+        return np.asarray(_to_rgb(image), dtype=np.uint8)
+    except Exception as e:
+        raise ImageLoadError(name, f"cannot convert {image.mode} image to RGB ({e})") from None
+
+
+def check_image_file(path: str | os.PathLike, expected_size: tuple[int, int] | None = None) -> None:
+    """Checks cheaply that an image file exists, its header decodes and its size fits the
+    annotation's (as `decode_image` would accept it); the pixels are not decoded.
+
+    Raises:
+      ImageLoadError: naming the file and the problem.
+    """
+    with _open(path, os.fspath(path)) as image:
+        _needs_exif_transpose(image, expected_size, os.fspath(path))
+
+
+def _open(data, name: str) -> Image.Image:
+    """PIL's lazy open (reads the header only), with its errors as ImageLoadError."""
+    try:
+        return Image.open(data)
     except FileNotFoundError:
         raise ImageLoadError(name, "file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(name, "is a directory, not an image file") from None
     except Image.DecompressionBombError as e:
         raise ImageLoadError(name, f"image too large to decode safely ({e})") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageLoadError(name, f"cannot decode image ({type(e).__name__}: {e})") from None
 
+
+def _needs_exif_transpose(image: Image.Image, expected_size, name: str) -> bool:
+    """Whether the annotation's size is the EXIF-rotated one; ImageLoadError if it is neither."""
     stored = (image.height, image.width)
-    if expected_size is not None and tuple(expected_size) != stored:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        if orientation in _SWAPS_AXES and tuple(expected_size) == stored[::-1]:
-            image = ImageOps.exif_transpose(image)
-        else:
-            raise ImageLoadError(
-                name,
-                f"decoded size (h={stored[0]}, w={stored[1]}) differs from the annotation's "
-                f"(h={expected_size[0]}, w={expected_size[1]})",
-            )
-    try:
-        return np.asarray(_to_rgb(image), dtype=np.uint8)
-    except Exception as e:
-        raise ImageLoadError(name, f"cannot convert {image.mode} image to RGB ({e})") from None
+    if expected_size is None or tuple(expected_size) == stored:
+        return False
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation in _SWAPS_AXES and tuple(expected_size) == stored[::-1]:
+        return True
+    raise ImageLoadError(
+        name,
+        f"decoded size (h={stored[0]}, w={stored[1]}) differs from the annotation's "
+        f"(h={expected_size[0]}, w={expected_size[1]})",
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

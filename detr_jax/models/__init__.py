@@ -32,6 +32,9 @@ def build_model(model_config, dtype: str | Any | None = None) -> DETR:
     `dtype` ("float32", "bfloat16", a jnp dtype) instead of `model.dtype` when given.
     Parameters stay float32 either way."""
     m = model_config
+    if isinstance(m.num_classes, str):  # "auto" (config.defaults.AUTO) is resolved by training
+        raise ValueError(f"model.num_classes={m.num_classes!r}: the number is taken from the training data "
+                         "when training starts; a model is built from a trained run's config or a number")
     compute = resolve_dtype(m.dtype if dtype is None else dtype)
     return DETR(
         backbone=BACKBONES[m.backbone](m, compute),
