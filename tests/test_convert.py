@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import types
 
@@ -38,7 +39,11 @@ from test_parity_hf import (  # noqa: E402  (tests/ is on sys.path under pytest)
 from detr_jax import convert  # noqa: E402
 from detr_jax.checkpoint import CheckpointError, load_metadata, load_variables, merge_variables, save_variables  # noqa: E402
 from detr_jax.cli.convert import convert_main  # noqa: E402
-from detr_jax.config import load_config  # noqa: E402
+from detr_jax.cli.main import main  # noqa: E402
+from detr_jax.config import load_config, resolve_config_path  # noqa: E402
+from detr_jax.data import SyntheticShapesSource, make_source, write_coco_folder  # noqa: E402
+from detr_jax.models import build_model, init_variables  # noqa: E402
+from detr_jax.train import initial_variables, resolve_num_classes  # noqa: E402
 
 TINY_MODEL = dict(backbone="resnet_tiny", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=3,
                   dim_feedforward=64, num_queries=7, num_classes=5)
@@ -286,6 +291,42 @@ def test_num_classes_mismatch_needs_the_reinit_flag(tmp_path):
     full, _ = convert.convert_state_dict(convert.load_state_dict(src), load_config(write_config(tmp_path)).model)
     del tuned["params"]["class_embed"], full["params"]["class_embed"]
     jax.tree.map(np.testing.assert_array_equal, tuned, full)
+
+
+def test_two_step_finetune_from_converted_hf_weights_reinitializes_the_class_head(tmp_path):
+    """The README's fine-tuning path: convert, then `detr-jax train --config finetune_coco_folder`
+    on a COCO-format folder, num_classes="auto", the class head re-initialized."""
+    ref = tiny_reference()
+    converted = tmp_path / "converted"
+    convert_main(save_as("hf_save_pretrained", ref, tmp_path), converted, config=write_config(tmp_path))
+    shapes = SyntheticShapesSource(8, seed=0, image_size=(64, 64), num_objects=(1, 3))  # ids 1..3
+    for split in ("train2017", "val2017"):  # the official COCO layout the config expects
+        write_coco_folder(shapes, tmp_path / "coco", split=split)
+    overrides = {**{f"model.{k}": v for k, v in TINY_MODEL.items() if k != "num_classes"},
+                 "data.coco_dir": str(tmp_path / "coco"), "data.train_scales": (64,), "data.train_max_size": 64,
+                 "data.crop_scales": (64,), "data.crop_size": (48, 64), "data.eval_scale": 64,
+                 "data.eval_max_size": 64, "data.bucket_shapes": ((64, 64),), "data.max_boxes": 4,
+                 "train.init_from": str(converted), "train.batch_size": 2, "train.num_steps": 2,
+                 "train.eval_every_epochs": 0}
+
+    config = load_config(resolve_config_path("finetune_coco_folder"), overrides)
+    resolve_num_classes(config, make_source(config.data, "train"))
+    assert config.model.num_classes == 4
+    model = build_model(config.model)
+    start = initial_variables(config, model, jax.random.PRNGKey(0))
+    fresh = init_variables(model, jax.random.PRNGKey(0))
+    pretrained = load_variables(converted)
+    np.testing.assert_array_equal(start["params"]["class_embed"]["kernel"], fresh["params"]["class_embed"]["kernel"])
+    assert start["params"]["class_embed"]["kernel"].shape == (32, 5)  # 4 classes + "no object"
+    del start["params"]["class_embed"], pretrained["params"]["class_embed"]
+    jax.tree.map(np.testing.assert_array_equal, start, pretrained)  # everything else is the converted model
+
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "finetune_coco_folder", "--workdir", str(workdir), "--no_progress",
+            *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    assert main(argv) == 0
+    meta = json.loads((workdir / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["config"]["model"]["num_classes"] == 4
 
 
 def test_num_queries_mismatch_is_refused(tmp_path):
