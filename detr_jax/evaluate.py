@@ -103,7 +103,7 @@ class Evaluator:
                 f"{num_shards} devices of the mesh's '{DATA_AXIS}' axis"
             )
         self.source = source if source is not None else make_source(config.data, "eval")
-        check_category_ids(self.source, model.num_classes)
+        check_category_ids(self.source, config.model.num_classes)
         check_image_files(self.source)
         self._predict = make_predict_fn(model, self.mesh)
         self._batch_sharding = batch_sharded(self.mesh)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from detr_jax import coco_metrics, evaluate
-from detr_jax.config import load_config
+from detr_jax.config import ConfigError, load_config
 from detr_jax.data import SyntheticShapesSource, to_coco_dict
 from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_cxcywh
 from detr_jax.cli.eval import eval_main
@@ -405,6 +405,10 @@ def test_eight_devices_tiny_detr_matches_one_device(eight_devices):
     assert eight["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
 
 
+def test_a_batch_size_the_devices_do_not_divide_is_a_config_error(eight_devices):
+    assert "eval.batch_size=4 (global) must be a multiple of the 8 devices" in eight_devices["batch_4_error"]
+
+
 def test_two_processes_give_the_same_metrics_as_one():
     """jax.distributed on 127.0.0.1 (gloo), 2 processes x 4 devices: each host reads half
     of the data; detections are gathered on process 0 and the metrics broadcast."""
@@ -436,6 +440,11 @@ def _worker(argv):
         config.data.synthetic_image_size = (64, 64)  # one bucket: one compilation per mesh
         detr_1, detr_8 = run_tiny_detr(config, [one, make_mesh()])
         result["detr_1"], result["detr_8"] = _result_json(detr_1), _result_json(detr_8)
+        config.eval.batch_size = 4
+        try:
+            Evaluator(OracleModel(), config)
+        except ConfigError as e:
+            result["batch_4_error"] = str(e)
     elif mode == "process":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=argv[1], num_processes=2, process_id=int(argv[2]))
