@@ -25,7 +25,9 @@ import argparse
 import dataclasses
 import hashlib
 import pathlib
+import pickle
 import re
+import zipfile
 from typing import Any, Callable, Mapping
 
 import jax
@@ -531,7 +533,9 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
     Unwraps {"model": ...} (official DETR) and {"state_dict": ...}, strips a DataParallel
     "module." prefix. Floating tensors become float32. Needs torch (`pip install
-    detr-jax[torch]`). Loading never runs code from the file (`weights_only=True`).
+    detr-jax[torch]`). Loading never runs code from the file (`weights_only=True`): a file
+    that is not a PyTorch checkpoint, or holds objects only a full unpickle would load, is
+    refused with a ConversionError saying so.
     """
     path = _checkpoint_file(pathlib.Path(path))
     try:  # torch and safetensors are an optional extra (detr-jax[torch]), needed only here
@@ -548,6 +552,10 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types (pickle, zip, runtime); name the file
+        # torch's weights-only refusal advises weights_only=False, i.e. unpickling whatever
+        # the file holds (arbitrary code): say what the file is instead, never pass that on.
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            raise _refused(path, e) from None
         raise ConversionError(f"{path}: cannot be read as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
     for wrapper in ("model", "state_dict"):
         if isinstance(raw, Mapping) and isinstance(raw.get(wrapper), Mapping):
@@ -567,6 +575,28 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not_tensors:
         raise ConversionError(f"{path}: entries that are not tensors: {', '.join(not_tensors)}")
     return state_dict
+
+
+def _refused(path: pathlib.Path, error: Exception) -> ConversionError:
+    """Why torch's weights-only load refused `path`: not a checkpoint, or not a safe one."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not (zipfile.is_zipfile(path) or head.startswith(b"\x80")):  # torch.save: a zip, or (legacy) a pickle
+        return ConversionError(
+            f"{path}: not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle "
+            f"(it starts with {head!r})"
+        )
+    needed = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if needed:
+        return ConversionError(
+            f"{path}: not a safe PyTorch checkpoint: it needs {needed[1]}, which a weights-only load "
+            "refuses (unpickling it could run arbitrary code); convert a file that holds only "
+            "tensors, such as a saved model.state_dict()"
+        )
+    return ConversionError(
+        f"{path}: not a PyTorch checkpoint, or not a safe one: a weights-only load (which runs no "
+        "code from the file) cannot read it"
+    )
 
 
 def file_sha256(path: pathlib.Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import types
 
@@ -400,13 +401,39 @@ def test_architecture_mismatch_lists_config_fields_and_extra_layers(tmp_path):
 def test_unreadable_and_absent_files_are_named(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(convert.ConversionError, match=re.escape(str(text)) + ": cannot be read"):
-        convert_main(text, tmp_path / "out")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).bytes(1000))
+    for path in (text, noise):
+        with pytest.raises(convert.ConversionError, match=re.escape(str(path)) + ": not a PyTorch checkpoint") as error:
+            convert_main(path, tmp_path / "out")
+        assert "weights_only" not in str(error.value)  # torch's hint would unpickle arbitrary code
     with pytest.raises(convert.ConversionError, match="no such file"):
         convert_main(tmp_path / "absent.pth", tmp_path / "out")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(convert.ConversionError, match="neither model.safetensors nor pytorch_model.bin"):
         convert_main(tmp_path / "empty_dir", tmp_path / "out")
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(marker): what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "detr-r50.pth"
+    torch.save({"model": {"query_embed.weight": torch.zeros(2, 2)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(convert.ConversionError) as error:
+        convert_main(path, tmp_path / "out")
+    message = str(error.value)
+    assert not marker.exists()
+    assert str(path) in message and "not a safe PyTorch checkpoint" in message
+    assert re.search(r"needs \w+\.mkdir", message) and "weights_only" not in message
 
 
 def test_checkpoint_directories_are_checked(tmp_path):

@@ -1,6 +1,7 @@
 """Bad input: unreadable or odd images, malformed annotation files, degenerate boxes."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,8 @@ def test_malformed_annotation_files_give_clear_errors(tmp_path, content, expecte
 def test_missing_annotation_file_and_dataset_without_images(tmp_path):
     with pytest.raises(DatasetFormatError, match="not found"):
         CocoFolderSource(tmp_path / "nope.json", tmp_path)
+    with pytest.raises(DatasetFormatError, match=re.escape(str(tmp_path)) + ": is a directory.*COCO instances JSON"):
+        CocoFolderSource(tmp_path, tmp_path)
     path = _write(tmp_path, {"images": [], "annotations": [], "categories": []})
     assert len(CocoFolderSource(path, tmp_path)) == 0
     data = _tiny_data(dataset="coco_folder", train_annotation_file=str(path), train_image_dir=str(tmp_path))
@@ -192,7 +195,9 @@ def test_degenerate_boxes_are_clipped_dropped_and_counted(tmp_path):
 def coco_with_bad_images(tmp_path):
     source = SyntheticShapesSource(6, seed=0, image_size=(40, 56))
     annotation_file, image_dir = write_coco_folder(source, tmp_path, split="train")
+    # Three consecutive unreadable files: example 2 also meets 3 and 4, example 3 meets 4.
     (tmp_path / "train" / "000000000002.png").write_bytes(b"garbage")
+    (tmp_path / "train" / "000000000003.png").write_bytes(b"")
     (tmp_path / "train" / "000000000004.png").unlink()
     return _tiny_data(dataset="coco_folder", coco_dir=str(tmp_path), train_split="train", eval_split="train")
 
@@ -201,20 +206,24 @@ def test_training_skips_unreadable_images_and_counts_them(coco_with_bad_images, 
     it = make_train_iterator(coco_with_bad_images, 2, seed=0, shard_index=0, shard_count=1)
     ids = []
     with caplog.at_level("WARNING"):
-        for _ in range(6):  # two epochs
+        for _ in range(9):  # three epochs
             batch = next(it)
             assert batch["image"].shape[0] == 2 and batch["is_real"].all()
             ids.extend(batch["image_id"].tolist())
-    assert not {2, 4} & set(ids)
-    assert it.stats.skipped_images == 4  # each bad image met once per epoch
-    assert it.stats.examples == 12
-    assert "000000000002.png" in caplog.text or "000000000004.png" in caplog.text
+    assert not {2, 3, 4} & set(ids) and ids.count(5) == 12  # 5 stands in for 2, 3 and 4
+    # distinct bad files, not failed reads (3 + 2 + 1 per epoch)
+    bad = {str(coco_with_bad_images.coco_dir + f"/train/00000000000{i}.png") for i in (2, 3, 4)}
+    assert it.stats.skipped_images == 3 and it.stats.as_dict()["skipped_images"] == 3
+    assert it.stats.unreadable_files == bad
+    assert it.stats.examples == 18
+    logged = [name for name in bad for record in caplog.records if name in record.getMessage()]
+    assert logged and len(logged) == len(set(logged))  # each file logged once, not at every read
 
 
 def test_training_without_skipping_and_evaluation_fail_naming_the_file(coco_with_bad_images):
     coco_with_bad_images.skip_bad_images = False
     it = make_train_iterator(coco_with_bad_images, 6, seed=0, shard_index=0, shard_count=1)
-    with pytest.raises(ImageLoadError, match=r"00000000000[24]\.png"):
+    with pytest.raises(ImageLoadError, match=r"00000000000[234]\.png"):
         next(it)
     evaluation = make_eval_iterator(coco_with_bad_images, 2, shard_index=0, shard_count=1)
     next(evaluation)  # images 0 and 1 are fine

@@ -1,6 +1,7 @@
 """The grain pipeline: batch contract, determinism, resume, multi-host slicing, eval padding."""
 
 import json
+import re
 
 import grain
 import numpy as np
@@ -177,7 +178,7 @@ def test_boxes_beyond_max_boxes_are_truncated_and_counted(caplog):
     assert it.stats.truncated_boxes == sum(len(make_source(data, "eval")[i].labels) - 2 for i in range(4)) > 0
 
 
-def test_buckets_bound_the_shapes_and_overflow_is_counted():
+def test_buckets_bound_the_shapes_and_overflow_is_counted(caplog):
     buckets = batching.make_buckets((), 96, 32)
     assert len(buckets) == 9 and buckets[0] == (32, 32)
     coco = batching.make_buckets((), 1333, 128)  # sides 128..1280 and 1333 rounded up to 32
@@ -189,14 +190,39 @@ def test_buckets_bound_the_shapes_and_overflow_is_counted():
 
     data = _tiny_data(bucket_shapes=((48, 48),))
     it = _train(data)
-    for _ in range(3):
-        next(it)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            next(it)
     assert it.stats.bucket_overflows == 3 and it.stats.batches == 3
+    # the warning names the images that fit no bucket, with their resized size
+    assert re.search(r"fit no bucket; padded to .*: synthetic train\[\d+\] \(h=\d+, w=\d+\)", caplog.text)
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in it.stats.batch_shapes)
     stats = _train(_tiny_data())
     for _ in range(6):
         next(stats)
     assert 1 <= stats.stats.as_dict()["distinct_shapes"] <= len(buckets)
+
+
+def _plain_example(name, height, width):
+    return {
+        "image": np.zeros((height, width, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros((0,), np.int32), "image_id": 0, "orig_size": (height, width), "is_real": True,
+        "name": name, "skipped_files": (), "num_degenerate": 0,
+    }
+
+
+def test_collate_names_the_images_that_overflow():
+    buckets = batching.make_buckets([(64, 128), (128, 64)], 0, 32)
+    fits = batching.collate([_plain_example("a.jpg", 60, 100)], buckets, 2, 32)[batching.STATS_KEY]
+    assert fits["bucket_overflows"] == 0 and fits["overflow_images"] == ()
+    stats = batching.collate(
+        [_plain_example("a.jpg", 60, 100), _plain_example("big.jpg", 129, 20)], buckets, 2, 32
+    )[batching.STATS_KEY]
+    assert stats["bucket_overflows"] == 1 and stats["overflow_images"] == ("big.jpg (h=129, w=20)",)
+    together = batching.collate(  # each fits a bucket, the two together (100x100) do not
+        [_plain_example("a.jpg", 60, 100), _plain_example("b.jpg", 100, 40)], buckets, 2, 32
+    )[batching.STATS_KEY]
+    assert together["bucket_overflows"] == 1 and together["overflow_images"] == ()
 
 
 def test_shape_sync_repads_to_the_agreed_shape():

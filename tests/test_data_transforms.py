@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from detr_jax.data import batching
 from detr_jax.data import transforms as T
 from detr_jax.data.records import Record
 
@@ -21,6 +22,65 @@ RESIZE_CASES = [
 @pytest.mark.parametrize("args,expected", RESIZE_CASES)
 def test_resized_size_follows_official_rule(args, expected):
     assert T.resized_size(*args) == expected
+
+
+def _official_size(image_size, size, max_size=None):
+    """Official DETR's datasets/transforms.py get_size_with_aspect_ratio, verbatim: (w, h) in, (h, w) out."""
+    w, h = image_size
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def test_resized_size_never_exceeds_max_size_and_is_official_otherwise():
+    rng = np.random.default_rng(0)
+    overshoots = 0
+    for _ in range(5000):
+        short = int(rng.integers(1, 1500))
+        long = max(short, int(short * np.exp(rng.uniform(0, np.log(30)))))  # aspect up to 30
+        height, width = (short, long) if rng.random() < 0.5 else (long, short)
+        size = int(rng.integers(1, 1400))
+        max_size = None if rng.random() < 0.1 else int(rng.integers(1, 2000))
+        official = _official_size((width, height), size, max_size)
+        ours = T.resized_size(height, width, size, max_size)
+        args = (height, width, size, max_size)
+        assert min(ours) <= size, args
+        if max_size is None or max(official) <= max_size:
+            assert ours == official, args
+        else:  # only the longer side is clamped
+            overshoots += 1
+            assert max(ours) == max_size and min(ours) == min(official), args
+    assert overshoots > 10  # the clamp was exercised
+
+
+def test_odd_aspect_ratio_fits_the_max_size_bucket():
+    # The issue's case: official DETR resizes 320x700 with max_size 128 to 59x129.
+    assert _official_size((700, 320), 480, 128) == (59, 129)
+    assert T.resized_size(320, 700, 480, 128) == (59, 128)
+    buckets = batching.make_buckets((), 128, 128)
+    assert buckets == ((128, 128),)
+    image = np.zeros((320, 700, 3), np.uint8)
+    boxes, labels = np.array([[0, 0, 700, 320]], np.float32), np.array([1], np.int32)
+    transforms = [T.EvalResize(800, 128)] + [
+        T.TrainAugmentation(max_size=128, crop_size=(384, 700), crop_prob=p) for p in (0.0, 1.0)
+    ]
+    for transform in transforms:
+        for seed in range(4):
+            out, out_boxes, _ = transform(image, boxes, labels, np.random.default_rng(seed))
+            assert max(out.shape[:2]) <= 128, (transform, out.shape)
+            assert not batching.choose_bucket(buckets, *out.shape[:2], 128)[1]
+            assert np.all(out_boxes[:, 2:] <= np.array([out.shape[1], out.shape[0]]) + 1e-3)  # boxes scale too
 
 
 COLORS = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}

@@ -72,9 +72,17 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
     """Stacks transformed examples into a padded batch (see the module docstring).
 
     Each example: image uint8 [h, w, 3], boxes float32 [n, 4] normalized cxcywh, labels
-    int32 [n], image_id, orig_size (h, w), is_real, and counters num_skipped and
+    int32 [n], image_id, orig_size (h, w), is_real, name (`Record.name`; "" for fillers),
+    skipped_files (names of the unreadable images it stands in for) and the counter
     num_degenerate. Boxes beyond `max_boxes` are dropped (the first max_boxes are kept) and
     counted in the batch's stats.
+
+    The batch's STATS_KEY entry holds int64 counters (examples, degenerate_boxes,
+    truncated_boxes, bucket_overflows: 0 or 1) and two tuples of strings, which travel with
+    the batch out of worker processes: skipped_files (the examples' skipped_files
+    concatenated, repeats included) and overflow_images ("name (h=.., w=..)" with the
+    resized size, for each image that fits no bucket by itself; empty when only the batch's
+    combined extent fits none).
     """
     sizes = np.array([ex["image"].shape[:2] for ex in examples], np.int32).reshape(-1, 2)
     (bh, bw), overflow = choose_bucket(buckets, int(sizes[:, 0].max()), int(sizes[:, 1].max()), step)
@@ -102,10 +110,15 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
         batch["valid"][i, :k] = True
     batch[STATS_KEY] = {
         "examples": np.int64(int(batch["is_real"].sum())),
-        "skipped_images": np.int64(sum(ex["num_skipped"] for ex in examples)),
         "degenerate_boxes": np.int64(sum(ex["num_degenerate"] for ex in examples)),
         "truncated_boxes": np.int64(truncated),
         "bucket_overflows": np.int64(overflow),
+        "skipped_files": tuple(name for ex in examples for name in ex["skipped_files"]),
+        "overflow_images": tuple(
+            f"{ex['name']} (h={h}, w={w})"
+            for ex, (h, w) in zip(examples, sizes.tolist())
+            if overflow and choose_bucket(buckets, h, w, step)[1]
+        ),
     }
     return batch
 

@@ -103,9 +103,15 @@ class CocoFolderSource:
 
 
 def _read_json(path: str) -> dict:
-    if not pathlib.Path(path).is_file():
+    file = pathlib.Path(path)
+    if file.is_dir():
+        raise DatasetFormatError(
+            f"{path}: is a directory; the annotation file must be a COCO instances JSON file "
+            "(such as annotations/instances_train2017.json)"
+        )
+    if not file.is_file():
         raise DatasetFormatError(f"{path}: annotation file not found")
-    text = pathlib.Path(path).read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8")
     if not text.strip():
         raise DatasetFormatError(f"{path}: annotation file is empty")
     try:

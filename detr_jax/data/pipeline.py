@@ -47,7 +47,7 @@ from detr_jax.data.transforms import EvalResize, TrainAugmentation, clean_record
 log = logging.getLogger(__name__)
 
 _MAX_LOAD_ATTEMPTS = 16  # consecutive unreadable images before training gives up
-_LOGGED_SKIPS = 20  # skip warnings logged per process (all are counted)
+_LOGGED_SKIPS = 20  # unreadable files logged per process, each once (all are counted)
 _FILLER_SIZE = 32
 
 _FIRST_TIME_WARNINGS = {
@@ -219,16 +219,21 @@ class DetectionBatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict:
         batch = next(self._parent)
         counters = batch.pop(batching.STATS_KEY)
+        skipped_files, overflow_images = counters.pop("skipped_files"), counters.pop("overflow_images")
         if self._shape_sync is not None:
             shape = tuple(int(v) for v in self._shape_sync(batch))
             if shape != batch["image"].shape[1:3]:
                 batch = batching.repad(batch, shape)
         shape = tuple(batch["image"].shape[1:3])
         before = self.stats.as_dict()
-        if self.stats.add(counters, shape):
+        if self.stats.add(counters, skipped_files, shape):
             log.info("input: new padded batch shape %s (%d distinct)", shape, len(self.stats.batch_shapes))
         if counters["bucket_overflows"]:
-            log.warning("input: batch of size %s fit no bucket; padded to %s", batch["size"].max(0), shape)
+            log.warning(
+                "input: batch of size %s fit no bucket; padded to %s: %s",
+                batch["size"].max(0), shape,
+                "; ".join(overflow_images) or "each image fits a bucket, but not all together",
+            )
         for key, what in _FIRST_TIME_WARNINGS.items():
             if counters[key] and not before[key]:
                 log.warning("input: %s (counted in stats.%s; not repeated)", what, key)
@@ -337,8 +342,8 @@ class _TrainExample:
     skip_bad_images: bool
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
-        record, skipped = _load(self.source, int(index), self.skip_bad_images)
-        return _example(record, self.augment, rng, skipped)
+        record, skipped_files = _load(self.source, int(index), self.skip_bad_images)
+        return _example(record, self.augment, rng, skipped_files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,10 +356,10 @@ class _EvalExample:
     def __call__(self, index: int) -> dict:
         if index < 0:
             return _filler()
-        return _example(self.source[int(index)], self.resize, None, 0)
+        return _example(self.source[int(index)], self.resize, None, ())
 
 
-def _example(record, transform, rng, skipped: int) -> dict:
+def _example(record, transform, rng, skipped_files: tuple[str, ...]) -> dict:
     boxes, labels, degenerate = clean_record(record, drop_crowd=True)
     image, boxes, labels = transform(record.image, boxes, labels, rng)
     h, w = image.shape[:2]
@@ -365,7 +370,8 @@ def _example(record, transform, rng, skipped: int) -> dict:
         "image_id": record.image_id,
         "orig_size": tuple(record.orig_size),
         "is_real": True,
-        "num_skipped": skipped,
+        "name": record.name,
+        "skipped_files": skipped_files,
         "num_degenerate": degenerate,
     }
 
@@ -379,26 +385,31 @@ def _filler() -> dict:
         "image_id": -1,
         "orig_size": size,
         "is_real": False,
-        "num_skipped": 0,
+        "name": "",
+        "skipped_files": (),
         "num_degenerate": 0,
     }
 
 
-_skips_logged = 0
+_skips_logged: set[str] = set()  # this process's logged unreadable files
 
 
 def _load(source, index: int, skip_bad_images: bool):
-    """(record, number of unreadable images skipped): tries index, index+1, ... (mod len)."""
-    global _skips_logged
-    error, attempts = None, min(_MAX_LOAD_ATTEMPTS, len(source))
+    """(record, names of the unreadable images skipped): tries index, index+1, ... (mod len).
+
+    The names (`ImageLoadError.path`) let the stats count distinct files: the same bad file
+    is met every epoch, and also by the example before it when that one is unreadable too.
+    """
+    error, skipped, attempts = None, [], min(_MAX_LOAD_ATTEMPTS, len(source))
     for attempt in range(attempts):
         try:
-            return source[(index + attempt) % len(source)], attempt
+            return source[(index + attempt) % len(source)], tuple(skipped)
         except ImageLoadError as e:
             if not skip_bad_images:
                 raise
             error = e
-            if _skips_logged < _LOGGED_SKIPS:
-                _skips_logged += 1
+            skipped.append(e.path)
+            if e.path not in _skips_logged and len(_skips_logged) < _LOGGED_SKIPS:
+                _skips_logged.add(e.path)
                 log.warning("input: skipping unreadable image (replaced by the next one): %s", e)
     raise DataError(f"{attempts} consecutive images failed to load; last: {error}")

@@ -5,7 +5,8 @@ Follows official DETR (datasets/coco.py `make_coco_transforms`, datasets/transfo
          480..800 step 32, longer side at most 1333), otherwise resize to 400/500/600,
          random crop of 384..600 px per side, and the multi-scale resize;
   eval:  shorter side 800, longer at most 1333.
-Sizes use the official rule (`resized_size`), images are resized with PIL's bilinear filter
+Sizes use the official rule (`resized_size`; the longer side is clamped where that rule
+overshoots max_size), images are resized with PIL's bilinear filter
 (as torchvision on PIL images). Boxes stay absolute (x0, y0, x1, y1) pixels until
 `to_normalized_cxcywh`; ImageNet normalization is done when batching (`batching.py`), so
 examples travel between processes as uint8.
@@ -47,20 +48,32 @@ def clean_record(record: Record, drop_crowd: bool = True):
 
 
 def resized_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
-    """Official DETR's output (h, w): shorter side `size`, longer side at most ~`max_size`.
+    """Output (h, w) of official DETR's resize: shorter side `size`, longer side <= max_size.
 
-    When the longer side would exceed max_size, the shorter side becomes
-    round(max_size * short / long); the longer side is then truncated, as in the original
-    (so it can exceed max_size by a pixel for very elongated images).
+    Official DETR's rule (datasets/transforms.py `get_size_with_aspect_ratio`): when the
+    longer side would exceed max_size, the shorter side becomes round(max_size * short /
+    long) and the longer side follows from that rounded side, so it can come out over
+    max_size (by up to half the aspect ratio: 320x700 with max_size 128 gives 59x129).
+    Deliberate deviation: such a longer side is clamped to max_size (a pixel, for common
+    aspect ratios), so that a bucket built from max_size holds every resized image (an
+    overflow compiles a new shape mid-run). Wherever the official size is within max_size
+    it is returned unchanged.
+
+    Returns:
+      (h, w) with min(h, w) <= size and, if max_size is given, max(h, w) <= max_size.
     """
     short, long = float(min(height, width)), float(max(height, width))
     if max_size is not None and long / short * size > max_size:
         size = int(round(max_size * short / long))
     if (width <= height and width == size) or (height <= width and height == size):
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+        out_h, out_w = height, width
+    elif width < height:
+        out_h, out_w = int(size * height / width), size
+    else:
+        out_h, out_w = size, int(size * width / height)
+    if max_size is not None:  # only the longer side can exceed it (by the rounding above)
+        out_h, out_w = min(out_h, max_size), min(out_w, max_size)
+    return out_h, out_w
 
 
 def resize(image: np.ndarray, boxes: np.ndarray, out_size: tuple[int, int]):
