@@ -259,7 +259,8 @@ def _image_example(image: np.ndarray, orig_size: tuple[int, int]) -> dict:
         "image_id": -1,
         "orig_size": tuple(int(v) for v in orig_size),
         "is_real": True,
-        "num_skipped": 0,
+        "name": "",
+        "skipped_files": (),
         "num_degenerate": 0,
     }
 
