@@ -9,8 +9,10 @@ Training checkpoints. Layout of a workdir:
   best/<step>/...            the same, for the checkpoint with the best validation AP
 
 orbax writes a checkpoint into a temporary directory and renames it when complete, so a
-run killed mid-save leaves the previous checkpoints intact; `restore_latest` also falls
-back to an older checkpoint when the newest one cannot be read (with a warning).
+run killed mid-save leaves the previous checkpoints intact. A checkpoint damaged later (a
+truncated or deleted file) is skipped, with a one-line warning naming it and the reason, by
+training (`Checkpointer.restore_latest`) and by evaluation and prediction
+(`load_train_checkpoint`) alike: both use the newest readable step.
 
 Params-only checkpoints, written by `detr-jax convert` (weights converted from PyTorch) and
 read by evaluation, prediction (`detr_jax.restore`) and training's `init_from`:
@@ -27,8 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from collections.abc import Mapping
-from typing import Any
+import re
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -38,16 +43,151 @@ from flax import traverse_util
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "meta")
+JSON_ITEM_FILE = "metadata"  # where orbax's JsonSave puts a JSON item (data, meta)
+TREE_METADATA_FILE = "_METADATA"  # orbax's description of a saved tree, needed to read it
 
 VARIABLES_DIR = "variables"
 METADATA_FILE = "metadata.json"
 FORMAT = "detr-jax-variables"
 FORMAT_VERSION = 1
 _LISTED = 20  # problems listed per kind in a "does not fit" error
+_REASON_CHARS = 500  # at most this long, the reason a checkpoint is unreadable
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or unreadable, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------
+# Unreadable checkpoints
+
+# A TensorStore error starts with its absl status code ("OUT_OF_RANGE: Error reading ...").
+_STATUS = re.compile(
+    r"(?:CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|PERMISSION_DENIED"
+    r"|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|UNIMPLEMENTED|INTERNAL|UNAVAILABLE"
+    r"|DATA_LOSS|UNAUTHENTICATED): ")
+# What TensorStore appends to a message (each array's whole JSON spec, C++ source lines) and
+# wraps around it; none of it says what is wrong.
+_PAYLOAD = re.compile(r"\s*\[(?:tensorstore_spec|source locations)\b.*", re.DOTALL)
+_DRIVER = re.compile(r'Error opening "\w+" driver: ')
+
+
+def _tensorstore_error(error: BaseException) -> BaseException | None:
+    """The TensorStore error (its message starts with a status code) among `error` and its
+    causes, or None."""
+    seen = []
+    while error is not None and error not in seen:
+        if _STATUS.match(str(error)):
+            return error
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def unreadable_reason(error: BaseException, root: str | pathlib.Path | None = None) -> str:
+    """Why reading a checkpoint failed, in one short line.
+
+    For an orbax/TensorStore error, the status code and the key and file it names, found in
+    the chain of causes (orbax wraps it in an exception whose message is a TensorStore spec),
+    without the JSON specs TensorStore appends; for any other error, its type and message (a
+    CheckpointError's message alone). Lines are joined, paths under `root` written relative to
+    it, and the whole cut to _REASON_CHARS characters.
+    """
+    status = _tensorstore_error(error)
+    if status is not None:
+        text = _DRIVER.sub("", _PAYLOAD.sub("", str(status)))
+    elif isinstance(error, CheckpointError):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}"
+    if root is not None:  # TensorStore names absolute paths, our messages the paths given
+        for prefix in (pathlib.Path(root).absolute(), pathlib.Path(root)):
+            text = text.replace(f"{prefix}/", "")
+    text = " ".join(text.split())
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+# When one read of an orbax restore fails, orbax's `asyncio.gather` raises at once and orbax
+# closes its event loop, while the other reads of that restore still run in TensorStore's
+# threads and their coroutines wait on the closed loop. Nothing waits for them any more, but
+# they make four kinds of noise (tens of thousands of lines for a training state), most of
+# it after the restore has returned, so no scope around the restore can catch it:
+#  - each read finishing delivers its result with `loop.call_soon_threadsafe` to the closed
+#    loop, which raises RuntimeError("Event loop is closed") inside a C++ callback, where it
+#    is unraisable: Python prints a traceback for each;
+#  - each abandoned coroutine reading a jax.Array, when garbage collected, turns the
+#    GeneratorExit that closes it into an Exception holding the whole TensorStore spec
+#    (orbax's `except BaseException`), also unraisable and printed;
+#  - each other read that failed is logged by asyncio at ERROR, "Future (or Task) exception
+#    was never retrieved", when its future is garbage collected;
+#  - each read coroutine that never started warns "coroutine ... was never awaited".
+# `_quiet_abandoned_reads` drops exactly these, for the rest of the process.
+
+
+class _DropAbandonedReadErrors:
+    """A sys.unraisablehook that drops the unraisable errors of abandoned orbax reads (a
+    result delivered to a closed event loop; an orbax coroutine failing as it is closed) and
+    passes any other on to the hook it wraps."""
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+
+    def __call__(self, unraisable) -> None:
+        error, tb = unraisable.exc_value, unraisable.exc_traceback
+        code = getattr(unraisable.object, "cr_code", None)  # the object is the coroutine being closed
+        closed_loop = (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                       and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+        closed_coroutine = (code is not None and "/orbax/" in code.co_filename
+                            and isinstance(error.__cause__ or error.__context__, GeneratorExit))
+        if not (closed_loop or closed_coroutine):
+            self.hook(unraisable)
+
+
+def _keep_asyncio_record(record: logging.LogRecord) -> bool:
+    """A logging filter of asyncio's logger: False (drop) for a TensorStore error that was
+    never retrieved."""
+    unretrieved = str(record.msg).split("\n", 1)[0].endswith(" exception was never retrieved")
+    return not (unretrieved and record.exc_info is not None and _tensorstore_error(record.exc_info[1]) is not None)
+
+
+def _quiet_abandoned_reads() -> None:
+    """Installs the filters of that noise (once)."""
+    if not isinstance(sys.unraisablehook, _DropAbandonedReadErrors):
+        sys.unraisablehook = _DropAbandonedReadErrors(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if _keep_asyncio_record not in asyncio_log.filters:
+        asyncio_log.addFilter(_keep_asyncio_record)
+    warnings.filterwarnings("ignore", r"coroutine '_read_array_index_and_device_put' was never awaited",
+                            RuntimeWarning)
+
+
+def _newest_readable(read: Callable[[pathlib.Path], T], step_dirs: Sequence[pathlib.Path],
+                     folder: pathlib.Path | None) -> tuple[pathlib.Path, T]:
+    """(step folder, `read(step folder)`) of the first of `step_dirs` (newest first) that reads.
+
+    Each unreadable step folder before it is reported by a one-line warning naming it and the
+    reason. Raises CheckpointError naming the step folder and the reason if `folder` is None
+    (one step folder was asked for), else listing each step folder of `folder` and its reason
+    when none reads.
+    """
+    _quiet_abandoned_reads()
+    failures = []
+    for step_dir in step_dirs:
+        try:
+            result = read(step_dir)
+        except Exception as e:  # noqa: BLE001 -- orbax and TensorStore raise many types for damage
+            failures.append((step_dir, unreadable_reason(e, step_dir)))
+            continue
+        for bad, reason in failures:
+            log.warning("checkpoint %s is unreadable (%s); using step %s", bad, reason, step_dir.name)
+        return step_dir, result
+    if folder is None:
+        (bad, reason), = failures
+        raise CheckpointError(f"checkpoint {bad} is unreadable: {reason}")
+    raise CheckpointError(f"no checkpoint in {folder} is readable:\n"
+                          + "\n".join(f"  {bad}: {reason}" for bad, reason in failures))
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,10 +222,7 @@ class Checkpointer:
         self.best = _manager(workdir / "best", 1, async_save, best_metric)
 
     @staticmethod
-    def _args(state, data_state: dict, meta: dict, restore: bool = False):
-        if restore:
-            return ocp.args.Composite(
-                state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    def _save_args(state, data_state: dict, meta: dict):
         return ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
 
@@ -93,7 +230,7 @@ class Checkpointer:
         """Saves (asynchronously) unless `step` is already saved."""
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=self._args(state, data_state, meta), force=True)
+        self.latest.save(step, args=self._save_args(state, data_state, meta), force=True)
 
     def save_best(self, step: int, state, data_state: dict, meta: dict, metrics: dict) -> bool:
         """Keeps this checkpoint in best/ if `metrics[best_metric]` beats the best so far."""
@@ -105,7 +242,7 @@ class Checkpointer:
             old = self.best.metrics(previous) or {}
             if old.get(self.best_metric, float("-inf")) >= value:
                 return False
-        self.best.save(step, args=self._args(state, data_state, {**meta, "metrics": metrics}),
+        self.best.save(step, args=self._save_args(state, data_state, {**meta, "metrics": metrics}),
                        metrics={self.best_metric: float(value)}, force=True)
         return True
 
@@ -113,23 +250,22 @@ class Checkpointer:
         """(state, data_state, meta) of the newest readable checkpoint, or None if none exist.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct (with shardings) describing
-        the state. An unreadable newest checkpoint is skipped with a warning.
+        the state. An unreadable newer checkpoint is skipped with a one-line warning; if
+        none is readable, CheckpointError lists each with its reason.
         """
+        directory = pathlib.Path(self.latest.directory)
+
+        def read(step_dir: pathlib.Path):
+            # The JSON items first: they are small, and read here they fail with their file named.
+            data_state, meta = read_json_item(step_dir, "data"), read_json_item(step_dir, "meta")
+            check_state_item(step_dir)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            return self.latest.restore(int(step_dir.name), args=args)["state"], data_state, meta
+
         steps = sorted(self.latest.all_steps(), reverse=True)
-        failures = []
-        for step in steps:
-            try:
-                restored = self.latest.restore(step, args=self._args(abstract_state, {}, {}, restore=True))
-            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: try an older one
-                failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-                log.warning("checkpoint %s/%d is unreadable (%s); falling back to an older one",
-                            self.latest.directory, step, failures[-1])
-                continue
-            return restored["state"], dict(restored["data"]), dict(restored["meta"])
-        if steps:
-            raise CheckpointError(
-                f"no checkpoint in {self.latest.directory} could be restored:\n  " + "\n  ".join(failures))
-        return None
+        if not steps:
+            return None
+        return _newest_readable(read, [directory / str(step) for step in steps], directory)[1]
 
     def wait(self) -> None:
         """Blocks until asynchronous saves are finished."""
@@ -150,30 +286,82 @@ def abstract_like(tree, sharding=None):
 def read_state_as_numpy(state_dir: str | pathlib.Path) -> dict:
     """A checkpointed state item as nested dicts of numpy arrays, on any device topology."""
     state_dir = pathlib.Path(state_dir).absolute()
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    # The handler's metadata, not the checkpointer's: that one looks for a whole step's
+    # _CHECKPOINT_METADATA in the item folder and warns it is missing.
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def read_json_item(step_dir: str | pathlib.Path, item: str) -> dict:
+    """A JSON item ("data" or "meta") of a training checkpoint's step folder."""
+    return _read_json_object(pathlib.Path(step_dir) / item / JSON_ITEM_FILE)
+
+
+def _read_json_object(path: pathlib.Path) -> dict:
+    """The JSON object in file `path`; CheckpointError if it is missing or is not one."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return value
+
+
+def read_train_meta(step_dir: str | pathlib.Path) -> dict:
+    """The meta item of a training checkpoint's step folder: step, epoch and the config."""
+    meta = read_json_item(step_dir, "meta")
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{pathlib.Path(step_dir) / 'meta' / JSON_ITEM_FILE}: no step and config "
+                              "(not a detr-jax training checkpoint?)")
+    return meta
+
+
+def check_state_item(step_dir: str | pathlib.Path) -> None:
+    """Raises CheckpointError unless a step folder's state item has the tree metadata orbax
+    needs to read it (without it, orbax fails with an unrelated pytree structure error)."""
+    state_dir = pathlib.Path(step_dir) / "state"
+    for required in (state_dir, state_dir / TREE_METADATA_FILE):
+        if not required.exists():
+            raise CheckpointError(f"{required}: missing")
+
+
+def _step_dirs(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The step folders in `folder`, newest first (orbax's unfinished saves have other names)."""
+    steps = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()] if folder.is_dir() else []
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def train_step_dirs(path: str | pathlib.Path) -> tuple[list[pathlib.Path], pathlib.Path | None]:
+    """(step folders, newest first; the folder holding them) of a training workdir, its
+    checkpoints/ or best/ folder, or ([path], None) for a step folder itself."""
+    path = pathlib.Path(path)
+    if (path / "state").is_dir():
+        return [path], None
+    for folder in (path / "checkpoints", path / "best", path):
+        if steps := _step_dirs(folder):
+            return steps, folder
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    raise CheckpointError(
+        f"{path}: no training checkpoint (expected a training workdir with checkpoints/<step>/, "
+        "its checkpoints/ or best/ folder, or a step folder with state/)")
 
 
 def latest_step_dir(path: str | pathlib.Path) -> pathlib.Path:
-    """The newest finished checkpoint under a workdir, a checkpoints/ or best/ folder, or a
-    step folder itself (which is returned as is)."""
-    path = pathlib.Path(path)
-    if (path / "state").is_dir():
-        return path
-    for folder in (path / "checkpoints", path / "best", path):
-        steps = [p for p in folder.iterdir() if p.name.isdigit() and (p / "state").is_dir()] \
-            if folder.is_dir() else []
-        if steps:
-            return max(steps, key=lambda p: int(p.name))
-    raise CheckpointError(f"{path}: no training checkpoint found (expected checkpoints/<step>/state)")
+    """The newest checkpoint's step folder under a workdir, a checkpoints/ or best/ folder,
+    or a step folder itself (which is returned as is); not checked to be readable."""
+    return train_step_dirs(path)[0][0]
 
 
 def is_train_checkpoint(path: str | pathlib.Path) -> bool:
     """Whether `path` is a training workdir, its checkpoints/ or best/ folder, or a step."""
     try:
-        latest_step_dir(path)
+        train_step_dirs(path)
     except (CheckpointError, OSError):
         return False
     return True
@@ -181,20 +369,21 @@ def is_train_checkpoint(path: str | pathlib.Path) -> bool:
 
 def load_train_meta(path: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
     """(step folder, its meta item: step, epoch, config) of the newest training checkpoint
-    under `path`, without reading the state."""
-    step_dir = latest_step_dir(path)
-    meta_file = step_dir / "meta" / "metadata"  # where orbax's JsonSave puts the item
-    if not meta_file.is_file():
-        raise CheckpointError(f"{step_dir}: no meta item (not a detr-jax training checkpoint?)")
-    return step_dir, json.loads(meta_file.read_text())
+    under `path` whose meta item reads, without reading the state."""
+    return _newest_readable(read_train_meta, *train_step_dirs(path))
 
 
 def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
     """({"params", "frozen_bn"} as numpy, the run's config as a dict, step) of the newest
-    training checkpoint under `path`."""
-    step_dir, meta = load_train_meta(path)
-    state = read_state_as_numpy(step_dir / "state")
-    return {"params": state["params"], "frozen_bn": state["frozen_bn"]}, meta["config"], int(meta["step"])
+    readable training checkpoint under `path` (see `_newest_readable`)."""
+
+    def read(step_dir: pathlib.Path):
+        meta = read_train_meta(step_dir)
+        check_state_item(step_dir)
+        return meta, read_state_as_numpy(step_dir / "state")
+
+    _, (meta, state) = _newest_readable(read, *train_step_dirs(path))
+    return {"params": state["params"], "frozen_bn": state["frozen_bn"]}, meta["config"], meta["step"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,12 +414,14 @@ def load_metadata(path: str | pathlib.Path) -> dict:
     """The metadata.json of a checkpoint written by `save_variables`."""
     path = pathlib.Path(path).absolute()
     meta_file = path / METADATA_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
     if not meta_file.is_file():
         raise CheckpointError(
             f"{path}: not a detr-jax params checkpoint (no {METADATA_FILE}; "
             "convert PyTorch weights with `detr-jax convert SRC DST` first)"
         )
-    metadata = json.loads(meta_file.read_text())
+    metadata = _read_json_object(meta_file)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: format {metadata.get('format')!r}, expected {FORMAT!r}")
     if metadata.get("format_version", 0) > FORMAT_VERSION:

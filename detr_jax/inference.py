@@ -174,9 +174,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
-                        **kwargs) -> "Predictor":
-        """A Predictor of a checkpoint (see `detr_jax.restore.load_checkpoint`)."""
-        variables, config = load_checkpoint(checkpoint, config)
+                        overrides: Mapping[str, Any] | None = None, **kwargs) -> "Predictor":
+        """A Predictor of a checkpoint (see `detr_jax.restore.load_checkpoint`: `overrides`
+        apply to the checkpoint's own config, when `config` is None)."""
+        variables, config = load_checkpoint(checkpoint, config, overrides)
         return cls(config, variables, **kwargs)
 
     @property

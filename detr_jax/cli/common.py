@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import argparse
 
+import ml_collections
+
 from detr_jax.config import config_from_args
 from detr_jax.models.detr import DTYPES
-from detr_jax.restore import checkpoint_config
 
 DTYPE_CHOICES = tuple(DTYPES)
 
 
-def config_for_checkpoint(args, overrides: dict[str, str]):
-    """--config (with overrides), the checkpoint's own config with overrides, or None (the
-    checkpoint's own config, read when the checkpoint is loaded)."""
+def checkpoint_command_config(args, overrides: dict[str, str]) -> tuple[ml_collections.ConfigDict | None, dict]:
+    """(config, overrides of the checkpoint's own config) of a checkpoint command: --config
+    with the overrides applied and none left, or None and the overrides, for
+    `restore.load_checkpoint(path, overrides=...)` to apply to the config it reads along
+    with the variables (so the checkpoint is read once)."""
     if args.config:
-        return config_from_args(args.config, overrides)
-    if not overrides:
-        return None
-    return checkpoint_config(args.checkpoint, overrides)
+        return config_from_args(args.config, overrides), {}
+    return None, overrides
 
 
 def positive_int(text: str) -> int:

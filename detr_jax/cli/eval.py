@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 
-from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint, positive_int
+from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, positive_int
 from detr_jax.coco_metrics import format_per_class_ap, to_coco_results
 from detr_jax.evaluate import Evaluator, save_eval_samples
 from detr_jax.models import build_model
@@ -31,10 +32,10 @@ def add_parser(sub) -> None:
 
 
 def run(args, overrides: dict[str, str]) -> int:
-    config = config_for_checkpoint(args, overrides)
+    config, overrides = checkpoint_command_config(args, overrides)
     out = args.out or str(pathlib.Path(args.checkpoint) / "eval")
-    eval_main(config, args.checkpoint, out, max_batches=args.max_batches, dtype=args.dtype,
-              save_detections=args.save_detections, progress=not args.no_progress)
+    eval_main(config, args.checkpoint, out, overrides=overrides, max_batches=args.max_batches,
+              dtype=args.dtype, save_detections=args.save_detections, progress=not args.no_progress)
     return 0
 
 
@@ -43,6 +44,7 @@ def eval_main(
     checkpoint: str | pathlib.Path,
     out_dir: str | pathlib.Path,
     *,
+    overrides: Mapping[str, Any] | None = None,
     max_batches: int | None = None,
     dtype: str | None = None,
     num_visualized: int | None = None,
@@ -62,12 +64,13 @@ def eval_main(
       config: the full config; its `model` section must match the checkpoint. None: the
         checkpoint's own.
       checkpoint: a training workdir or step, or a params checkpoint (`restore.load_checkpoint`).
+      overrides: applied to the checkpoint's own config (only with `config` None).
       max_batches: evaluate only the first batches (per host), e.g. for a quick check.
       dtype: compute dtype override ("float32", "bfloat16").
 
     Returns the metrics dict (METRIC_NAMES).
     """
-    variables, config = load_checkpoint(checkpoint, config)
+    variables, config = load_checkpoint(checkpoint, config, overrides)
     evaluator = Evaluator(build_model(config.model, dtype), config)
     result = evaluator(variables, max_batches=max_batches, progress=progress)
     if jax.process_index() == 0:

@@ -6,13 +6,14 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 from tqdm.auto import tqdm
 
 from detr_jax import visualize
-from detr_jax.cli.common import DTYPE_CHOICES, config_for_checkpoint, positive_int, probability
+from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, positive_int, probability
 from detr_jax.data.records import ImageLoadError
 from detr_jax.inference import IMAGE_EXTENSIONS, Predictor, find_images, load_image
 
@@ -32,8 +33,8 @@ def add_parser(sub) -> None:
 
 
 def run(args, overrides: dict[str, str]) -> int:
-    config = config_for_checkpoint(args, overrides)
-    return predict_main(args.checkpoint, args.inputs, args.out, config=config,
+    config, overrides = checkpoint_command_config(args, overrides)
+    return predict_main(args.checkpoint, args.inputs, args.out, config=config, overrides=overrides,
                         score_threshold=args.score_threshold, top_k=args.top_k, dtype=args.dtype,
                         batch_size=args.batch_size, draw=not args.no_draw, progress=not args.no_progress)
 
@@ -53,6 +54,7 @@ def predict_main(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     config: ml_collections.ConfigDict | None = None,
+    overrides: Mapping[str, Any] | None = None,
     score_threshold: float = 0.5,
     top_k: int | None = 100,
     dtype: str | None = None,
@@ -68,6 +70,8 @@ def predict_main(
     `detections.json` with every image plus the failures. An unreadable image is reported
     (file and problem) and skipped; the others go on.
 
+    `config` None: the checkpoint's own config, with `overrides` (dotted keys) applied.
+
     Returns the exit status: 0 if at least one image was processed, 1 if none was (all
     failed, or no image found).
     """
@@ -75,7 +79,7 @@ def predict_main(
     files, failures, ignored = find_images(inputs)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.from_checkpoint(checkpoint, config, dtype=dtype, batch_size=batch_size)
+    predictor = Predictor.from_checkpoint(checkpoint, config, overrides, dtype=dtype, batch_size=batch_size)
 
     records, used_stems = [], set()
     chunk_size = 4 * predictor.batch_size  # images held in memory at once
