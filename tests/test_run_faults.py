@@ -87,3 +87,6 @@ def test_auto_num_classes_and_a_checkpoint_before_a_failing_evaluation(coco_dir,
     variables, restored = load_checkpoint(tmp_path / "run")
     assert restored.model.num_classes == 4
     assert np.shape(variables["params"]["class_embed"]["kernel"])[-1] == 5  # 4 classes + "no object"
+    # A config that still says "auto" (eval --config finetune_...) takes the run's number.
+    _, given = load_checkpoint(tmp_path / "run", folder_config(coco_dir, **{"model.num_classes": "auto"}))
+    assert given.model.num_classes == 4
