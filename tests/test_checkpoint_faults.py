@@ -185,7 +185,7 @@ def test_predictor_uses_the_newest_readable_step(workdir, damage, caplog):
 
 def test_eval_with_overrides_reads_the_checkpoint_once(workdir, monkeypatch):
     """`detr-jax eval --checkpoint WORKDIR --config.eval.batch_size=2` reads the meta item
-    once, along with the state (`config_for_checkpoint` read it once more for the config)."""
+    once, along with the state (the command used to read it once more for the config)."""
     reads = []
     read_text = pathlib.Path.read_text
 
