@@ -64,6 +64,10 @@ class DetectionSource(Protocol):
     Attributes:
       category_names: {category id: name}, ids as they appear in `Record.labels`.
       num_classes: max category id + 1 (the model's `num_classes`).
+
+    Optional, where cheap (the checks made when a run starts use them, `data.checks`):
+    `image_files()` -> [(path, (h, w) or None)] and `box_counts()` -> int [N] non-crowd
+    boxes per example (`CocoFolderSource` has both).
     """
 
     category_names: dict[int, str]
