@@ -116,9 +116,8 @@ def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict
 
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
-    for key in ("cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef"):
-        if loss[key] < 0:
-            raise ConfigError(f"loss.{key}={loss[key]} must be >= 0")
+    _check_range("loss", loss, {key: (0, False) for key in (
+        "cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef")})
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
     if loss.matcher not in MATCHERS:

@@ -25,20 +25,15 @@ def describe(source: DetectionSource) -> str:
     return " ".join(str(p) for p in parts if p)
 
 
-def largest_category_id(source: DetectionSource) -> int | None:
-    """The largest category id the source declares (None: no categories)."""
-    return max(source.category_names, default=None)
-
-
 def check_category_ids(source: DetectionSource, num_classes: int) -> None:
     """DataError unless every category id of `source` is a class of a head of `num_classes`.
 
     The class head predicts ids 0..num_classes-1 and index num_classes is "no object", so
     an id equal to num_classes would be trained as background, and a larger one makes the
-    loss NaN.
+    loss NaN. `source.num_classes` is the source's largest id + 1.
     """
-    largest = largest_category_id(source)
-    if largest is not None and largest >= num_classes:
+    if source.num_classes > num_classes:
+        largest = source.num_classes - 1
         raise DataError(
             f"{describe(source)}: category ids go up to {largest}, but model.num_classes={num_classes} "
             f"(the class head predicts ids 0..{num_classes - 1}; {num_classes} is its 'no object' class). "

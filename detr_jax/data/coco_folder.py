@@ -67,7 +67,7 @@ class CocoFolderSource:
 
     def box_counts(self) -> np.ndarray:
         """int64 [N]: the non-crowd boxes of each image (what training pads to max_boxes)."""
-        return np.array([int(np.sum(~self._annotations[int(i)][2])) if int(i) in self._annotations else 0
+        return np.array([int(np.sum(~self._annotations.get(int(i), empty_annotations())[2]))
                          for i in self._image_ids], np.int64)
 
     def annotations(self, index: int) -> Record:
