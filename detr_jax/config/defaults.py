@@ -30,6 +30,9 @@ def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             backbone="resnet50",
+            # Settings of the backbone's module, by field name, for backbones that have
+            # them (a ViT's window_size, drop_path_rate, pos_grid, ...: detr_jax.models.vit).
+            backbone_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
             # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
@@ -153,6 +156,12 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
         if m[key] not in registry:
             raise ConfigError(f"model.{key}={m[key]!r}: expected one of {tuple(sorted(registry))}")
+    if not isinstance(m.backbone_args, dict):
+        raise ConfigError(f"model.backbone_args={m.backbone_args!r} must be a dict of field: value")
+    try:  # a module is a dataclass: building one checks its settings and computes nothing
+        BACKBONES[m.backbone](m, DTYPES[m.dtype])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.backbone_args for {m.backbone!r}: {e}") from None
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
             f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}"

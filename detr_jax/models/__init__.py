@@ -1,9 +1,10 @@
 """DETR from parts: `build_model(config.model)` is the one place where config meets modules.
 
 Each part's file has a plain dict of named builders `(model_config, dtype) -> Module`:
-`backbone.BACKBONES` (model.backbone), `position_encoding.POSITION_EMBEDDINGS`
-(model.position_embedding), and `backbone.NORMS` (model.backbone_norm). A new variant
-is one module plus an entry in its dict (docs/EXTENDING.md).
+backbones (`backbone.RESNET_BACKBONES`, `vit.VIT_BACKBONES`, merged into BACKBONES here:
+model.backbone), `position_encoding.POSITION_EMBEDDINGS` (model.position_embedding), and
+`backbone.NORMS` (model.backbone_norm). A new variant is one module plus an entry in a
+dict (docs/EXTENDING.md).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from detr_jax.models.backbone import BACKBONES, NORMS
+from detr_jax.models.backbone import NORMS, RESNET_BACKBONES
 from detr_jax.models.detr import DETR, DTYPES, init_variables, variable_shapes
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
 from detr_jax.models.transformer import build_transformer
+from detr_jax.models.vit import VIT_BACKBONES
+
+# model.backbone -> builder (model_config, dtype) -> module; register new backbones here.
+BACKBONES = {**RESNET_BACKBONES, **VIT_BACKBONES}
 
 
 def resolve_dtype(dtype: str | Any) -> Any:

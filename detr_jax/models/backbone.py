@@ -14,7 +14,8 @@ pretrained backbone); "group_norm" puts a trainable GroupNorm in each BatchNorm'
 statistics would leave with no normalization at all.
 
 A backbone is any module `(images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput`;
-BACKBONES maps a name to its builder `(model_config, dtype) -> Module`.
+RESNET_BACKBONES maps a name to its builder `(model_config, dtype) -> Module` (all
+backbones: detr_jax.models.BACKBONES).
 """
 
 from __future__ import annotations
@@ -273,12 +274,16 @@ class ResNetBackbone(nn.Module):
 
 
 def build_resnet(spec: ResNetSpec, model_config, dtype: Any) -> ResNetBackbone:
-    """A ResNet backbone from the `model` config section (dilation, backbone_norm)."""
+    """A ResNet backbone from the `model` config section (dilation, backbone_norm).
+    Raises ValueError if `model.backbone_args` is set: a ResNet has no such settings."""
+    if model_config.backbone_args:
+        raise ValueError(f"a ResNet takes no backbone_args (its settings are model.dilation and "
+                         f"model.backbone_norm), got {dict(model_config.backbone_args)}")
     norm = functools.partial(NORMS[model_config.backbone_norm], dtype=dtype)
     return ResNetBackbone(spec=spec, dilation=model_config.dilation, norm=norm, dtype=dtype)
 
 
-# model.backbone -> builder (model_config, dtype) -> backbone module
-BACKBONES: dict[str, Callable[[Any, Any], nn.Module]] = {
+# model.backbone -> builder (model_config, dtype) -> backbone module (merged in detr_jax.models)
+RESNET_BACKBONES: dict[str, Callable[[Any, Any], nn.Module]] = {
     name: functools.partial(build_resnet, spec) for name, spec in RESNETS.items()
 }
