@@ -23,9 +23,7 @@ import numpy as np
 from PIL import Image
 
 from detr_jax.data.records import Record
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 COCO_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 
 

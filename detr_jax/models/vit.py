@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.models.backbone import BackboneOutput
 from detr_jax.models.transformer import MultiHeadAttention
 
@@ -139,6 +139,28 @@ def window_merge(windows: jnp.ndarray, batch: int, h: int, w: int, size: int) ->
     x = windows.reshape(batch, nh, nw, size, size, -1)
     x = jnp.moveaxis(x, 3, 2).reshape(batch, nh * size, nw * size, -1)
     return x[:, :h, :w]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens: a stride-p p x p convolution, computed as
+    one matrix product over flattened patches, with nn.Conv's parameters ({"kernel":
+    [p, p, 3, E], "bias": [E]}). XLA:CPU runs the strided convolution's backward as a
+    general convolution; the product is a plain GEMM both ways."""
+
+    features: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, H, W, C] with H, W multiples of patch_size -> [B, H/p, W/p, features]."""
+        b, height, width, c = x.shape
+        p = self.patch_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        patches = x.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, height // p, width // p, p * p * c).astype(self.dtype)
+        return patches @ kernel.reshape(p * p * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):
@@ -243,8 +265,7 @@ class ViT(nn.Module):
         pad_h, pad_w = -images.shape[1] % p, -images.shape[2] % p
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         patch_mask = jnp.pad(mask, ((0, 0), (0, pad_h), (0, pad_w)))[:, ::p, ::p]
-        grid = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                       kernel_init=nn.initializers.lecun_normal(), name="patch_embed")(x.astype(self.dtype))
+        grid = PatchEmbed(self.width, p, self.dtype, name="patch_embed")(x)
         _, h, w, _ = grid.shape
 
         init = nn.initializers.normal(0.02)
