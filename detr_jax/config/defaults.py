@@ -27,7 +27,7 @@ from detr_jax.optim import check_param_rules
 
 def model_config() -> ml_collections.ConfigDict:
     """The paper's DETR-R50 model (hidden 256, 8 heads, 6+6 layers, 100 queries)."""
-    return ml_collections.ConfigDict(
+    model = ml_collections.ConfigDict(
         dict(
             backbone="resnet50",
             # Settings of the backbone's module, by field name, for backbones that have
@@ -57,6 +57,10 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="float32",
         )
     )
+    # Assigned, not given above: a dict given to the constructor becomes a ConfigDict
+    # (which a saved config would then be merged into key by key), an assigned one stays a dict.
+    model.backbone_args = {}
+    return model
 
 
 def loss_config() -> ml_collections.ConfigDict:
@@ -156,6 +160,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
         if m[key] not in registry:
             raise ConfigError(f"model.{key}={m[key]!r}: expected one of {tuple(sorted(registry))}")
+    if isinstance(m.backbone_args, ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict
+        m.backbone_args = m.backbone_args.to_dict()
     if not isinstance(m.backbone_args, dict):
         raise ConfigError(f"model.backbone_args={m.backbone_args!r} must be a dict of field: value")
     try:  # a module is a dataclass: building one checks its settings and computes nothing
