@@ -1,6 +1,6 @@
 """PyTorch checkpoints -> Flax variables of `detr_jax.models.detr.DETR`.
 
-Three layouts are recognized from the key names:
+Five layouts are recognized from the key names:
   official     facebookresearch/detr (`detr-r50-e632da11.pth`, ...): {"model": state dict} with
                `backbone.0.body.*`, `transformer.*` (fused attention `in_proj_weight`),
                `class_embed`, `bbox_embed`, `query_embed`, `input_proj`, and for the learned
@@ -11,12 +11,27 @@ Three layouts are recognized from the key names:
                as in memory in transformers 5 (`model.backbone.model.*`, `o_proj`, `mlp.fc1`).
   torchvision  an ImageNet ResNet-50/101 (`conv1.weight`, `layer1.0.conv1.weight`, `fc.*`
                ignored): converted to the backbone subtree only, to start training from.
+  huggingface_vit  transformers' ViTModel / ViTForImageClassification / DeiTModel /
+               DeiTForImageClassification(WithTeacher), with or without the `vit.`/`deit.`
+               prefix, in the saved names (`encoder.layer.{i}.attention.attention.query`,
+               `intermediate.dense`, ...) or transformers 5's in-memory ones (`layers.{i}.
+               attention.q_proj`, `mlp.fc1`, ...); `pooler`, classifiers and `mask_token`
+               ignored. A model directory's preprocessor_config.json (image_mean/std) and
+               config.json (layer_norm_eps) are read too. Backbone subtree only.
+  timm_vit     timm's VisionTransformer (and VisionTransformerDistilled): `cls_token`,
+               `dist_token`, `reg_token` (registers: more prefix tokens), `pos_embed`,
+               `patch_embed.proj`, `blocks.{i}.attn.qkv` (fused q/k/v), `norm`; `head`,
+               `head_dist` ignored; layer scale, qk-norm, fc_norm and norm_pre are refused
+               (the ViT has none). Backbone subtree only.
 
 Tensors are mapped one by one: conv kernels OIHW -> HWIO, linear weights [out, in] ->
-[in, out], the fused attention in_proj split into q/k/v, BatchNorm weight/bias/running_mean/
-running_var -> frozen_bn scale/bias/mean/var (`num_batches_tracked` ignored). The model
-shape is inferred from the tensors and checked against the target config; every problem
-(config mismatch, unmapped key, missing key, shape mismatch) is reported at once.
+[in, out], the fused attention in_proj (timm: qkv) split into q/k/v, BatchNorm weight/bias/
+running_mean/running_var -> frozen_bn scale/bias/mean/var (`num_batches_tracked` ignored),
+LayerNorm weight/bias -> scale/bias; a ViT's class/distillation/register tokens become
+`prefix_tokens` [P, E] and its [1, P + g*g, E] position embeddings `prefix_pos_embed` [P, E]
+and the `pos_embed` grid [g, g, E]. The model shape is inferred from the tensors and
+checked against the target config; every problem (config mismatch, unmapped key, missing
+key, shape mismatch) is reported at once.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import pathlib
 import pickle
 import re
@@ -39,11 +55,16 @@ from flax import traverse_util
 import detr_jax
 from detr_jax.checkpoint import compare_trees
 from detr_jax.config import config_from_dict, load_config
-from detr_jax.models import build_model, variable_shapes
+from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.models import BACKBONES, build_model, variable_shapes
 from detr_jax.models.backbone import RESNETS
 from detr_jax.models.transformer import torch_dense
+from detr_jax.models.vit import VITS, ViT
 
-LAYOUTS = ("official", "huggingface", "torchvision")
+LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit")
+# Layouts that hold only an ImageNet backbone: converted to the backbone subtree.
+BACKBONE_LAYOUTS = ("torchvision", "huggingface_vit", "timm_vit")
+VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
 # Model config fields that the weights determine (and are checked against the config).
 INFERRED_FIELDS = (
     "backbone", "hidden_dim", "num_queries", "num_classes", "num_encoder_layers",
@@ -64,12 +85,16 @@ class Module:
     """A PyTorch module's place in the Flax tree and what kind of layer it is.
 
     kind: "conv", "bn" (frozen BatchNorm), "dense", "layernorm", "embedding" (the path is
-    the parameter itself) or "fused_qkv" (nn.MultiheadAttention's in_proj; the path is the
-    attention module holding q_proj/k_proj/v_proj).
+    the parameter itself), "fused_qkv" (nn.MultiheadAttention's in_proj, timm's qkv; the
+    path is the attention module holding q_proj/k_proj/v_proj), "unsupported" (`path[0]`
+    says why), or for a ViT's bare parameters "prefix_token" (class, distillation or
+    register tokens [1, n, E], concatenated in `order` into prefix_tokens) and
+    "pos_embed" ([1, P + g*g, E] -> prefix_pos_embed and the pos_embed grid).
     """
 
     path: tuple[str, ...]
     kind: str
+    order: int = 0
 
 
 IGNORED = Module((), "ignored")
@@ -190,15 +215,95 @@ def _torchvision_module(name: str) -> Module | None:
     return _resnet_body_module(name)
 
 
+VIT = ("backbone",)
+
+
+def _vit_block(i: str, *rest: str) -> tuple[str, ...]:
+    return VIT + (f"blocks_{i}",) + rest
+
+
+_HF_VIT_PREFIX = r"(?:vit\.|deit\.)?"
+_HF_QKV = {"query": "q", "key": "k", "value": "v", "q": "q", "k": "k", "v": "v"}
+
+
+def _huggingface_vit_module(name: str) -> Module | None:
+    layer = _HF_VIT_PREFIX + r"(?:encoder\.layer|layers)\.(\d+)\."
+    rules = [
+        (r"pooler(\..+)?|classifier|cls_classifier|distillation_classifier", lambda *_: IGNORED),
+        (_HF_VIT_PREFIX + r"embeddings\.patch_embeddings\.projection", lambda: Module(VIT + ("patch_embed",), "conv")),
+        # saved (Hub) names, then transformers 5's in-memory names
+        (layer + r"attention\.attention\.(query|key|value)",
+         lambda i, p: Module(_vit_block(i, "attn", f"{_HF_QKV[p]}_proj"), "dense")),
+        (layer + r"attention\.([qkv])_proj", lambda i, p: Module(_vit_block(i, "attn", f"{p}_proj"), "dense")),
+        (layer + r"attention\.(?:output\.dense|o_proj)", lambda i: Module(_vit_block(i, "attn", "out_proj"), "dense")),
+        (layer + r"layernorm_before", lambda i: Module(_vit_block(i, "norm1"), "layernorm")),
+        (layer + r"layernorm_after", lambda i: Module(_vit_block(i, "norm2"), "layernorm")),
+        (layer + r"(?:intermediate\.dense|mlp\.fc1)", lambda i: Module(_vit_block(i, "mlp", "fc1"), "dense")),
+        (layer + r"(?:output\.dense|mlp\.fc2)", lambda i: Module(_vit_block(i, "mlp", "fc2"), "dense")),
+        (_HF_VIT_PREFIX + r"layernorm", lambda: Module(VIT + ("norm",), "layernorm")),
+    ]
+    return _first_match(rules, name)
+
+
+def _huggingface_vit_parameter(key: str) -> Module | None:
+    rules = [
+        (_HF_VIT_PREFIX + r"embeddings\.cls_token", lambda: Module(VIT + ("prefix_tokens",), "prefix_token", 0)),
+        (_HF_VIT_PREFIX + r"embeddings\.distillation_token",
+         lambda: Module(VIT + ("prefix_tokens",), "prefix_token", 1)),
+        (_HF_VIT_PREFIX + r"embeddings\.position_embeddings", lambda: Module(VIT, "pos_embed")),
+        (_HF_VIT_PREFIX + r"embeddings\.mask_token", lambda: IGNORED),  # masked image modeling only
+    ]
+    return _first_match(rules, key)
+
+
+def _unsupported(reason: str) -> Callable[..., Module]:
+    return lambda *_: Module((reason,), "unsupported")
+
+
+def _timm_vit_module(name: str) -> Module | None:
+    rules = [
+        (r"head|head_dist|attn_pool(\..+)?", lambda *_: IGNORED),
+        (r"patch_embed\.proj", lambda: Module(VIT + ("patch_embed",), "conv")),
+        (r"blocks\.(\d+)\.norm([12])", lambda i, n: Module(_vit_block(i, f"norm{n}"), "layernorm")),
+        (r"blocks\.(\d+)\.attn\.qkv", lambda i: Module(_vit_block(i, "attn"), "fused_qkv")),
+        (r"blocks\.(\d+)\.attn\.proj", lambda i: Module(_vit_block(i, "attn", "out_proj"), "dense")),
+        (r"blocks\.(\d+)\.mlp\.fc([12])", lambda i, n: Module(_vit_block(i, "mlp", f"fc{n}"), "dense")),
+        (r"norm", lambda: Module(VIT + ("norm",), "layernorm")),
+        (r"blocks\.(\d+)\.ls[12]", _unsupported("layer scale (timm init_values): the ViT has none")),
+        (r"blocks\.(\d+)\.attn\.[qk]_norm", _unsupported("qk-norm: the ViT has none")),
+        (r"fc_norm", _unsupported("fc_norm (a norm after pooling, with `norm` an Identity): the ViT's "
+                                  "features take the final `norm`, which this model lacks")),
+        (r"norm_pre", _unsupported("norm_pre (a LayerNorm before the blocks, CLIP-style): the ViT has none")),
+    ]
+    return _first_match(rules, name)
+
+
+def _timm_vit_parameter(key: str) -> Module | None:
+    rules = [
+        (r"cls_token", lambda: Module(VIT + ("prefix_tokens",), "prefix_token", 0)),
+        (r"dist_token", lambda: Module(VIT + ("prefix_tokens",), "prefix_token", 1)),
+        (r"reg_token", lambda: Module(VIT + ("prefix_tokens",), "prefix_token", 2)),
+        (r"pos_embed", lambda: Module(VIT, "pos_embed")),
+    ]
+    return _first_match(rules, key)
+
+
 MODULE_RESOLVERS = {
     "official": _official_module,
     "huggingface": _huggingface_module,
     "torchvision": _torchvision_module,
+    "huggingface_vit": _huggingface_vit_module,
+    "timm_vit": _timm_vit_module,
+}
+# Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
+PARAMETER_RESOLVERS = {
+    "huggingface_vit": _huggingface_vit_parameter,
+    "timm_vit": _timm_vit_parameter,
 }
 
 
 def detect_layout(keys: list[str]) -> str | None:
-    """"official", "huggingface", "torchvision", or None when the keys fit none of them."""
+    """One of LAYOUTS, or None when the keys fit none of them."""
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in keys):
         return "official"
     if any(k.startswith(("model.backbone.", "model.encoder.", "model.decoder.", "class_labels_classifier."))
@@ -206,6 +311,10 @@ def detect_layout(keys: list[str]) -> str | None:
         return "huggingface"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "torchvision"
+    if any(re.match(_HF_VIT_PREFIX + r"embeddings\.patch_embeddings\.", k) for k in keys):
+        return "huggingface_vit"
+    if any(k.startswith("patch_embed.proj.") for k in keys) and any(k.startswith("blocks.") for k in keys):
+        return "timm_vit"
     return None
 
 
@@ -223,16 +332,52 @@ _LEAF_NAMES = {
 }
 
 
-def _map_tensor(module: Module, param: str, value: np.ndarray) -> list[tuple[Path, np.ndarray]] | str:
-    """The Flax leaves of one PyTorch tensor, or a string saying why it cannot be mapped."""
+def _square_side(n: int) -> int | None:
+    side = int(round(n**0.5))
+    return side if side > 0 and side * side == n else None
+
+
+def _map_pos_embed(module: Module, value: np.ndarray, num_prefix_tokens: int) -> list[tuple[Path, np.ndarray]] | str:
+    """[1, P + g*g, E] -> prefix_pos_embed [P, E] and the pos_embed grid [g, g, E] (row-major).
+    With P prefix tokens but only g*g rows (timm's no_embed_class: the prefix tokens get no
+    position embedding), prefix_pos_embed is zeros."""
+    if value.ndim != 3 or value.shape[0] != 1:
+        return f"expected position embeddings [1, P + N, E], got shape {value.shape}"
+    rows, width = value.shape[1:]
+    side = _square_side(rows - num_prefix_tokens) if rows > num_prefix_tokens else None
+    prefix = value[0, :num_prefix_tokens]
+    if side is None and num_prefix_tokens and _square_side(rows):
+        side, prefix = _square_side(rows), np.zeros((num_prefix_tokens, width), value.dtype)
+    if side is None:
+        return (f"{rows} positions are not {num_prefix_tokens} prefix tokens + a square grid of patches "
+                "(non-square position grids are not supported)")
+    leaves = [(("params",) + module.path + ("pos_embed",), value[0, -side * side:].reshape(side, side, width))]
+    if num_prefix_tokens:
+        leaves.append((("params",) + module.path + ("prefix_pos_embed",), prefix))
+    return leaves
+
+
+def _map_tensor(module: Module, param: str, value: np.ndarray,
+                num_prefix_tokens: int = 0) -> list[tuple[Path, np.ndarray]] | str:
+    """The Flax leaves of one PyTorch tensor, or a string saying why it cannot be mapped.
+    num_prefix_tokens: the ViT's class/distillation/register tokens (kind "pos_embed")."""
+    if module.kind == "unsupported":
+        return module.path[0]
+    if module.kind == "prefix_token":
+        if value.ndim != 3 or value.shape[0] != 1:
+            return f"expected a token [1, n, E], got shape {value.shape}"
+        return [(("params",) + module.path, value[0])]
+    if module.kind == "pos_embed":
+        return _map_pos_embed(module, value, num_prefix_tokens)
     if module.kind == "embedding":
         if param != "weight":
             return f"unknown parameter {param!r} of an embedding"
         return [(("params",) + module.path, value)]
     if module.kind == "fused_qkv":
-        if param not in ("in_proj_weight", "in_proj_bias"):
+        fused = {"in_proj_weight": "kernel", "in_proj_bias": "bias", "weight": "kernel", "bias": "bias"}
+        if param not in fused:
             return f"unknown parameter {param!r} of a fused attention"
-        leaf = "kernel" if param == "in_proj_weight" else "bias"
+        leaf = fused[param]
         if value.ndim != (2 if leaf == "kernel" else 1) or value.shape[0] % 3:
             return f"expected a fused [3E{', E' if leaf == 'kernel' else ''}] {param}, got shape {value.shape}"
         parts = np.split(value, 3, axis=0)  # PyTorch stacks q, k, v along the output dim
@@ -272,22 +417,32 @@ class MappedTensors:
 def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedTensors:
     """Maps every tensor of a state dict in `layout` to Flax leaves (no model checks)."""
     resolve = MODULE_RESOLVERS[layout]
+    resolve_parameter = PARAMETER_RESOLVERS.get(layout, lambda key: None)
     mapped = MappedTensors({}, {}, [], [])
+    # A ViT's prefix tokens (class, distillation, registers) are one leaf, from several keys.
+    num_prefix_tokens = sum(int(np.prod(value.shape[:-1])) for key, value in state_dict.items()
+                            if getattr(resolve_parameter(key), "kind", None) == "prefix_token")
+    prefix: list[tuple[int, str, np.ndarray]] = []
     for key, value in state_dict.items():
         module_name, _, param = key.rpartition(".")
         if param == "num_batches_tracked":
             mapped.ignored.append(key)
             continue
-        module = resolve(module_name) if module_name else None
+        module = resolve_parameter(key)
+        if module is None:
+            module = resolve(module_name) if module_name else None
         if module is IGNORED:
             mapped.ignored.append(key)
             continue
         if module is None:
             mapped.unmapped.append(f"{key}: no {layout} rule for this name")
             continue
-        leaves = _map_tensor(module, param, value)
+        leaves = _map_tensor(module, param, value, num_prefix_tokens)
         if isinstance(leaves, str):
             mapped.unmapped.append(f"{key}: {leaves}")
+            continue
+        if module.kind == "prefix_token":
+            prefix.append((module.order, key, leaves[0][1]))
             continue
         for path, array in leaves:
             if path in mapped.leaves:
@@ -295,6 +450,11 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedT
                 continue
             mapped.leaves[path] = np.ascontiguousarray(array, dtype=np.float32)
             mapped.sources[path] = key
+    if prefix:  # class token, then distillation token or registers
+        prefix.sort(key=lambda item: item[0])
+        path = ("params",) + VIT + ("prefix_tokens",)
+        mapped.leaves[path] = np.ascontiguousarray(np.concatenate([a for _, _, a in prefix]), dtype=np.float32)
+        mapped.sources[path] = " + ".join(key for _, key, _ in prefix)
     return mapped
 
 
@@ -332,12 +492,55 @@ def infer_backbone(leaves: Mapping[Path, np.ndarray]) -> tuple[str | None, str]:
     return None, description
 
 
+# ViT fields that the tensors determine beyond the variant (backbone_args when not the default).
+VIT_WEIGHT_FIELDS = ("pos_grid", "num_prefix_tokens", "mlp_ratio")
+# ... and those a Hugging Face model directory's config files give.
+VIT_FILE_FIELDS = ("layer_norm_eps", "pixel_mean", "pixel_std")
+_VIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.default is not dataclasses.MISSING}
+
+
+def infer_vit(leaves: Mapping[Path, np.ndarray]) -> tuple[str | None, dict[str, Any], str]:
+    """(name in VITS or None, {ViT field: value} the tensors give, a description such as
+    "ViT with width 32, depth 2, patch size 8"). The fields: width, depth, patch_size and
+    VIT_WEIGHT_FIELDS (absent tensors leave theirs out)."""
+    vit = ("params",) + VIT
+    fields: dict[str, Any] = {"depth": len(_indices(leaves, vit, r"blocks_(\d+)"))}
+    patch = _shape(leaves, *vit, "patch_embed", "kernel")
+    if patch is not None and len(patch) == 4:
+        fields["patch_size"], fields["width"] = patch[0], patch[-1]
+    grid = _shape(leaves, *vit, "pos_embed")
+    if grid is not None:
+        fields["pos_grid"] = tuple(grid[:2])
+    tokens = _shape(leaves, *vit, "prefix_tokens")
+    fields["num_prefix_tokens"] = 0 if tokens is None else tokens[0]
+    hidden = _shape(leaves, *vit, "blocks_0", "mlp", "fc1", "kernel")
+    if hidden is not None and "width" in fields:
+        fields["mlp_ratio"] = hidden[-1] / fields["width"]
+    description = (f"ViT with width {fields.get('width')}, depth {fields['depth']}, "
+                   f"patch size {fields.get('patch_size')}")
+    for name, spec in VITS.items():
+        if (spec.width, spec.depth, spec.patch_size) == (fields.get("width"), fields["depth"], fields.get("patch_size")):
+            return name, fields, description
+    return None, fields, description
+
+
+def _vit_backbone_args(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The ViT fields among VIT_WEIGHT_FIELDS + VIT_FILE_FIELDS that differ from the defaults."""
+    return {k: fields[k] for k in VIT_WEIGHT_FIELDS + VIT_FILE_FIELDS
+            if k in fields and fields[k] != _VIT_DEFAULTS[k]}
+
+
 def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any]:
     """The model config fields (INFERRED_FIELDS) that the tensors determine.
 
     Fields whose tensors are absent are left out (the missing keys are reported anyway);
-    "backbone" is None for a ResNet shape that matches no known backbone.
+    "backbone" is None for a ResNet or ViT shape that matches no known backbone. A ViT
+    layout gives "backbone" and "backbone_args" (pos_grid, num_prefix_tokens, mlp_ratio when
+    they are not the ViT defaults); the ViT's num_heads is the variant's.
     """
+    if layout in VIT_LAYOUTS:
+        name, fields, _ = infer_vit(leaves)
+        return {"backbone": name, "backbone_args": _vit_backbone_args(fields)}
     backbone, _ = infer_backbone(leaves)
     inferred: dict[str, Any] = {"backbone": backbone}
     if layout == "torchvision":
@@ -395,6 +598,33 @@ def _config_mismatches(
     return problems
 
 
+def _vit_mismatches(fields: Mapping[str, Any], name: str | None, description: str, model_config) -> list[str]:
+    """Lines for a ViT checkpoint whose fields (infer_vit's, plus those read from the model
+    directory) differ from the config's ViT."""
+    if model_config.backbone not in VITS:
+        shown = repr(name) if name else f"an unknown {description}"
+        return [f"model.backbone: checkpoint has {shown}, config has {model_config.backbone!r} (not a ViT)"]
+    vit = BACKBONES[model_config.backbone](model_config, jnp.float32)
+    lines = []
+    shape = [k for k in ("width", "depth", "patch_size") if k in fields and fields[k] != getattr(vit, k)]
+    if shape:
+        shown = repr(name) if name else f"an unknown {description}"
+        have = ", ".join(f"{k} {getattr(vit, k)}" for k in shape)
+        line = f"model.backbone: checkpoint has {shown}, config has {model_config.backbone!r} ({have})"
+        if name is None:
+            line += (": set model.backbone_args width/depth/patch_size (and num_heads, which the weights "
+                     "do not give) on a ViT variant")
+        lines.append(line)
+    differing = {k: fields[k] for k in VIT_WEIGHT_FIELDS + VIT_FILE_FIELDS if k in fields and fields[k] != getattr(vit, k)}
+    if differing:
+        args = {**dict(model_config.backbone_args), **differing}
+        have = ", ".join(f"{k}={getattr(vit, k)!r}" for k in differing)
+        want = ", ".join(f"{k}={v!r}" for k, v in differing.items())
+        lines.append(f"model.backbone_args: checkpoint has {want}, config has {have}: "
+                     f"set model.backbone_args={args!r}")
+    return lines
+
+
 def _tree_problems(
     leaves: Mapping[Path, np.ndarray], sources: Mapping[Path, str], expected: Mapping[Path, tuple[int, ...]]
 ) -> tuple[list[str], list[str], list[str]]:
@@ -427,6 +657,7 @@ def convert_state_dict(
     reinit_class_head: bool = False,
     seed: int = 0,
     source: str = "state dict",
+    vit_settings: Mapping[str, Any] | None = None,
 ) -> tuple[dict, dict]:
     """Converts a PyTorch state dict (numpy arrays) for the model of `model_config`.
 
@@ -436,17 +667,15 @@ def convert_state_dict(
       reinit_class_head: replace the class head by a fresh one (PyTorch nn.Linear init,
         seeded by `seed`); needed when model_config.num_classes differs from the checkpoint.
       source: named in error messages (the file).
+      vit_settings: for a ViT layout, ViT fields read beside the weights (VIT_FILE_FIELDS,
+        see `hf_vit_settings`), checked against the config as the inferred ones are.
     Returns:
       (variables, metadata): variables {"params": ..., "frozen_bn": ...} of numpy float32
-      arrays, the full tree of the model, or only its backbone for a torchvision ResNet;
-      metadata: layout, inferred model, contents, ignored keys, notes.
+      arrays, the full tree of the model, or only its backbone for a torchvision ResNet or
+      a ViT; metadata: layout, inferred model, contents, ignored keys, notes.
     Raises:
       ConversionError listing every problem found.
     """
-    if model_config.backbone_norm != "frozen_bn":
-        raise ConversionError(
-            f"{source}: PyTorch DETR and ResNet checkpoints have BatchNorm statistics, which only "
-            f"model.backbone_norm='frozen_bn' holds; the config has {model_config.backbone_norm!r}")
     keys = list(state_dict)
     layout = detect_layout(keys)
     if layout is None:
@@ -455,20 +684,33 @@ def convert_state_dict(
         if any(k.startswith("detr.") for k in keys):
             hint = " (keys under 'detr.' are a panoptic/segmentation model: not supported, use a detection checkpoint)"
         raise ConversionError(
-            f"{source}: not a DETR or ResNet checkpoint in a known layout ({', '.join(LAYOUTS)}): "
+            f"{source}: not a DETR, ResNet or ViT checkpoint in a known layout ({', '.join(LAYOUTS)}): "
             f"expected keys such as 'transformer.encoder.layers.0...' (official DETR), "
-            f"'model.backbone...' (Hugging Face DETR) or 'conv1.weight' + 'layer1.0...' "
-            f"(torchvision ResNet); found {len(keys)} keys: {shown or 'none'}{hint}"
+            f"'model.backbone...' (Hugging Face DETR), 'conv1.weight' + 'layer1.0...' "
+            f"(torchvision ResNet), 'embeddings.patch_embeddings...' (Hugging Face ViT/DeiT) or "
+            f"'patch_embed.proj.weight' + 'blocks.0...' (timm ViT); found {len(keys)} keys: {shown or 'none'}{hint}"
         )
+    if layout not in VIT_LAYOUTS and model_config.backbone_norm != "frozen_bn":
+        raise ConversionError(
+            f"{source}: PyTorch DETR and ResNet checkpoints have BatchNorm statistics, which only "
+            f"model.backbone_norm='frozen_bn' holds; the config has {model_config.backbone_norm!r}")
     mapped = map_state_dict(state_dict, layout)
     leaves = dict(mapped.leaves)
     inferred = infer_model(leaves, layout)
-    _, backbone_description = infer_backbone(leaves)
     notes = []
     sources = dict(mapped.sources)
+    if layout in VIT_LAYOUTS:
+        vit_name, vit_fields, backbone_description = infer_vit(leaves)
+        vit_fields = {**vit_fields, **(vit_settings or {})}
+        inferred["backbone_args"] = _vit_backbone_args(vit_fields)
+        if model_config.backbone in VITS:
+            heads = BACKBONES[model_config.backbone](model_config, jnp.float32).num_heads
+            notes.append(f"the ViT's num_heads is not in the weights: the config's ({heads}) is used")
+    else:
+        _, backbone_description = infer_backbone(leaves)
 
     expected = expected_shapes(model_config)
-    if layout == "torchvision":
+    if layout in BACKBONE_LAYOUTS:
         expected = {p: s for p, s in expected.items() if p[1] == "backbone"}
     elif reinit_class_head:
         leaves = {p: a for p, a in leaves.items() if p[:2] != ("params", "class_embed")}
@@ -479,7 +721,10 @@ def convert_state_dict(
             f"class head re-initialized for {model_config.num_classes} classes (seed {seed}); "
             f"the checkpoint's head had {inferred.get('num_classes')} classes"
         )
-    mismatches = _config_mismatches(inferred, backbone_description, model_config, reinit_class_head)
+    if layout in VIT_LAYOUTS:
+        mismatches = _vit_mismatches(vit_fields, vit_name, backbone_description, model_config)
+    else:
+        mismatches = _config_mismatches(inferred, backbone_description, model_config, reinit_class_head)
     problems = _section("model config: checkpoint vs config", mismatches)
     problems += _section("checkpoint keys that cannot be mapped", mapped.unmapped)
     missing, extra, mismatched = _tree_problems(leaves, sources, expected)
@@ -493,10 +738,10 @@ def convert_state_dict(
         notes.append("the file name says DC5 but model.dilation is False: DC5 models need model.dilation=True")
     metadata = {
         "layout": layout,
-        "contents": "backbone" if layout == "torchvision" else "detr",
+        "contents": "backbone" if layout in BACKBONE_LAYOUTS else "detr",
         "inferred_model": inferred,
         "ignored_keys": mapped.ignored,
-        "reinitialized": ["params/class_embed"] if reinit_class_head and layout != "torchvision" else [],
+        "reinitialized": ["params/class_embed"] if reinit_class_head and layout not in BACKBONE_LAYOUTS else [],
         "notes": notes,
     }
     return traverse_util.unflatten_dict(dict(sorted(leaves.items()))), metadata
@@ -607,11 +852,36 @@ def file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def hf_vit_settings(directory: pathlib.Path) -> dict[str, Any]:
+    """ViT fields (VIT_FILE_FIELDS) a Hugging Face model directory gives beside its weights,
+    where they are not the ViT defaults: pixel_mean/pixel_std from preprocessor_config.json
+    (image_mean/image_std; Google's ViTs: 0.5) and layer_norm_eps from config.json (Google's
+    ViTs: 1e-12). Absent files give nothing."""
+    settings: dict[str, Any] = {}
+    for name, fields in (("config.json", {"layer_norm_eps": "layer_norm_eps"}),
+                         ("preprocessor_config.json", {"image_mean": "pixel_mean", "image_std": "pixel_std"})):
+        try:
+            content = json.loads((directory / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{directory / name}: cannot be read as JSON: {e}") from e
+        for key, field in fields.items():
+            value = content.get(key) if isinstance(content, dict) else None
+            if isinstance(value, list):
+                value = tuple(float(v) for v in value)
+            if value is not None and value != _VIT_DEFAULTS[field]:
+                settings[field] = value
+    return settings
+
+
 def target_config(
-    state_dict: Mapping[str, np.ndarray], config, overrides: Mapping[str, Any] | None, source: str
+    state_dict: Mapping[str, np.ndarray], config, overrides: Mapping[str, Any] | None, source: str,
+    vit_settings: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
     """The config to convert for: the given one (or file, with `overrides`), else the
-    defaults with the model shape inferred from the weights, then `overrides`."""
+    defaults with the model shape inferred from the weights (and a ViT's `vit_settings`),
+    then `overrides`."""
     if isinstance(config, ml_collections.ConfigDict):
         return config
     if config is not None:
@@ -620,6 +890,8 @@ def target_config(
     layout = detect_layout(list(state_dict))
     if layout is not None:
         inferred = infer_model(map_state_dict(state_dict, layout).leaves, layout)
+    if layout in VIT_LAYOUTS and vit_settings:
+        inferred["backbone_args"] = {**inferred["backbone_args"], **vit_settings}
     model = {field: value for field, value in inferred.items() if value is not None}
     return config_from_dict({"model": model}, source=source, overrides=overrides)
 
@@ -640,6 +912,9 @@ def convert_file(
         inferred from the weights, num_heads and dilation come from the defaults, and
         `overrides` apply on top.
       reinit_class_head: start a new class head (fine-tuning on other classes).
+      A Hugging Face ViT/DeiT's folder (of `src`, or of the file) may hold config.json and
+      preprocessor_config.json: their layer_norm_eps and image_mean/std go into the
+      inferred model.backbone_args (see `hf_vit_settings`).
     Returns:
       (variables, metadata): see `convert_state_dict`; the metadata also names the source
       file (and its sha256), the config file and the model config.
@@ -648,14 +923,24 @@ def convert_file(
     """
     src_path = _checkpoint_file(pathlib.Path(src).absolute())
     state_dict = load_state_dict(src_path)
+    vit_settings = None
+    if detect_layout(list(state_dict)) == "huggingface_vit":  # its folder's config files
+        vit_settings = hf_vit_settings(src_path.parent)
     config_file = None if config is None or isinstance(config, ml_collections.ConfigDict) else config
-    config = target_config(state_dict, config, overrides, str(src_path))
+    config = target_config(state_dict, config, overrides, str(src_path), vit_settings)
     variables, metadata = convert_state_dict(
-        state_dict, config.model, reinit_class_head=reinit_class_head, seed=config.seed, source=str(src_path)
+        state_dict, config.model, reinit_class_head=reinit_class_head, seed=config.seed, source=str(src_path),
+        vit_settings=vit_settings,
     )
+    if vit_settings:
+        metadata["notes"].append(
+            f"from {src_path.parent}'s config files: {', '.join(f'{k}={v!r}' for k, v in vit_settings.items())} "
+            "(in model.backbone_args)")
     model = {k: config.model[k] for k in config.model.keys()}
     if metadata["contents"] == "backbone":
         model = {"backbone": config.model.backbone}
+        if metadata["layout"] in VIT_LAYOUTS:
+            model["backbone_args"] = dict(config.model.backbone_args)
     metadata.update(
         source=str(src_path),
         source_sha256=file_sha256(src_path),

@@ -355,7 +355,7 @@ def test_unrelated_state_dict_is_refused(tmp_path):
     with pytest.raises(convert.ConversionError) as error:
         convert_main(path, tmp_path / "out", config=write_config(tmp_path))
     message = str(error.value)
-    assert str(path) in message and "not a DETR or ResNet checkpoint" in message and "features.0.weight" in message
+    assert str(path) in message and "not a DETR, ResNet or ViT checkpoint" in message and "features.0.weight" in message
 
     torch.save({"model": {"detr." + k: v for k, v in official_state_dict(tiny_reference().state_dict).items()}},
                tmp_path / "panoptic.pth")

@@ -1,4 +1,4 @@
-"""`detr-jax convert`: a PyTorch DETR/ResNet checkpoint -> a params-only checkpoint folder."""
+"""`detr-jax convert`: a PyTorch DETR/ResNet/ViT checkpoint -> a params-only checkpoint folder."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from detr_jax.convert import convert_file
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("convert", help="convert a PyTorch DETR/ResNet checkpoint to Flax")
-    parser.add_argument("src", help="PyTorch state dict (.pth/.pt/.bin) or .safetensors")
+    parser = sub.add_parser("convert", help="convert a PyTorch DETR/ResNet/ViT checkpoint to Flax")
+    parser.add_argument("src", help="PyTorch state dict (.pth/.pt/.bin), .safetensors, or a Hugging Face model folder")
     parser.add_argument("dst", help="output checkpoint directory")
     parser.add_argument("--config", default=None,
                         help="config whose model the checkpoint must match (default: inferred)")
