@@ -55,7 +55,7 @@ from flax import traverse_util
 import detr_jax
 from detr_jax.checkpoint import compare_trees
 from detr_jax.config import config_from_dict, load_config
-from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.models import BACKBONES, build_model, variable_shapes
 from detr_jax.models.backbone import RESNETS
 from detr_jax.models.transformer import torch_dense
@@ -704,8 +704,15 @@ def convert_state_dict(
         vit_fields = {**vit_fields, **(vit_settings or {})}
         inferred["backbone_args"] = _vit_backbone_args(vit_fields)
         if model_config.backbone in VITS:
-            heads = BACKBONES[model_config.backbone](model_config, jnp.float32).num_heads
-            notes.append(f"the ViT's num_heads is not in the weights: the config's ({heads}) is used")
+            target = BACKBONES[model_config.backbone](model_config, jnp.float32)
+            notes.append(f"the ViT's num_heads is not in the weights: the config's ({target.num_heads}) is used")
+            if vit_fields["num_prefix_tokens"] and not target.num_prefix_tokens:
+                # ViTDet's choice (and windowed attention's requirement): drop the class token.
+                leaves = {p: a for p, a in leaves.items()
+                          if p[:3] not in (("params",) + VIT + ("prefix_tokens",), ("params",) + VIT + ("prefix_pos_embed",))}
+                notes.append(f"the checkpoint's {vit_fields['num_prefix_tokens']} class/distillation/register "
+                             "token(s) and their position embeddings dropped: the config's ViT has num_prefix_tokens=0")
+                vit_fields["num_prefix_tokens"] = 0
     else:
         _, backbone_description = infer_backbone(leaves)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -34,11 +35,14 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items() if k != "step"}}
+        # "time" (seconds since the epoch, when the line was written): learning against
+        # wall-clock time, evaluation and checkpoints included (TensorBoard keeps its own).
+        record = {"step": int(step), "time": round(time.time(), 3),
+                  **{k: _plain(v) for k, v in metrics.items() if k not in ("step", "time")}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from conftest import tiny_config  # noqa: E402  (tests/ is on sys.path under pyt
 from detr_jax import convert  # noqa: E402
 from detr_jax.checkpoint import load_variables  # noqa: E402
 from detr_jax.cli.convert import convert_main  # noqa: E402
-from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from detr_jax.models import BACKBONES, build_model  # noqa: E402
 from detr_jax.train import initial_variables  # noqa: E402
 
@@ -165,9 +165,16 @@ def test_standard_variant_and_backbone_args_are_inferred():
     # A plain vit_ti16 config: the message says what to set.
     with pytest.raises(convert.ConversionError) as error:
         convert.convert_state_dict(state_dict, tiny_config(**{"model.backbone": "vit_ti16"}).model, source="vit-ti.bin")
-    assert ("model.backbone_args: checkpoint has pos_grid=(2, 2), num_prefix_tokens=1, config has "
-            "pos_grid=(14, 14), num_prefix_tokens=0: set model.backbone_args={'pos_grid': (2, 2), "
-            "'num_prefix_tokens': 1}") in str(error.value)
+    assert ("model.backbone_args: checkpoint has pos_grid=(2, 2), config has pos_grid=(14, 14): "
+            "set model.backbone_args={'pos_grid': (2, 2)}") in str(error.value)
+    # A config without prefix tokens (ViTDet's choice, needed for windowed attention): the
+    # class token and its position embedding are dropped, with a note.
+    windowed = tiny_config(**{"model.backbone": "vit_ti16", "model.backbone_args": {"pos_grid": (2, 2), "window_size": 2}})
+    variables, metadata = convert.convert_state_dict(state_dict, windowed.model)
+    assert "prefix_tokens" not in variables["params"]["backbone"]
+    assert "prefix_pos_embed" not in variables["params"]["backbone"]
+    assert any("1 class/distillation/register token(s) and their position embeddings dropped" in note
+               for note in metadata["notes"])
 
 
 def test_conversion_problems_are_listed_at_once():

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, tiny_config
 from detr_jax.config import ConfigError, base_config
 from detr_jax.models import BACKBONES, build_model, init_variables
-from detr_jax.models.vit import VITS, bicubic_resize_matrix, default_global_blocks, layer_decay_rules, resample_grid
+from detr_jax.models.vit import (VITS, bicubic_resize_matrix, default_global_blocks, layer_decay_rules, resample_grid,
+                                 sincos_grid_init)
 from detr_jax.optim import lr_multipliers
 
 # A ViT small enough for CPU tests: 2 blocks of width 32 on a 4x4 pretraining grid.
@@ -108,6 +109,14 @@ def test_bicubic_matches_torch(in_size, out_size):
     np.testing.assert_allclose(np.asarray(matrix[:out_size] @ signal), reference, atol=1e-6)
 
 
+def test_sincos_position_table():
+    table = sincos_grid_init(None, (3, 5, 8))
+    np.testing.assert_allclose(table[0, 0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # sin 0, cos 0 of y, then x
+    np.testing.assert_allclose(table[2, 4, [0, 4]], [np.sin(2.0), np.sin(4.0)], rtol=1e-6)  # frequency 1
+    variables = backbone_params(small_vit(pos_embed_init="sincos"))
+    np.testing.assert_array_equal(variables["params"]["pos_embed"], sincos_grid_init(None, (4, 4, 32)))
+
+
 def test_windows_and_default_global_blocks():
     assert default_global_blocks(12) == (2, 5, 8, 11) and default_global_blocks(2) == (0, 1)
     vit = small_vit(window_size=2, global_blocks=())
@@ -141,6 +150,7 @@ def test_stochastic_depth_and_bfloat16():
     ({"window_size": 2, "num_prefix_tokens": 1}, "windowed attention needs num_prefix_tokens=0"),
     ({"width": 30, "num_heads": 4}, "not divisible by num_heads"),
     ({"global_blocks": (7,)}, "global_blocks=(7,) must be block indices in [0, 2)"),
+    ({"pos_embed_init": "zeros"}, "pos_embed_init='zeros' must be 'normal' or 'sincos'"),
 ])
 def test_bad_backbone_args_are_config_errors(args, message):
     with pytest.raises(ConfigError, match=r"model\.backbone_args for 'vit_ti16'") as error:

@@ -107,6 +107,21 @@ def resample_grid(grid: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray, heigh
     return jnp.einsum("byi,ijc,bxj->byxc", wy, grid.astype(jnp.float32), wx)
 
 
+def sincos_grid_init(key, shape, dtype=jnp.float32) -> jnp.ndarray:
+    """An initializer: the 2-D sine-cosine position table of shape [rows, cols, C] (C a
+    multiple of 4: sin and cos of y, then of x, at temperature 10000), as MAE and big_vision's
+    "sincos2d". `key` is unused (deterministic)."""
+    del key
+    rows, cols, channels = shape
+    if channels % 4:
+        raise ValueError(f"a sincos position table needs a width divisible by 4, got {channels}")
+    omega = 1.0 / 10000.0 ** (jnp.arange(channels // 4, dtype=jnp.float32) / (channels // 4))
+    y = jnp.arange(rows, dtype=jnp.float32)[:, None, None] * omega
+    x = jnp.arange(cols, dtype=jnp.float32)[None, :, None] * omega
+    y, x = jnp.broadcast_to(y, (rows, cols, channels // 4)), jnp.broadcast_to(x, (rows, cols, channels // 4))
+    return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1).astype(dtype)
+
+
 def drop_path(x: jnp.ndarray, rate: float, deterministic: bool, module: nn.Module) -> jnp.ndarray:
     """Stochastic depth: zeroes a residual branch per sample with probability `rate`
     (rescaling the kept ones), x: [B, ...]. Uses the "dropout" rng."""
@@ -244,6 +259,7 @@ class ViT(nn.Module):
     layer_norm_eps: float = 1e-6
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
+    pos_embed_init: str = "normal"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -269,7 +285,8 @@ class ViT(nn.Module):
         _, h, w, _ = grid.shape
 
         init = nn.initializers.normal(0.02)
-        pos_embed = self.param("pos_embed", init, (*self.pos_grid, self.width))
+        pos_init = sincos_grid_init if self.pos_embed_init == "sincos" else init
+        pos_embed = self.param("pos_embed", pos_init, (*self.pos_grid, self.width))
         rows = patch_mask[:, :, 0].sum(axis=1)  # the unpadded image's patch grid, per image
         cols = patch_mask[:, 0, :].sum(axis=1)
         grid = grid + resample_grid(pos_embed, rows, cols, h, w).astype(self.dtype)
@@ -323,6 +340,10 @@ def build_vit(spec: ViTSpec, model_config, dtype: Any) -> ViT:
         problems.append("windowed attention needs num_prefix_tokens=0 (class tokens belong to no window)")
     if vit.global_blocks is not None and any(not 0 <= b < vit.depth for b in vit.global_blocks):
         problems.append(f"global_blocks={vit.global_blocks!r} must be block indices in [0, {vit.depth})")
+    if vit.pos_embed_init not in ("normal", "sincos"):
+        problems.append(f"pos_embed_init={vit.pos_embed_init!r} must be 'normal' or 'sincos'")
+    elif vit.pos_embed_init == "sincos" and vit.width % 4:
+        problems.append(f"pos_embed_init='sincos' needs a width divisible by 4, got {vit.width}")
     if not 0.0 <= vit.drop_path_rate < 1.0:
         problems.append(f"drop_path_rate={vit.drop_path_rate} must be in [0, 1)")
     if problems:
