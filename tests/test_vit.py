@@ -220,3 +220,23 @@ def test_two_device_training_step_equals_one_device():
     out = json.loads(result.stdout.split("RESULT", 1)[1])
     assert all(np.isfinite(out["losses"][0])) and out["losses"][0][1] != out["losses"][0][0]
     assert out["diff"] < 2e-6, out
+
+
+def test_synthetic_vit_tiny_command_smoke(tmp_path):
+    """The benchmarked ViT learning run (docs/BENCHMARKS.md), `detr-jax train --config
+    synthetic_vit_tiny`, for 2 steps on a few images: it trains, evaluates and checkpoints."""
+    workdir = tmp_path / "run"
+    args = ["-m", "detr_jax.cli", "train", "--config", "synthetic_vit_tiny", "--workdir", str(workdir),
+            "--no_progress", "--config.train.num_steps=2", "--config.train.log_every_steps=1",
+            "--config.data.synthetic_train_examples=64", "--config.data.synthetic_eval_examples=4",
+            "--config.eval.batch_size=2", "--config.eval.num_visualized=1"]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["time"] > 0 for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "eval_AP50" in r] == [2]
+    saved = json.loads((workdir / "config.json").read_text())["model"]
+    assert saved["backbone"] == "vit_ti16" and saved["backbone_args"]["pos_embed_init"] == "sincos"
+    assert (workdir / "checkpoints" / "2").is_dir()
