@@ -55,7 +55,6 @@ from flax import traverse_util
 import detr_jax
 from detr_jax.checkpoint import compare_trees
 from detr_jax.config import config_from_dict, load_config
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.models import BACKBONES, build_model, variable_shapes
 from detr_jax.models.backbone import RESNETS
 from detr_jax.models.transformer import torch_dense
@@ -598,13 +597,13 @@ def _config_mismatches(
     return problems
 
 
-def _vit_mismatches(fields: Mapping[str, Any], name: str | None, description: str, model_config) -> list[str]:
+def _vit_mismatches(fields: Mapping[str, Any], name: str | None, description: str, model_config,
+                    vit: ViT | None) -> list[str]:
     """Lines for a ViT checkpoint whose fields (infer_vit's, plus those read from the model
-    directory) differ from the config's ViT."""
-    if model_config.backbone not in VITS:
+    directory) differ from `vit`, the config's ViT backbone (None: the config's is no ViT)."""
+    if vit is None:
         shown = repr(name) if name else f"an unknown {description}"
         return [f"model.backbone: checkpoint has {shown}, config has {model_config.backbone!r} (not a ViT)"]
-    vit = BACKBONES[model_config.backbone](model_config, jnp.float32)
     lines = []
     shape = [k for k in ("width", "depth", "patch_size") if k in fields and fields[k] != getattr(vit, k)]
     if shape:
@@ -696,15 +695,14 @@ def convert_state_dict(
             f"model.backbone_norm='frozen_bn' holds; the config has {model_config.backbone_norm!r}")
     mapped = map_state_dict(state_dict, layout)
     leaves = dict(mapped.leaves)
-    inferred = infer_model(leaves, layout)
     notes = []
     sources = dict(mapped.sources)
     if layout in VIT_LAYOUTS:
         vit_name, vit_fields, backbone_description = infer_vit(leaves)
         vit_fields = {**vit_fields, **(vit_settings or {})}
-        inferred["backbone_args"] = _vit_backbone_args(vit_fields)
-        if model_config.backbone in VITS:
-            target = BACKBONES[model_config.backbone](model_config, jnp.float32)
+        inferred = {"backbone": vit_name, "backbone_args": _vit_backbone_args(vit_fields)}
+        target = BACKBONES[model_config.backbone](model_config, jnp.float32) if model_config.backbone in VITS else None
+        if target is not None:
             notes.append(f"the ViT's num_heads is not in the weights: the config's ({target.num_heads}) is used")
             if vit_fields["num_prefix_tokens"] and not target.num_prefix_tokens:
                 # ViTDet's choice (and windowed attention's requirement): drop the class token.
@@ -714,6 +712,7 @@ def convert_state_dict(
                              "token(s) and their position embeddings dropped: the config's ViT has num_prefix_tokens=0")
                 vit_fields["num_prefix_tokens"] = 0
     else:
+        inferred = infer_model(leaves, layout)
         _, backbone_description = infer_backbone(leaves)
 
     expected = expected_shapes(model_config)
@@ -729,7 +728,7 @@ def convert_state_dict(
             f"the checkpoint's head had {inferred.get('num_classes')} classes"
         )
     if layout in VIT_LAYOUTS:
-        mismatches = _vit_mismatches(vit_fields, vit_name, backbone_description, model_config)
+        mismatches = _vit_mismatches(vit_fields, vit_name, backbone_description, model_config, target)
     else:
         mismatches = _config_mismatches(inferred, backbone_description, model_config, reinit_class_head)
     problems = _section("model config: checkpoint vs config", mismatches)

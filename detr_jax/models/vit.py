@@ -243,7 +243,9 @@ class ViT(nn.Module):
     drop_path_rate (stochastic depth of the last block, linear from 0 at the first);
     layer_norm_eps; pixel_mean/pixel_std: the input statistics the weights were trained
     with, when not ImageNet's (Google's ViTs: 0.5, 0.5): images arrive normalized with
-    ImageNet's and are re-normalized.
+    ImageNet's and are re-normalized; pos_embed_init: "normal" (std 0.02, as ViT) or
+    "sincos" (sincos_grid_init, still trained: a ViT trained from scratch has its
+    positions from the first step).
     """
 
     width: int
