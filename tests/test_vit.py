@@ -2,6 +2,7 @@
 resampling against torch, windows, stochastic depth, bfloat16, config errors, layer-wise
 lr decay, and a training step on two devices."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def test_every_variant_gives_a_stride_p_map_on_a_non_square_input():
     """Shapes only (jax.eval_shape: nothing is computed), at 80 x 112: not a multiple of 32."""
     images, mask = jnp.zeros((2, 80, 112, 3)), jnp.ones((2, 80, 112), bool)
     for name, spec in VITS.items():
-        vit = BACKBONES[name](vit_model_config(**{k: v for k, v in spec.__dict__.items()}), jnp.float32)
+        vit = BACKBONES[name](vit_model_config(**dataclasses.asdict(spec)), jnp.float32)
         variables = jax.eval_shape(lambda: vit.init(jax.random.key(0), images, mask))
         out = jax.eval_shape(lambda v: vit.apply(v, images, mask), variables)
         h, w = -(-80 // spec.patch_size), -(-112 // spec.patch_size)
