@@ -21,6 +21,16 @@ from detr_jax import box_ops
 from detr_jax.sharding import batch_sharded, replicated
 
 
+def class_scores(pred_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each query's best class other than "no object" and its probability.
+
+    pred_logits: [..., K + 1] class logits (the last class is "no object").
+    Returns (scores float32 [...], labels int32 [...] category ids 0..K-1).
+    """
+    probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    return probs.max(-1), probs.argmax(-1).astype(jnp.int32)
+
+
 def postprocess(pred_logits: jax.Array, pred_boxes: jax.Array, orig_size: jax.Array) -> dict[str, jax.Array]:
     """Official DETR's PostProcess, every query kept.
 
@@ -34,9 +44,7 @@ def postprocess(pred_logits: jax.Array, pred_boxes: jax.Array, orig_size: jax.Ar
       labels int32 [B, Q]: that class (a category id, 0..K-1);
       boxes float32 [B, Q, 4]: pixel (x0, y0, x1, y1) in the original image (not clipped).
     """
-    probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
-    scores = probs.max(-1)
-    labels = probs.argmax(-1).astype(jnp.int32)
+    scores, labels = class_scores(pred_logits)
     h, w = orig_size[:, 0].astype(jnp.float32), orig_size[:, 1].astype(jnp.float32)
     scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
     boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * scale

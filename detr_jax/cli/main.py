@@ -1,4 +1,4 @@
-"""The `detr-jax` command: train, eval, predict, convert.
+"""The `detr-jax` command: train, eval, predict, convert, analyze.
 
 Config overrides use ml_collections' flag syntax: `--config.model.num_queries=20`.
 Values are parsed as Python literals when the key's current value is not a string
@@ -15,6 +15,7 @@ import sys
 from absl import logging as absl_logging
 
 from detr_jax.checkpoint import CheckpointError
+from detr_jax.cli import analyze as analyze_command
 from detr_jax.cli import convert as convert_command
 from detr_jax.cli import eval as eval_command
 from detr_jax.cli import predict as predict_command
@@ -23,7 +24,8 @@ from detr_jax.config import ConfigError
 from detr_jax.convert import ConversionError
 from detr_jax.data.records import DataError
 
-COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command}
+COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command,
+            "analyze": analyze_command}
 
 # Exceptions that mean bad input (a file, a checkpoint, a dataset), not a bug.
 USER_ERRORS = (CheckpointError, DataError, ConversionError, FileNotFoundError)
