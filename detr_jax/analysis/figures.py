@@ -75,17 +75,35 @@ def _feature_extent(sample: AttentionSample, image_size: tuple[int, int]) -> tup
     return (hv, wv), (0.0, wv * sx * w / rw, hv * sy * h / rh, 0.0)
 
 
-def reference_cells(sample: AttentionSample, boxes: np.ndarray) -> list[tuple[int, int]]:
-    """The feature cells (row, column) holding the centres of normalized boxes [n, 4]."""
+def reference_cells(sample: AttentionSample, boxes: np.ndarray, slots: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """(slot, feature cell (row, column) holding its box centre) for each of `slots`, the
+    first slot of a cell only; boxes: [Q, 4] normalized (cx, cy, w, h)."""
     (hv, wv), _ = _feature_extent(sample, sample.size)
     rh, rw = sample.size
     sy, sx = sample.stride
-    cells = []
-    for cx, cy in boxes[:, :2]:
-        cell = (int(np.clip(cy * rh // sy, 0, hv - 1)), int(np.clip(cx * rw // sx, 0, wv - 1)))
-        if cell not in cells:
-            cells.append(cell)
-    return cells
+    cells = {}
+    for q in slots:
+        cx, cy = boxes[q, :2]
+        cells.setdefault((int(np.clip(cy * rh // sy, 0, hv - 1)), int(np.clip(cx * rw // sx, 0, wv - 1))), q)
+    return [(q, cell) for cell, q in cells.items()]
+
+
+def cells_in_box(sample: AttentionSample, box: np.ndarray) -> np.ndarray:
+    """bool [h_v, w_v]: the valid feature cells whose centres lie in a normalized (cx, cy,
+    w, h) box."""
+    (hv, wv), _ = _feature_extent(sample, sample.size)
+    rh, rw = sample.size
+    sy, sx = sample.stride
+    x = (np.arange(wv) + 0.5) * sx / rw
+    y = (np.arange(hv) + 0.5) * sy / rh
+    cx, cy, w, h = (float(v) for v in box)
+    return ((np.abs(y - cy) <= h / 2)[:, None]) & ((np.abs(x - cx) <= w / 2)[None, :])
+
+
+def _share(heat: np.ndarray, inside: np.ndarray) -> dict:
+    """The attention mass on the cells inside a box, and the cells' share (what uniform
+    attention would put there)."""
+    return {"attention_in_box": float(heat[inside].sum() / max(heat.sum(), 1e-12)), "cells_in_box": float(inside.mean())}
 
 
 def _color(label: int) -> tuple[float, float, float]:
@@ -134,7 +152,9 @@ def attention_figure(
     Args:
       image: uint8 [H, W, 3] the original image; sample: its AttentionSample.
       scores [Q], labels [Q], boxes [Q, 4] normalized (cx, cy, w, h): its predictions.
-    Returns {"slots": the slots shown, "points": the reference cells, "detections": count}.
+    Returns {"slots": the slots shown, "points": the reference cells, "detections": count,
+    "encoder_in_box", "decoder_in_box": per map, {"slot", "attention_in_box": the map's mass
+    on the cells inside that slot's box, "cells_in_box": those cells' share of the map}}.
     """
     h, w = image.shape[:2]
     order = np.argsort(-scores, kind="stable")
@@ -144,7 +164,7 @@ def attention_figure(
     h_f, w_f = sample.feature_mask.shape
     xyxy = np.stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2,
                      boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2], -1) * np.array([w, h, w, h])
-    points = reference_cells(sample, boxes[slots])[:max_points] if sample.encoder is not None else []
+    points = reference_cells(sample, boxes, slots)[:max_points] if sample.encoder is not None else []
     columns = max(1 + len(points), len(slots))
     fig = Figure(figsize=(2.6 * columns, 2.6 * 2 * max(h / w, 0.5) + 0.6))
     axes = fig.subplots(2, columns, squeeze=False)
@@ -162,14 +182,17 @@ def attention_figure(
     ax.set_yticks([])
     ax.set_title(f"{len(detected)} detection(s) >= {score_threshold:g} (slot: class score)", fontsize=8)
     cell_w, cell_h = extent[1] / wv, extent[2] / hv
-    for ax, (r, c) in zip(axes[0, 1:], points):
+    encoder_shares, decoder_shares = [], []
+    for ax, (q, (r, c)) in zip(axes[0, 1:], points):
         ax.axis("on")
         heat = sample.encoder[r * w_f + c].reshape(h_f, w_f)[:hv, :wv]
-        _overlay(ax, image, heat, extent, f"encoder, from cell ({r}, {c})")
+        encoder_shares.append({"slot": q, **_share(heat, cells_in_box(sample, boxes[q]))})
+        _overlay(ax, image, heat, extent, f"encoder, from slot {q}'s centre")
         ax.plot([(c + 0.5) * cell_w], [(r + 0.5) * cell_h], "o", ms=7, mfc="none", mec="cyan", mew=2)
     for ax, q in zip(axes[1], slots):
         ax.axis("on")
         heat = sample.decoder[q].reshape(h_f, w_f)[:hv, :wv]
+        decoder_shares.append({"slot": q, **_share(heat, cells_in_box(sample, boxes[q]))})
         below = "" if scores[q] >= score_threshold else ", below threshold"
         _overlay(ax, image, heat, extent,
                  f"slot {q}: {class_name(class_names, labels[q])} {scores[q]:.2f}{below}")
@@ -178,4 +201,5 @@ def attention_figure(
     fig.tight_layout()
     path = pathlib.Path(path)
     fig.savefig(path, dpi=90)
-    return {"slots": slots, "points": [list(p) for p in points], "detections": len(detected)}
+    return {"slots": slots, "points": [list(cell) for _, cell in points], "detections": len(detected),
+            "encoder_in_box": encoder_shares, "decoder_in_box": decoder_shares}

@@ -45,12 +45,14 @@ def _number(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """An HTML table; the first `left` columns left-aligned. Cells are already escaped."""
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """An HTML table (no header row when None); the first `left` columns left-aligned.
+    Cells are already escaped."""
     def row(cells, tag):
         return "<tr>" + "".join(f'<{tag}{" class=left" if i < left else ""}>{c}</{tag}>'
                                 for i, c in enumerate(cells)) + "</tr>"
-    return "<table>" + row([html.escape(h) for h in header], "th") + "".join(row(r, "td") for r in rows) + "</table>"
+    head = row([html.escape(h) for h in header], "th") if header else ""
+    return "<table>" + head + "".join(row(r, "td") for r in rows) + "</table>"
 
 
 def specialization_rows(stats: SlotStatistics) -> list[list[str]]:
@@ -62,7 +64,7 @@ def specialization_rows(stats: SlotStatistics) -> list[list[str]]:
             base = m["baseline_mi_bits"]
             ratio = m["mi_bits"] / base if base else None
             rows.append([html.escape(prop), html.escape(subset), str(m["samples"]), _number(m["mi_bits"]),
-                         f'{_number(base)} ± {_number(m["baseline_std_bits"])}',
+                         f'{_number(base, 4)} ± {_number(m["baseline_std_bits"], 4)}',
                          _number(ratio, 1) if ratio is not None else "–", _number(m["entropy_bits"]),
                          f'{100 * m["mi_share"]:.1f}%'])
     return rows
@@ -91,7 +93,7 @@ def write_report(
         "<title>detr-jax analyze: what the object queries learned</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>What the object queries and attention learned</h1>",
-        _table(["", ""], [[html.escape(str(k)), html.escape(str(v))] for k, v in summary.items()], left=2),
+        _table(None, [[html.escape(str(k)), html.escape(str(v))] for k, v in summary.items()], left=2),
         "<h2>How specialized the query slots are</h2>",
         f"<p class=note>Mutual information (bits) between the query slot and a property of its prediction: the "
         f"location cell of the box centre ({s['grid']}x{s['grid']} grid), the box size (terciles of sqrt(w h)) "

@@ -27,6 +27,7 @@ from detr_jax.analysis.collect import collect_predictions
 from detr_jax.analysis.figures import attention_figure, slot_grid
 from detr_jax.analysis.report import write_report
 from detr_jax.analysis.slots import SlotStatistics, csv_rows, slot_statistics
+from detr_jax.config.errors import ConfigError
 from detr_jax.data import make_source
 from detr_jax.inference import category_names_for
 from detr_jax.models import build_model
@@ -65,6 +66,11 @@ def analyze(
     `description`: extra {label: value} lines for the report's header (the checkpoint).
     Other arguments: see `collect_predictions` and `slot_statistics`.
     """
+    for option, layer, count in (("encoder_layer", encoder_layer, config.model.num_encoder_layers),
+                                 ("decoder_layer", decoder_layer, config.model.num_decoder_layers)):
+        if count and not -count <= layer < count:
+            raise ConfigError(f"{option}={layer}: the model has {count} {option.split('_')[0]} layers "
+                              f"(indices {-count}..{count - 1})")
     out_dir = pathlib.Path(out_dir)
     (out_dir / ATTENTION_DIR).mkdir(parents=True, exist_ok=True)
     model = build_model(config.model, dtype)
@@ -102,6 +108,7 @@ def analyze(
         attention_records.append({"file": file, "source_index": i, "image_id": int(record.image_id),
                                   "name": record.name, **shown})
 
+    attention_summary = _in_box_summary(attention_records)
     summary = {
         **(description or {}),
         "split": f"{split} ({len(source)} images, {len(predictions.scores)} analyzed)",
@@ -110,11 +117,28 @@ def analyze(
                   f"{config.model.hidden_dim}, {config.model.num_queries} queries, {config.model.num_classes} classes"),
         "attention layers": f"encoder {encoder_layer}, decoder {decoder_layer} (averaged over heads)",
         "confident": f"score >= {score_threshold:g}",
+        **{f"{which} attention in the box": (f"{v['attention_in_box']:.1%} of the mass on {v['cells_in_box']:.1%} of "
+                                             f"the cells (mean of {v['maps']} maps)")
+           for which, v in attention_summary.items()},
     }
     document = {"summary": summary, **stats.to_json(), "attention": attention_records,
+                "attention_in_box": attention_summary,
                 "class_names": {int(k): v for k, v in class_names.items()}}
     (out_dir / SLOTS_JSON).write_text(json.dumps(document, indent=1) + "\n")
     write_report(out_dir, stats, summary=summary, slot_pictures=slot_pictures,
                  attention_pictures=attention_pictures, class_names=class_names)
     log.info("analysis of %d images written to %s", len(predictions.scores), out_dir)
     return stats
+
+
+def _in_box_summary(records: list[dict]) -> dict[str, dict[str, float]]:
+    """{"encoder" | "decoder": mean attention_in_box and cells_in_box over the drawn maps,
+    and their number}, for the kinds of map drawn."""
+    summary = {}
+    for which in ("encoder", "decoder"):
+        shares = [share for record in records for share in record[f"{which}_in_box"]]
+        if shares:
+            summary[which] = {key: float(np.mean([share[key] for share in shares]))
+                              for key in ("attention_in_box", "cells_in_box")}
+            summary[which]["maps"] = len(shares)
+    return summary
