@@ -66,10 +66,16 @@ def slot_grid(boxes: np.ndarray, scores: np.ndarray, path: str | pathlib.Path, s
     return path
 
 
-def _feature_extent(sample: AttentionSample, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple]:
-    """(valid part [h_v, w_v] of the feature grid as a mask, imshow extent in image pixels)."""
-    hv = int(sample.feature_mask[:, 0].sum())
-    wv = int(sample.feature_mask[0, :].sum())
+def _valid_cells(sample: AttentionSample) -> tuple[int, int]:
+    """(h_v, w_v): the rows and columns of feature cells on real pixels (padding is at the
+    bottom and right, so they are the top-left block)."""
+    return int(sample.feature_mask[:, 0].sum()), int(sample.feature_mask[0, :].sum())
+
+
+def _feature_extent(sample: AttentionSample, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple]:
+    """((h_v, w_v), imshow extent (left, right, bottom, top) of those cells in the pixels of
+    an image of `image_size` (h, w))."""
+    hv, wv = _valid_cells(sample)
     (h, w), (rh, rw) = image_size, sample.size
     sy, sx = sample.stride
     return (hv, wv), (0.0, wv * sx * w / rw, hv * sy * h / rh, 0.0)
@@ -78,7 +84,7 @@ def _feature_extent(sample: AttentionSample, image_size: tuple[int, int]) -> tup
 def reference_cells(sample: AttentionSample, boxes: np.ndarray, slots: list[int]) -> list[tuple[int, tuple[int, int]]]:
     """(slot, feature cell (row, column) holding its box centre) for each of `slots`, the
     first slot of a cell only; boxes: [Q, 4] normalized (cx, cy, w, h)."""
-    (hv, wv), _ = _feature_extent(sample, sample.size)
+    hv, wv = _valid_cells(sample)
     rh, rw = sample.size
     sy, sx = sample.stride
     cells = {}
@@ -91,7 +97,7 @@ def reference_cells(sample: AttentionSample, boxes: np.ndarray, slots: list[int]
 def cells_in_box(sample: AttentionSample, box: np.ndarray) -> np.ndarray:
     """bool [h_v, w_v]: the valid feature cells whose centres lie in a normalized (cx, cy,
     w, h) box."""
-    (hv, wv), _ = _feature_extent(sample, sample.size)
+    hv, wv = _valid_cells(sample)
     rh, rw = sample.size
     sy, sx = sample.stride
     x = (np.arange(wv) + 0.5) * sx / rw
