@@ -16,7 +16,7 @@ import collections
 import logging
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import jax
@@ -228,18 +228,28 @@ class Predictor:
         Returns per image: scores float32 [Q], labels int32 [Q], boxes float32 [Q, 4]
         pixel xyxy of the original image.
         """
-        resized = [self._resize(image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int32))[0] for image in images]
         results: list[dict | None] = [None] * len(images)
-        for indices in self._plan_batches([r.shape[:2] for r in resized]):
-            examples = [_image_example(resized[i], images[i].shape[:2]) for i in indices]
-            examples += [filler_example()] * (self.batch_size - len(indices))
-            batch = batching.collate(examples, self._buckets, max_boxes=1, step=self._step)
+        for indices, batch in self.batches(images):
             shape = batch["image"].shape[1:3]
             outputs = self._executable(shape)(self._variables, batch["image"], batch["mask"], batch["orig_size"])
             outputs = {k: np.asarray(v) for k, v in outputs.items()}
             for row, i in enumerate(indices):
                 results[i] = {k: v[row] for k, v in outputs.items()}
         return results
+
+    def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+        """The model's input batches of `images` (uint8 [H, W, 3] arrays): resized, normalized
+        and padded into bucket shapes, with filler images up to `batch_size`.
+
+        Yields (indices of the images in rows 0.., batch) with batch image float32
+        [batch_size, H, W, 3], mask bool [batch_size, H, W], orig_size int32 [batch_size, 2]
+        (and the pipeline's other keys): the inputs of an exported model (detr_jax.export).
+        """
+        resized = [self._resize(image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int32))[0] for image in images]
+        for indices in self._plan_batches([r.shape[:2] for r in resized]):
+            examples = [_image_example(resized[i], images[i].shape[:2]) for i in indices]
+            examples += [filler_example()] * (self.batch_size - len(indices))
+            yield indices, batching.collate(examples, self._buckets, max_boxes=1, step=self._step)
 
     def _plan_batches(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
         """Indices of the images of each batch (at most batch_size each)."""

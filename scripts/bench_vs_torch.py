@@ -14,6 +14,11 @@ WHOLE backbone (transformers 5.24: its filter looks for "stage.1" in names that 
 does. This script sets requires_grad on the peer explicitly so that both sides do the same
 work in each case.
 
+Inference cases also time our ONNX export (`detr-jax export --format onnx`, the same
+weights, fixed size, dynamic batch) in onnxruntime ("detr-jax-onnx", CPU only, the export
+made before timing), and the table ends each case with our fastest path against
+`torch.compile`.
+
 Each (framework, case) runs in its own worker process, pinned to the same CPU cores
 (same thread count: torch.set_num_threads = number of pinned cores; XLA's thread pool
 sees only those cores), so each worker's peak resident set is its own. The two (or
@@ -31,6 +36,7 @@ does (detr_jax.host_memory); `--host_malloc default` leaves glibc's malloc as it
     python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
     python scripts/bench_vs_torch.py --rewarm        # an untimed call before each timed one
     python scripts/bench_vs_torch.py --device gpu    # on a GPU machine (cuda + jax[cuda])
+    python scripts/bench_vs_torch.py --no_onnx       # without the onnxruntime worker
 
 Writes a table to stdout and JSON to --out (default bench_results/bench_vs_torch.json).
 """
@@ -193,6 +199,35 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
     _serve(conn, run)
 
 
+def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool):
+    """Our ONNX export of the same weights, run by onnxruntime on the same cores."""
+    _setup_worker(cores, retain_host_memory)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the export is traced on the host
+    import numpy as np
+    import torch
+
+    from detr_jax.convert import convert_state_dict
+    from detr_jax.export import ExportedDetector, export_detector
+
+    case = CASES[case_name]
+    config = r50_config()
+    state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
+    variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
+    del state_dict
+    images, mask, _, _ = inputs(case)
+    orig_size = np.full((case["batch"], 2), (case["height"], case["width"]), np.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = export_detector(config, variables, os.path.join(tmp, "onnx"), "onnx",
+                                    size=(case["height"], case["width"]))
+        del variables
+        detector = ExportedDetector(directory, threads=len(cores))
+
+    def run():
+        return detector(images, mask, orig_size)
+
+    _serve(conn, run)
+
+
 def jax_train_step(config, model, variables: dict, case: dict):
     """Our jitted train step for `case`: (step, initial state, global batch)."""
     import jax
@@ -230,13 +265,15 @@ def _serve(conn, run):
 
 
 def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
-             torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False) -> dict:
+             torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False, onnx: bool = True) -> dict:
     """Times every framework of `case_name` in turns; `rewarm`: one untimed call before each timed one."""
     ctx = mp.get_context("spawn")
     common = (case_name, weights_path, cores, device, retain_host_memory)
     workers = {"detr-jax": (jax_worker, common), "hf-torch": (torch_worker, (*common, False))}
     if torch_compile:
         workers["hf-torch-compile"] = (torch_worker, (*common, True))
+    if onnx and device == "cpu" and CASES[case_name]["kind"] == "infer":
+        workers["detr-jax-onnx"] = (onnx_worker, common)
     procs, conns, first_call, errors = {}, {}, {}, {}
     for name, (fn, args) in workers.items():  # started one at a time: their start-up is not timed
         parent, child = ctx.Pipe()
@@ -282,6 +319,12 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
     for name, stats in result["frameworks"].items():
         if ours and name != "detr-jax":
             stats["peer_over_ours"] = stats["median_s"] / ours["median_s"]
+    fastest = min((n for n in ("detr-jax", "detr-jax-onnx") if n in result["frameworks"]),
+                  key=lambda n: result["frameworks"][n]["median_s"], default=None)
+    compiled = result["frameworks"].get("hf-torch-compile")
+    if fastest and compiled:
+        result["fastest_ours"] = fastest
+        result["torch_compile_over_fastest_ours"] = compiled["median_s"] / result["frameworks"][fastest]["median_s"]
     return result
 
 
@@ -313,7 +356,7 @@ def versions() -> dict:
 
     out = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
            "cpu_count": os.cpu_count()}
-    for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy"):
+    for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy", "jax2onnx", "onnxruntime"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -331,6 +374,9 @@ def format_table(results: list[dict]) -> str:
                          f"{s['first_call_s']:>10.1f} {s['peak_rss_mib'] or float('nan'):>12.0f} {ratio:>9}")
         for name, err in res["errors"].items():
             lines.append(f"{res['case']:<33} {name:<17} failed: {err[:80]}")
+        if "fastest_ours" in res:
+            lines.append(f"{res['case']:<33} fastest of ours: {res['fastest_ours']}; torch.compile / it = "
+                         f"{res['torch_compile_over_fastest_ours']:.2f}x")
     return "\n".join(lines)
 
 
@@ -342,6 +388,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="cores to pin every worker to (default: all)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no_onnx", action="store_true", help="skip our ONNX export in onnxruntime")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
                         help="retain: every worker keeps freed host memory (detr_jax.host_memory, what "
                              "`detr-jax train` does); default: glibc's own behaviour")
@@ -361,7 +408,8 @@ def main() -> int:
         for case in args.cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
-                                    not args.no_torch_compile, args.host_malloc == "retain", args.rewarm))
+                                    not args.no_torch_compile, args.host_malloc == "retain", args.rewarm,
+                                    not args.no_onnx))
             print(format_table(results[-1:]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
               "reps": args.reps, "rewarm": args.rewarm, "host_malloc": args.host_malloc, "versions": versions(),

@@ -1,4 +1,4 @@
-"""The `detr-jax` command: train, eval, predict, convert, analyze.
+"""The `detr-jax` command: train, eval, predict, convert, analyze, export.
 
 Config overrides use ml_collections' flag syntax: `--config.model.num_queries=20`.
 Values are parsed as Python literals when the key's current value is not a string
@@ -18,17 +18,19 @@ from detr_jax.checkpoint import CheckpointError
 from detr_jax.cli import analyze as analyze_command
 from detr_jax.cli import convert as convert_command
 from detr_jax.cli import eval as eval_command
+from detr_jax.cli import export as export_command
 from detr_jax.cli import predict as predict_command
 from detr_jax.cli import train as train_command
 from detr_jax.config import ConfigError
 from detr_jax.convert import ConversionError
+from detr_jax.export import ExportError
 from detr_jax.data.records import DataError
 
 COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command,
-            "analyze": analyze_command}
+            "analyze": analyze_command, "export": export_command}
 
 # Exceptions that mean bad input (a file, a checkpoint, a dataset), not a bug.
-USER_ERRORS = (CheckpointError, DataError, ConversionError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, DataError, ConversionError, ExportError, FileNotFoundError)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:

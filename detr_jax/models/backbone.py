@@ -126,7 +126,9 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
         if self.stride > 1:
             x = x[:, :: self.stride, :: self.stride, :]
-        y = jnp.einsum("bhwc,co->bhwo", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        # A matmul, the same dot_general as einsum("bhwc,co->bhwo"): ONNX converters map it
+        # to MatMul, where an einsum becomes onnxruntime's slow Einsum.
+        y = jnp.matmul(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y
@@ -201,7 +203,11 @@ class ResNet(nn.Module):
             use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
         )(x)
         x = nn.relu(self.norm(self.spec.stem_width, "bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # The same as max_pool(padding=((1, 1), (1, 1))), which pads with -inf; padded
+        # explicitly because ONNX converters (jax2onnx 0.12) drop a pooling's explicit
+        # padding, which shrank every feature map by one cell.
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         stages = {}
         current_dilation = 1
         last_stage = len(self.spec.depths) - 1
@@ -231,6 +237,10 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     PyTorch computes `min(floor(dst * (in / out)), in - 1)` with a float32 scale; the
     same arithmetic here makes the downsampled padding mask identical to the reference.
     """
+    if not (isinstance(in_size, int) and isinstance(out_size, int)):
+        scale = jnp.asarray(in_size, jnp.float32) / jnp.asarray(out_size, jnp.float32)
+        src = jnp.floor(jnp.arange(out_size, dtype=jnp.float32) * scale).astype(jnp.int32)
+        return jnp.minimum(src, jnp.asarray(in_size, jnp.int32) - 1)
     scale = np.float32(in_size) / np.float32(out_size)
     src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
     return np.minimum(src, in_size - 1)

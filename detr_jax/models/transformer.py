@@ -94,7 +94,9 @@ class MultiHeadAttention(nn.Module):
         v = split_heads(proj("v_proj", value, fused_qkv_xavier_uniform))
         # Scale q before the product, as PyTorch does (bitwise-closer to the reference).
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        # The dot_general jnp.einsum("bqhd,bkhd->bhqk") lowers to, written out: ONNX
+        # converters map it to MatMul, where an einsum becomes onnxruntime's slow Einsum.
+        logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2)))).astype(jnp.float32)
         if key_mask is not None:
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1)

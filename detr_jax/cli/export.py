@@ -1,0 +1,34 @@
+"""`detr-jax export`: a checkpoint -> a servable StableHLO, TF SavedModel or ONNX model
+(`detr_jax.export.export_detector`)."""
+
+from __future__ import annotations
+
+from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config
+from detr_jax.export import FORMATS, export_detector, parse_batch, parse_size, read_metadata
+from detr_jax.inference import category_names_for
+from detr_jax.restore import load_checkpoint
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("export", help="export a checkpoint for serving: StableHLO, TF SavedModel or ONNX")
+    parser.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument("--config", default=None, help="config (default: the checkpoint's)")
+    parser.add_argument("--batch", default="dynamic", help="images per call: N, or 'dynamic' (default)")
+    parser.add_argument("--size", default="dynamic",
+                        help="padded image size HxW, or 'dynamic' (multiples of 32; stablehlo and savedmodel)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="compute dtype")
+
+
+def run(args, overrides: dict[str, str]) -> int:
+    batch, size = parse_batch(args.batch), parse_size(args.size)  # bad values fail before loading anything
+    config, overrides = checkpoint_command_config(args, overrides)
+    variables, config = load_checkpoint(args.checkpoint, config, overrides)
+    out = export_detector(config, variables, args.out, args.format, batch=batch, size=size, dtype=args.dtype,
+                          class_names=category_names_for(config))
+    meta = read_metadata(out)
+    shapes = ", ".join(f"{name} [{', '.join('?' if d is None else str(d) for d in spec['shape'])}] {spec['dtype']}"
+                       for name, spec in meta["inputs"].items())
+    print(f"exported {args.format} ({meta['dtype']}) to {out / meta['artifact']}: inputs {shapes}")
+    return 0

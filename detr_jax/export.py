@@ -1,0 +1,401 @@
+"""Export a detector for serving where JAX is not: StableHLO, TF SavedModel, ONNX.
+
+Every format holds the same function, the model with its weights followed by official
+DETR's post-processing (`postprocess.postprocess`, every query kept):
+
+  inputs   image      float32 [B, H, W, 3]  normalized (ImageNet mean/std of 0..1 pixels),
+                                            padded bottom/right (padding values are ignored)
+           mask       bool    [B, H, W]     True = real pixel
+           orig_size  int32   [B, 2]        (h, w) of each original image, in pixels
+  outputs  scores     float32 [B, Q]        best class probability other than "no object"
+           labels     int32   [B, Q]        that class's category id
+           boxes      float32 [B, Q, 4]     pixel (x0, y0, x1, y1) of the original image
+
+B is symbolic ("dynamic") or fixed; H and W are fixed, or symbolic multiples of
+`SIZE_MULTIPLE` where the model allows it (a ResNet does; a ViT's position embedding is
+resized for one grid, so a ViT needs a fixed size). Thresholding, sorting and clipping to
+the image (`postprocess.select_detections`) stay outside, on the caller's side, as does
+the resize (`data.transforms.EvalResize`): both are a few lines of NumPy in any runtime.
+
+Next to the artifact, `detr_export.json` describes it: the inputs and outputs with their
+shapes (null = dynamic), the preprocessing, the class names and the model's config.
+`ExportedDetector` runs an exported directory in its own runtime (jax.export,
+tf.saved_model, onnxruntime) with clear errors for a bad request; the artifacts also load
+without detr-jax (see the README).
+
+The matcher's host callback is training-only: no export contains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.models import build_model
+from detr_jax.postprocess import postprocess
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("stablehlo", "savedmodel", "onnx")
+ARTIFACTS = {"stablehlo": "model.stablehlo", "savedmodel": "saved_model", "onnx": "model.onnx"}
+METADATA_FILE = "detr_export.json"
+FORMAT_VERSION = 1
+INPUT_NAMES = ("image", "mask", "orig_size")
+OUTPUT_NAMES = ("scores", "labels", "boxes")
+# A dynamic image size is a symbolic multiple of this: the ResNet's total stride, so every
+# stage's size is an exact expression of it and the residual shapes provably agree.
+SIZE_MULTIPLE = 32
+ONNX_OPSET = 21
+
+
+class ExportError(ValueError):
+    """An export that cannot be made, an exported directory that cannot be read, or a bad
+    request to an exported model. The message names the file or input and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportShape:
+    """The exported input shape: batch and (height, width), None where symbolic."""
+
+    batch: int | None = None
+    size: tuple[int, int] | None = None
+
+    def input_shapes(self) -> dict[str, tuple]:
+        """{input name: shape with None for a symbolic dimension}."""
+        b = self.batch
+        h, w = self.size if self.size else (None, None)
+        return {"image": (b, h, w, 3), "mask": (b, h, w), "orig_size": (b, 2)}
+
+    def polymorphic_specs(self) -> list[str]:
+        """jax.export / jax2tf shape specs of the inputs ("b", "32*h", ...)."""
+        b = "b" if self.batch is None else str(self.batch)
+        h, w = (f"{SIZE_MULTIPLE}*h", f"{SIZE_MULTIPLE}*w") if self.size is None else map(str, self.size)
+        return [f"{b}, {h}, {w}, 3", f"{b}, {h}, {w}", f"{b}, 2"]
+
+    def abstract_inputs(self) -> list[jax.ShapeDtypeStruct]:
+        """ShapeDtypeStructs of the inputs, symbolic dimensions sharing one scope."""
+        specs = self.polymorphic_specs()
+        scope = jax.export.SymbolicScope()
+        shapes = [jax.export.symbolic_shape(s, scope=scope) for s in specs]
+        return [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in zip(shapes, (jnp.float32, jnp.bool_, jnp.int32))]
+
+
+def serving_function(model, variables: Mapping):
+    """fn(image, mask, orig_size) -> (scores, labels, boxes): the model's last layer,
+    post-processed, with `variables` closed over (so they become constants of the export)."""
+
+    def serve(image, mask, orig_size):
+        out = model.apply(variables, image, mask, train=False)
+        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size)
+        return tuple(result[name] for name in OUTPUT_NAMES)
+
+    return serve
+
+
+def parse_batch(text: str | int | None) -> int | None:
+    """"dynamic" / None -> None; a positive integer -> it."""
+    if text is None or text == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ExportError(f"batch {text!r}: expected a positive integer or 'dynamic'") from None
+    if value < 1:
+        raise ExportError(f"batch {value}: must be positive")
+    return value
+
+
+def parse_size(text: str | tuple | None) -> tuple[int, int] | None:
+    """"dynamic" / None -> None; "HxW" or (H, W) -> (H, W)."""
+    if text is None or text == "dynamic":
+        return None
+    if isinstance(text, str):
+        parts = text.lower().split("x")
+        try:
+            text = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ExportError(f"size {text!r}: expected HxW (e.g. 800x1216) or 'dynamic'") from None
+    if len(text) != 2 or min(text) < 1:
+        raise ExportError(f"size {text!r}: expected two positive sizes (height, width)")
+    return int(text[0]), int(text[1])
+
+
+def export_detector(
+    config: ml_collections.ConfigDict,
+    variables: Mapping,
+    out_dir: str | os.PathLike,
+    format: str,
+    batch: int | str | None = None,
+    size: tuple[int, int] | str | None = None,
+    dtype: str | None = None,
+    class_names: Mapping[int, str] | None = None,
+) -> pathlib.Path:
+    """Writes the serving function of a detector to `out_dir` in `format`.
+
+    Args:
+      config: the model's config (its `model` and `data` evaluation resize are recorded).
+      variables: {"params", "frozen_bn"}.
+      out_dir: a new or empty directory.
+      format: "stablehlo", "savedmodel" or "onnx".
+      batch: an int, or None / "dynamic" for a symbolic batch size.
+      size: (H, W) or "HxW", or None / "dynamic" for symbolic multiples of SIZE_MULTIPLE.
+      dtype: compute dtype ("float32", "bfloat16"); default `config.model.dtype`. Inputs
+        and outputs are float32 either way.
+    Returns the directory.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    shape = ExportShape(parse_batch(batch), parse_size(size))
+    out_dir = pathlib.Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir}: already exists and is not an empty directory")
+    model = build_model(config.model, dtype)
+    compute_dtype = jnp.dtype(model.dtype).name
+    if format == "onnx" and shape.size is None:
+        # jax2onnx 0.12 fails on the symbolic multiples of SIZE_MULTIPLE (its pad and slice
+        # converters expect plain symbols); a symbolic batch converts.
+        raise ExportError("ONNX export needs a fixed image size (--size HxW, e.g. the largest bucket "
+                          "your images are padded to); the batch can stay dynamic")
+    if format == "onnx" and compute_dtype != "float32":
+        raise ExportError(f"ONNX export is float32 only (asked for {compute_dtype}): onnxruntime's CPU kernels "
+                          "have no bfloat16 convolutions")
+    variables = jax.tree.map(np.asarray, dict(variables))
+    fn = serving_function(model, variables)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifact = out_dir / ARTIFACTS[format]
+    try:
+        {"stablehlo": _write_stablehlo, "savedmodel": _write_savedmodel, "onnx": _write_onnx}[format](fn, shape, artifact)
+    except ExportError:
+        raise
+    except Exception as e:
+        if shape.size is None and "shape" in str(e).lower():
+            raise ExportError(f"this model cannot be exported with a dynamic image size ({type(e).__name__}: "
+                              f"{str(e)[:300]}); pass a fixed size (--size HxW)") from e
+        raise
+    metadata = {
+        "format": format,
+        "format_version": FORMAT_VERSION,
+        "artifact": artifact.name,
+        "dtype": compute_dtype,
+        "batch": shape.batch,
+        "size": list(shape.size) if shape.size else None,
+        "size_multiple": SIZE_MULTIPLE if shape.size is None else None,
+        "inputs": {name: {"shape": list(s), "dtype": d} for (name, s), d in
+                   zip(shape.input_shapes().items(), ("float32", "bool", "int32"))},
+        "outputs": {"scores": {"shape": [shape.batch, config.model.num_queries], "dtype": "float32"},
+                    "labels": {"shape": [shape.batch, config.model.num_queries], "dtype": "int32"},
+                    "boxes": {"shape": [shape.batch, config.model.num_queries, 4], "dtype": "float32"}},
+        "preprocess": {"pixel_scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       "eval_scale": config.data.eval_scale, "eval_max_size": config.data.eval_max_size},
+        "class_names": {str(k): v for k, v in (class_names or {}).items()},
+        "config": config.to_dict(),
+        "versions": _versions(format),
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=_json_default) + "\n")
+    return out_dir
+
+
+def _json_default(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _versions(format: str) -> dict:
+    import importlib.metadata as md
+
+    packages = {"stablehlo": ("jax", "jaxlib"), "savedmodel": ("jax", "tensorflow-cpu", "tensorflow"),
+                "onnx": ("jax", "jax2onnx", "onnx")}[format]
+    out = {}
+    for package in packages:
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[package] = md.version(package)
+    return out
+
+
+def _write_stablehlo(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
+    exported = jax.export.export(jax.jit(fn))(*shape.abstract_inputs())
+    artifact.write_bytes(exported.serialize())
+
+
+def _write_savedmodel(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
+    tf = _import_optional("tensorflow", "savedmodel", "tfds")
+    from jax.experimental import jax2tf
+
+    tf_fn = jax2tf.convert(fn, polymorphic_shapes=shape.polymorphic_specs(), with_gradient=False)
+    signature = [tf.TensorSpec(s, d, name=n) for n, s, d in
+                 zip(INPUT_NAMES, shape.input_shapes().values(), (tf.float32, tf.bool, tf.int32))]
+
+    @tf.function(input_signature=signature, autograph=False)
+    def serving_default(image, mask, orig_size):
+        return dict(zip(OUTPUT_NAMES, tf_fn(image, mask, orig_size)))
+
+    module = tf.Module()
+    module.serving_default = serving_default
+    tf.saved_model.save(module, str(artifact), signatures={"serving_default": serving_default})
+
+
+def _write_onnx(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
+    # jax2onnx 0.12 logs a traceback for each of its dm_pix converters that fail to import
+    # with this JAX; DETR uses none of them.
+    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    jax2onnx = _import_optional("jax2onnx", "onnx", "export")
+    # jax2onnx prints its traces of flax modules to stdout.
+    with contextlib.redirect_stdout(io.StringIO()):
+        jax2onnx.to_onnx(fn, shape.abstract_inputs(), model_name="detr", opset=ONNX_OPSET, return_mode="file",
+                         output_path=str(artifact), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+
+
+def _import_optional(module: str, format: str, extra: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise ExportError(f"the {format} format needs {module} ({e}); install it with "
+                          f"pip install 'detr-jax[{extra}]'") from e
+
+
+# ----------------------------------------------------------------------------------------
+# Running an export
+
+
+class ExportedDetector:
+    """An exported directory, run in its own runtime: jax.export (stablehlo),
+    tf.saved_model (savedmodel) or onnxruntime (onnx).
+
+    `detector(image, mask, orig_size)` -> {"scores", "labels", "boxes"} numpy arrays, with
+    the shapes of the module docstring; inputs are checked first (rank, dtype, fixed or
+    multiple-of sizes), and a bad one is an ExportError naming the input and the problem.
+    `metadata` is the parsed detr_export.json; `config` the model's config.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.path = pathlib.Path(path).absolute()
+        self.metadata = read_metadata(self.path)
+        self.format = self.metadata["format"]
+        artifact = self.path / self.metadata["artifact"]
+        if not artifact.exists():
+            raise ExportError(f"{artifact}: missing (the export in {self.path} is incomplete)")
+        self._run = {"stablehlo": _load_stablehlo, "savedmodel": _load_savedmodel,
+                     "onnx": _load_onnx}[self.format](artifact, threads)
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        from detr_jax.config import config_from_dict
+
+        return config_from_dict(self.metadata["config"], source=str(self.path / METADATA_FILE))
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.metadata["class_names"].items()}
+
+    def check_inputs(self, image, mask, orig_size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The inputs as the artifact wants them, or an ExportError naming what is wrong."""
+        given = {"image": np.asarray(image), "mask": np.asarray(mask), "orig_size": np.asarray(orig_size)}
+        where = f"{self.path.name} ({self.format})"
+        if given["orig_size"].dtype.kind in "iu":  # any integer is fine: sizes are small
+            given["orig_size"] = given["orig_size"].astype(np.int32)
+        hints = {"image": " (normalize uint8 pixels: (x / 255 - mean) / std, as detr_export.json's preprocess)",
+                 "mask": " (True = real pixel)", "orig_size": ""}
+        dims: dict[str, int] = {}
+        for name, spec in self.metadata["inputs"].items():
+            array, expected = given[name], spec["shape"]
+            if array.dtype != np.dtype(spec["dtype"]):
+                raise ExportError(f"{where}: input {name} has dtype {array.dtype}, expected {spec['dtype']}{hints[name]}")
+            if array.ndim != len(expected):
+                raise ExportError(f"{where}: input {name} has shape {array.shape}, expected rank {len(expected)} "
+                                  f"{_shape_text(expected)}")
+            for axis, (size, want) in enumerate(zip(array.shape, expected)):
+                if want is not None and size != want:
+                    raise ExportError(f"{where}: input {name} has shape {array.shape}, expected {_shape_text(expected)}")
+                key = _AXES[name][axis]
+                if key and dims.setdefault(key, size) != size:
+                    raise ExportError(f"{where}: inputs disagree on the {'batch' if key == 'b' else 'image'} size: "
+                                      f"{name} has shape {array.shape}")
+        multiple = self.metadata["size_multiple"]
+        if multiple and (dims["h"] % multiple or dims["w"] % multiple or not dims["h"] or not dims["w"]):
+            raise ExportError(f"{where}: image size {dims['h']}x{dims['w']} is not a multiple of {multiple} "
+                              "(pad images bottom/right, with the mask False there)")
+        if dims["b"] == 0:
+            raise ExportError(f"{where}: empty batch")
+        return given["image"], given["mask"], given["orig_size"]
+
+    def __call__(self, image, mask, orig_size) -> dict[str, np.ndarray]:
+        outputs = self._run(*self.check_inputs(image, mask, orig_size))
+        return {name: np.asarray(value) for name, value in zip(OUTPUT_NAMES, outputs)}
+
+
+_AXES = {"image": ("b", "h", "w", None), "mask": ("b", "h", "w"), "orig_size": ("b", None)}
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The detr_export.json of an exported directory."""
+    path = pathlib.Path(path).absolute()
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise ExportError(f"{path}: not a detr-jax export (no {METADATA_FILE}; make one with `detr-jax export`)")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_file}: unreadable ({e})") from e
+    if metadata.get("format") not in FORMATS:
+        raise ExportError(f"{meta_file}: unknown format {metadata.get('format')!r}")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(f"{meta_file}: format version {metadata['format_version']} is newer than this detr-jax reads")
+    return metadata
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is an exported directory."""
+    return (pathlib.Path(path) / METADATA_FILE).is_file()
+
+
+def _load_stablehlo(artifact: pathlib.Path, threads: int | None):
+    exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+    return jax.jit(exported.call)
+
+
+def _load_savedmodel(artifact: pathlib.Path, threads: int | None):
+    tf = _import_optional("tensorflow", "savedmodel", "tfds")
+    if threads:
+        with contextlib.suppress(RuntimeError):  # only before TF's first op
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+    serve = tf.saved_model.load(str(artifact)).signatures["serving_default"]
+
+    def run(image, mask, orig_size):
+        out = serve(image=tf.constant(image), mask=tf.constant(mask), orig_size=tf.constant(orig_size))
+        return tuple(out[name].numpy() for name in OUTPUT_NAMES)
+
+    return run
+
+
+def _load_onnx(artifact: pathlib.Path, threads: int | None):
+    ort = _import_optional("onnxruntime", "onnx", "export")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # converter leftovers (unused initializers) are warnings
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(artifact), options, providers=ort.get_available_providers())
+
+    def run(image, mask, orig_size):
+        return session.run(list(OUTPUT_NAMES), {"image": image, "mask": mask, "orig_size": orig_size})
+
+    return run
+
