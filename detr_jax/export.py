@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from detr_jax.config import config_from_dict
 from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.models import build_model
 from detr_jax.postprocess import postprocess
@@ -294,8 +295,7 @@ class ExportedDetector:
 
     @property
     def config(self) -> ml_collections.ConfigDict:
-        from detr_jax.config import config_from_dict
-
+        """The model's config, as exported (a new copy each time)."""
         return config_from_dict(self.metadata["config"], source=str(self.path / METADATA_FILE))
 
     @property

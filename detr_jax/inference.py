@@ -34,6 +34,7 @@ from detr_jax.data.pipeline import _filler as filler_example
 from detr_jax.data.pipeline import buckets_for
 from detr_jax.data.synthetic import SHAPE_NAMES
 from detr_jax.data.transforms import EvalResize
+from detr_jax.export import ExportedDetector, ExportError, is_export
 from detr_jax.models import build_model
 from detr_jax.postprocess import Detections, make_predict_fn, select_detections
 from detr_jax.restore import load_checkpoint
@@ -128,12 +129,14 @@ class Predictor:
       config: full config; uses `model`, `data.eval_scale`, `data.eval_max_size`, the
         bucket settings of `data`, and `eval.batch_size` (default batch size).
       variables: {"params", "frozen_bn"} (numpy or jax arrays), e.g. from
-        `restore.load_checkpoint` or a training state.
+        `restore.load_checkpoint` or a training state; None with `exported`.
       dtype: compute dtype override ("float32", "bfloat16"); default `config.model.dtype`.
       batch_size: images per compiled call (shorter batches are padded with fillers).
       class_names: {category id: name}; default `category_names_for(config)`.
       mesh: the devices a batch is split over (batch_size must be a multiple of their
         number); default: one device.
+      exported: run this exported model (`detr_jax.export.ExportedDetector`) in its own
+        runtime instead of compiling the model (`variables` None; see `from_export`).
       group_by_bucket: True: images are batched with others of the same bucket, so each
         image is padded exactly as if it were alone and its result does not depend on the
         other images. False: consecutive images share a batch padded to the smallest bucket
@@ -152,37 +155,76 @@ class Predictor:
         batch_size: int | None = None,
         class_names: Mapping[int, str] | None = None,
         mesh: Mesh | None = None,
+        exported: ExportedDetector | None = None,
         group_by_bucket: bool = True,
     ):
         self.config = config
-        self.model = build_model(config.model, dtype)
-        self.dtype = jnp.dtype(self.model.dtype).name
+        self._exported = exported
         self.batch_size = int(batch_size or config.eval.batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
-        self.mesh = mesh if mesh is not None else make_mesh(jax.local_devices()[:1])
-        if self.batch_size % data_size(self.mesh):
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of the mesh's {data_size(self.mesh)} devices")
         self.class_names = dict(class_names) if class_names is not None else category_names_for(config)
         self.group_by_bucket = group_by_bucket
         self._buckets = buckets_for(config.data)
         self._step = int(config.data.bucket_step)
         self._resize = EvalResize(config.data.eval_scale, config.data.eval_max_size)
+        self._executables: dict[tuple, Any] = {}
+        if exported is not None:
+            self.model, self.mesh, self._variables = None, None, None
+            self.dtype = exported.metadata["dtype"]
+            return
+        self.model = build_model(config.model, dtype)
+        self.dtype = jnp.dtype(self.model.dtype).name
+        self.mesh = mesh if mesh is not None else make_mesh(jax.local_devices()[:1])
+        if self.batch_size % data_size(self.mesh):
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of the mesh's {data_size(self.mesh)} devices")
         self._variables = jax.device_put(dict(variables), replicated(self.mesh))
         self._forward = make_predict_fn(self.model, self.mesh)
-        self._executables: dict[tuple, Any] = {}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
                         overrides: Mapping[str, Any] | None = None, **kwargs) -> "Predictor":
         """A Predictor of a checkpoint (see `detr_jax.restore.load_checkpoint`: `overrides`
-        apply to the checkpoint's own config, when `config` is None)."""
+        apply to the checkpoint's own config, when `config` is None), or of an exported
+        directory (`from_export`; its config is its own)."""
+        if is_export(checkpoint):
+            if config is not None or overrides:
+                raise ExportError(f"{checkpoint}: an exported model has its config built in; "
+                                  "drop --config and the --config.* overrides")
+            return cls.from_export(checkpoint, **kwargs)
         variables, config = load_checkpoint(checkpoint, config, overrides)
         return cls(config, variables, **kwargs)
 
+    @classmethod
+    def from_export(cls, path: str | os.PathLike, *, dtype: str | None = None, batch_size: int | None = None,
+                    threads: int | None = None, **kwargs) -> "Predictor":
+        """A Predictor that runs an exported directory (`detr-jax export`) in its runtime
+        (onnxruntime, TensorFlow or jax.export) with the same resize, padding and
+        post-processing as the compiled model. A fixed-size export pads every image to its
+        size; a fixed-batch export takes that batch size.
+        """
+        exported = ExportedDetector(path, threads=threads)
+        meta, where = exported.metadata, f"{exported.path} ({exported.format})"
+        if dtype is not None and jnp.dtype(dtype).name != meta["dtype"]:
+            raise ExportError(f"{where}: exported for {meta['dtype']}, not {jnp.dtype(dtype).name}")
+        if meta["batch"] is not None and batch_size not in (None, meta["batch"]):
+            raise ExportError(f"{where}: exported for batches of {meta['batch']}, not {batch_size}")
+        config = exported.config
+        if meta["size"] is not None:
+            config.data.bucket_shapes = (tuple(meta["size"]),)
+        else:
+            multiple = meta["size_multiple"]
+            sizes = [*buckets_for(config.data), (config.data.bucket_step, config.data.bucket_step)]
+            if any(side % multiple for shape in sizes for side in shape):
+                raise ExportError(f"{where}: its image sizes must be multiples of {multiple}, but the config's "
+                                  f"buckets {buckets_for(config.data)} (step {config.data.bucket_step}) are not")
+        return cls(config, None, exported=exported, batch_size=meta["batch"] or batch_size,
+                   class_names=exported.class_names or None, **kwargs)
+
     @property
     def num_compilations(self) -> int:
-        """Programs compiled so far: one per (bucket shape, dtype) seen."""
+        """Programs compiled so far: one per (bucket shape, dtype) seen (with an exported
+        model: the shapes it has run, each compiled by its runtime)."""
         return len(self._executables)
 
     @property
@@ -192,6 +234,8 @@ class Predictor:
 
     def _executable(self, shape: tuple[int, int]):
         key = (tuple(shape), self.dtype)
+        if key not in self._executables and self._exported is not None:
+            self._executables[key] = lambda _, image, mask, orig_size: self._exported(image, mask, orig_size)
         if key not in self._executables:
             b, (h, w) = self.batch_size, shape
             specs = (

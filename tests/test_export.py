@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import tiny_config
 from test_inference import random_variables
 
@@ -221,3 +222,43 @@ def test_the_ops_written_for_onnx_are_the_einsums_bit_for_bit():
     einsum = jax.jit(jax.value_and_grad(lambda p, q: _attention_by_einsum(p, q, key, 4, key_mask).sum(), (0, 1)))
     for a, b in zip(jax.tree.leaves(ours(params, query)), jax.tree.leaves(einsum(params, query))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_predict_runs_an_exported_model(checkpoint, config, variables, tmp_path, capsys):
+    """`detr-jax predict --checkpoint EXPORT` runs the export in its runtime with the
+    Predictor's resize, padding and post-processing: the same detections."""
+    arrays = images()
+    # (A params checkpoint has the default, COCO-size evaluation resize: so does its export.)
+    expected = Predictor.from_checkpoint(checkpoint).predict(arrays, score_threshold=0.0)
+    exported = tmp_path / "hlo"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "stablehlo", "--out", str(exported)]) == 0
+    for got, want in zip(Predictor.from_checkpoint(exported).predict(arrays, score_threshold=0.0), expected):
+        np.testing.assert_array_equal(got.queries, want.queries)
+        np.testing.assert_allclose(got.scores, want.scores, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=TOLERANCE, rtol=0)
+        assert got.names == want.names
+
+    # A fixed-size ONNX export pads every image to its size, as the compiled model does
+    # with that one bucket.
+    fixed = config.copy_and_resolve_references()
+    fixed.data.bucket_shapes = ((64, 96),)
+    expected = Predictor(fixed, variables).predict(arrays, score_threshold=0.0)
+    onnx_dir = export_detector(config, variables, tmp_path / "onnx", "onnx", batch=2, size=(64, 96))
+    predictor = Predictor.from_export(onnx_dir)
+    assert predictor.batch_size == 2 and predictor.dtype == "float32"
+    for got, want in zip(predictor.predict(arrays, score_threshold=0.0), expected):
+        np.testing.assert_allclose(got.scores, want.scores, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=TOLERANCE, rtol=0)
+    with pytest.raises(ExportError, match="exported for batches of 2, not 4"):
+        Predictor.from_export(onnx_dir, batch_size=4)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{i}.png")
+    assert main(["predict", "--checkpoint", str(onnx_dir), str(folder), "--out", str(tmp_path / "out"),
+                 "--no_draw", "--no_progress"]) == 0
+    assert len(json.loads((tmp_path / "out" / "detections.json").read_text())["images"]) == 3
+    assert main(["predict", "--checkpoint", str(onnx_dir), str(folder), "--out", str(tmp_path / "out2"),
+                 "--config.model.num_queries=7"]) == 1
+    assert "an exported model has its config built in" in capsys.readouterr().err
