@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 
 import jax
@@ -165,23 +166,23 @@ def export_detector(
     model = build_model(config.model, dtype)
     compute_dtype = jnp.dtype(model.dtype).name
     if format == "onnx" and shape.size is None:
-        # jax2onnx 0.12 fails on the symbolic multiples of SIZE_MULTIPLE (its pad and slice
-        # converters expect plain symbols); a symbolic batch converts.
+        # jax2onnx (0.12.5, 0.13.0) fails on the symbolic multiples of SIZE_MULTIPLE (its
+        # pad and slice converters expect plain symbols); a symbolic batch converts.
         raise ExportError("ONNX export needs a fixed image size (--size HxW, e.g. the largest bucket "
                           "your images are padded to); the batch can stay dynamic")
     if format == "onnx" and compute_dtype != "float32":
-        raise ExportError(f"ONNX export is float32 only (asked for {compute_dtype}): onnxruntime's CPU kernels "
-                          "have no bfloat16 convolutions")
+        raise ExportError(f"ONNX export is float32 only (asked for {compute_dtype}): onnxruntime's Conv "
+                          "takes no bfloat16 input")
     variables = jax.tree.map(np.asarray, dict(variables))
     fn = serving_function(model, variables)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / ARTIFACTS[format]
     try:
         {"stablehlo": _write_stablehlo, "savedmodel": _write_savedmodel, "onnx": _write_onnx}[format](fn, shape, artifact)
-    except ExportError:
-        raise
     except Exception as e:
-        if shape.size is None and "shape" in str(e).lower():
+        # Nothing half-written is left behind (the directory was new or empty).
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if not isinstance(e, ExportError) and shape.size is None and "shape" in str(e).lower():
             raise ExportError(f"this model cannot be exported with a dynamic image size ({type(e).__name__}: "
                               f"{str(e)[:300]}); pass a fixed size (--size HxW)") from e
         raise
