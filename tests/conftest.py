@@ -8,8 +8,14 @@ Files whose measured tolerances depend on other shapes (test_evaluate, test_infe
 the data tests) pass their own overrides.
 """
 
+import os
 import pathlib
+import shutil
+import tempfile
 
+import pytest
+
+from detr_jax.compilation_cache import ENV_VAR
 from detr_jax.config import load_config
 from detr_jax.optim import OFFICIAL_PARAM_RULES
 
@@ -39,3 +45,17 @@ def cli_overrides(**overrides) -> list[str]:
     """The same as `--config.KEY=VALUE` arguments of `detr-jax`."""
     return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
             for k, v in {**TINY_OVERRIDES, **overrides}.items()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_of_the_session():
+    """The `detr-jax` commands the tests run (in subprocesses and in-process) share one
+    persistent compilation cache for the session, not the user's ~/.cache."""
+    if os.environ.get(ENV_VAR):
+        yield os.environ[ENV_VAR]
+        return
+    directory = tempfile.mkdtemp(prefix="detr_jax_xla_")
+    os.environ[ENV_VAR] = directory
+    yield directory
+    del os.environ[ENV_VAR]
+    shutil.rmtree(directory, ignore_errors=True)

@@ -14,6 +14,7 @@ import sys
 
 from absl import logging as absl_logging
 
+from detr_jax import compilation_cache
 from detr_jax.checkpoint import CheckpointError
 from detr_jax.cli import analyze as analyze_command
 from detr_jax.cli import convert as convert_command
@@ -23,8 +24,10 @@ from detr_jax.cli import predict as predict_command
 from detr_jax.cli import train as train_command
 from detr_jax.config import ConfigError
 from detr_jax.convert import ConversionError
-from detr_jax.export import ExportError
 from detr_jax.data.records import DataError
+from detr_jax.export import ExportError
+
+log = logging.getLogger(__name__)
 
 COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command,
             "analyze": analyze_command, "export": export_command}
@@ -64,6 +67,9 @@ def setup_logging(verbose: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detr-jax", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--compilation_cache", default=None, metavar="DIR|off",
+                        help=f"JAX's persistent compilation cache (default: ${compilation_cache.ENV_VAR}, else "
+                             f"{compilation_cache.default_dir()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS.values():
         command.add_parser(sub)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command or ""
         setup_logging(args.verbose)
         if args.command in COMMANDS:
-            return COMMANDS[args.command].run(args, overrides)
+            return _run_with_cache(COMMANDS[args.command], args, overrides)
         build_parser().print_help()
         return 2
     except ConfigError as e:
@@ -91,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside training (which stops gracefully on its own)
         print(f"detr-jax {command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def _run_with_cache(command, args, overrides: dict[str, str]) -> int:
+    """Runs a command with the persistent compilation cache on (unless "off"), and says
+    how many programs it read from the cache and how many it compiled."""
+    directory = compilation_cache.configure(args.compilation_cache)
+    counter = compilation_cache.CacheCounter()
+    try:
+        return command.run(args, overrides)
+    finally:
+        counter.close()
+        if directory is not None:
+            log.info("compilation cache %s: %d program(s) read, %d compiled", directory, counter.hits, counter.misses)
 
 
 if __name__ == "__main__":
