@@ -1,4 +1,5 @@
-"""Hungarian matching of predictions to targets: cost on device, assignment on host.
+"""Hungarian matching of predictions to targets: cost on device, assignment on host (or,
+as an option, on device).
 
 The cost of matching query q to target m (official DETR's HungarianMatcher):
 
@@ -29,12 +30,14 @@ host it is one vectorized `np.isfinite` in the common all-finite case.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.optimize
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -177,6 +180,35 @@ def assign(cost: jax.Array, valid: jax.Array) -> Matching:
     )
 
 
+def assign_on_device(cost: jax.Array, valid: jax.Array) -> Matching:
+    """The same assignment inside the jitted step: optax's exact Hungarian algorithm,
+    vmapped over every problem (no host callback, so the step can be cached and sharded
+    like any other program).
+
+    Args / returns as `assign`. Ties may be broken differently from scipy; the total cost
+    is the same. Padded slots and NaN/Inf entries (counted in `nonfinite`) cost more than
+    any valid finite entry of their problem, so a valid target is never passed over for
+    them; the constant is small (twice the largest |cost| plus one), not
+    UNMATCHABLE_COST, because optax's float32 potentials would lose the real costs' bits
+    next to 1e6.
+    """
+    cost = jax.lax.stop_gradient(cost).astype(jnp.float32)
+    valid = jnp.asarray(valid, bool)[..., None, :]
+    finite = jnp.isfinite(cost)
+    nonfinite = jnp.sum(~finite & valid, axis=(-2, -1), dtype=jnp.int32)
+    usable = finite & valid
+    worst = jnp.max(jnp.where(usable, jnp.abs(cost), 0.0), axis=(-2, -1), keepdims=True)
+    cost = jnp.where(usable, cost, 2.0 * worst + 1.0)
+    leading, (num_queries, num_targets) = cost.shape[:-2], cost.shape[-2:]
+    flat = cost.reshape((-1, num_queries, num_targets))
+    rows, cols = jax.vmap(optax.assignment.hungarian_algorithm)(flat)  # [N, min(Q, M)] each
+    problems = jnp.arange(flat.shape[0])[:, None]
+    target_to_query = jnp.full((flat.shape[0], num_targets), -1, jnp.int32).at[problems, cols].set(
+        rows.astype(jnp.int32))
+    target_to_query = jnp.where(valid[..., 0, :], target_to_query.reshape(leading + (num_targets,)), -1)
+    return Matching(target_to_query, jnp.ones(leading, bool), nonfinite)
+
+
 def _call_assign_on_host(cost, valid):
     # Looked up at call time so tests can observe the shards the callback receives.
     return Matching(*assign_on_host(cost, valid))
@@ -193,14 +225,17 @@ class HungarianMatcher:
     cost_class: float = 1.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
+    # (cost, valid) -> Matching: `assign` (scipy on host) or `assign_on_device`.
+    solver: Callable[..., Matching] = assign
 
     @classmethod
-    def from_config(cls, loss_config) -> "HungarianMatcher":
+    def from_config(cls, loss_config, solver: Callable[..., Matching] = assign) -> "HungarianMatcher":
         """From the config's `loss` section (cost_class, cost_bbox, cost_giou)."""
         return cls(
             cost_class=float(loss_config.cost_class),
             cost_bbox=float(loss_config.cost_bbox),
             cost_giou=float(loss_config.cost_giou),
+            solver=solver,
         )
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
@@ -221,11 +256,15 @@ class HungarianMatcher:
             cost_bbox=self.cost_bbox,
             cost_giou=self.cost_giou,
         )
-        return assign(cost, jnp.broadcast_to(valid, cost.shape[:2] + valid.shape[-1:]))
+        return self.solver(cost, jnp.broadcast_to(valid, cost.shape[:2] + valid.shape[-1:]))
 
 
-# loss.matcher -> builder (loss_config) -> matcher
-MATCHERS: dict[str, Callable[[Any], Callable[..., Matching]]] = {"hungarian": HungarianMatcher.from_config}
+# loss.matcher -> builder (loss_config) -> matcher. "hungarian": scipy on host (the
+# default); "hungarian_device": the exact solver inside the step.
+MATCHERS: dict[str, Callable[[Any], Callable[..., Matching]]] = {
+    "hungarian": HungarianMatcher.from_config,
+    "hungarian_device": functools.partial(HungarianMatcher.from_config, solver=assign_on_device),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +280,12 @@ class ShardedMatcher:
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
         per_layer, per_image = P(None, sharding.DATA_AXIS), P(sharding.DATA_AXIS)
+        # No varying-value typing: optax's Hungarian while_loop (the device solver) starts
+        # from constants, which that typing rejects next to per-device costs; the matching
+        # carries no gradient, where the typing matters.
         fn = sharding.per_device(self.matcher, self.mesh,
                                  in_specs=(per_layer, per_layer, per_image, per_image, per_image),
-                                 out_specs=per_layer)
+                                 out_specs=per_layer, check_vma=False)
         return fn(pred_logits, pred_boxes, labels, boxes, valid)
 
 

@@ -52,13 +52,14 @@ def global_batch(local_batch: dict, mesh: Mesh, keys: Sequence[str] = MODEL_INPU
     return {k: jax.make_array_from_process_local_data(sharding, local_batch[k]) for k in keys}
 
 
-def per_device(fn: Callable, mesh: Mesh | None, in_specs, out_specs) -> Callable:
+def per_device(fn: Callable, mesh: Mesh | None, in_specs, out_specs, check_vma: bool = True) -> Callable:
     """`fn` run by each device on its own shard (`jax.shard_map`), or as is without a mesh.
 
     The specs name DATA_AXIS (e.g. `(P(None, DATA_AXIS), P(DATA_AXIS))`); this is the one
-    place that turns a per-shard function into a global one.
+    place that turns a per-shard function into a global one. `check_vma`: shard_map's
+    typing of which values vary across devices (see `jax.shard_map`).
     """
     if mesh is None:
         return fn
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 

@@ -96,6 +96,19 @@ def main():
         results[f"{name}/shard_map"] = {"diff": max_abs_diff(got, reference), "callbacks": callback_shapes[:]}
         callback_shapes.clear()
 
+        # 3. the device matcher (loss.matcher="hungarian_device"), per device as in 1.
+        device_matcher = HungarianMatcher(solver=matcher_lib.assign_on_device)
+        step = jax.jit(value_and_grad(SetCriterion(K, matcher=matcher_per_device(device_matcher, mesh))))
+        got = jax.device_get(step(sharded_outputs, sharded_targets))
+        results[f"{name}/device_matcher"] = {"diff": max_abs_diff(got, reference), "callbacks": callback_shapes[:]}
+        callback_shapes.clear()
+
+    # 4. the device matcher on one device.
+    step = jax.jit(value_and_grad(SetCriterion(K, matcher=HungarianMatcher(solver=matcher_lib.assign_on_device))))
+    got = jax.device_get(step(jax.device_put(outputs, jax.devices()[0]), jax.device_put(targets, jax.devices()[0])))
+    results["single/device_matcher"] = {"diff": max_abs_diff(got, reference), "callbacks": callback_shapes[:]}
+    callback_shapes.clear()
+
     print("RESULT " + json.dumps(results))
     sys.stdout.flush()
 

@@ -271,3 +271,61 @@ def test_cost_is_float32_for_any_logit_dtype(dtype):
     logits, pred_boxes, labels, boxes, _ = random_problem(rng)
     cost = matching_cost(jnp.asarray(logits, dtype), jnp.asarray(pred_boxes, dtype), labels, boxes)
     assert cost.dtype == jnp.float32
+
+
+def _total(cost, target_to_query):
+    """Sum of cost[query, target] over the matched (query, target) pairs of one problem."""
+    targets = np.flatnonzero(target_to_query >= 0)
+    return float(cost[target_to_query[targets], targets].sum())
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "nan"])
+def test_device_assignment_has_the_total_cost_of_scipys(kind):
+    """loss.matcher="hungarian_device": on 6 layers x 8 images of 100 queries and 30 target
+    slots (0..30 valid), every valid target is matched to a distinct query, padded slots to
+    none, and the total cost equals scipy's (float32 sums: 1e-3 on totals of ~100)."""
+    rng = np.random.default_rng({"random": 0, "tied": 1, "nan": 2}[kind])
+    L, B, Q, M = 6, 8, 100, 30
+    if kind == "tied":  # few distinct values: many optimal assignments
+        cost = rng.integers(0, 4, (L, B, Q, M)).astype(np.float32)
+    else:
+        cost = rng.normal(size=(L, B, Q, M)).astype(np.float32) * 3
+    if kind == "nan":  # a few NaN/Inf entries, which an optimal assignment avoids
+        cost[rng.random(cost.shape) < 0.02] = np.nan
+        cost[rng.random(cost.shape) < 0.01] = np.inf
+    num_valid = rng.integers(0, M + 1, B)
+    num_valid[:2] = (0, M)
+    valid = np.broadcast_to(np.arange(M)[None, :] < num_valid[:, None], (L, B, M))
+
+    device = jax.jit(matcher_lib.assign_on_device)(cost, valid)
+    host = assign_on_host(cost, valid)
+    np.testing.assert_array_equal(np.asarray(device.nonfinite), host[2])
+    assert np.asarray(device.solved).all()
+    cleaned = np.where(np.isfinite(cost), cost, matcher_lib.UNMATCHABLE_COST)
+    for l in range(L):
+        for b in range(B):
+            got = np.asarray(device.target_to_query[l, b])
+            assert (got[num_valid[b]:] == -1).all()
+            matched = got[: num_valid[b]]
+            assert (matched >= 0).all() and len(set(matched.tolist())) == num_valid[b]
+            assert _total(cleaned[l, b], got) == pytest.approx(_total(cleaned[l, b], host[0][l, b]), abs=1e-3)
+
+
+def test_device_assignment_with_more_targets_than_queries():
+    rng = np.random.default_rng(3)
+    cost = rng.normal(size=(2, 5, 12)).astype(np.float32)
+    valid = np.broadcast_to(np.arange(12) < 9, (2, 12))
+    device = matcher_lib.assign_on_device(cost, valid)
+    host = assign_on_host(cost, valid)
+    for p in range(2):
+        got = np.asarray(device.target_to_query[p])
+        assert (got[9:] == -1).all() and (got >= 0).sum() == 5  # every query used once
+        assert _total(cost[p], got) == pytest.approx(_total(cost[p], host[0][p]), abs=1e-4)
+
+
+def test_device_matcher_is_a_config_switch():
+    config = loss_config()
+    config.matcher = "hungarian_device"
+    matcher = matcher_lib.MATCHERS[config.matcher](config)
+    assert matcher.solver is matcher_lib.assign_on_device
+    assert matcher_lib.MATCHERS["hungarian"](config).solver is assign
