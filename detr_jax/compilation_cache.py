@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 ENV_VAR = "DETR_JAX_COMPILATION_CACHE"
 OFF = "off"
 MAX_BYTES = 4 << 30
-# Programs that compile faster than this are not worth a file (jax's default is 1 s; our
-# small programs, e.g. post-processing, compile in well under it).
-MIN_COMPILE_SECONDS = 1.0
 _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 
 
@@ -57,14 +54,14 @@ def configure(setting: str | os.PathLike | None = None) -> pathlib.Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return path
 
 
 class CacheCounter:
     """Counts the persistent cache's hits (programs read instead of compiled) and misses
-    (programs compiled, and written when they took at least MIN_COMPILE_SECONDS) from the
-    moment it is made."""
+    (programs compiled, and written when they took at least
+    `jax_persistent_cache_min_compile_time_secs`, 1 s by default) from the moment it is
+    made."""
 
     def __init__(self):
         self._counts = collections.Counter()

@@ -103,13 +103,14 @@ def _run_with_cache(command, args, overrides: dict[str, str]) -> int:
     """Runs a command with the persistent compilation cache on (unless "off"), and says
     how many programs it read from the cache and how many it compiled."""
     directory = compilation_cache.configure(args.compilation_cache)
+    if directory is None:
+        return command.run(args, overrides)
     counter = compilation_cache.CacheCounter()
     try:
         return command.run(args, overrides)
     finally:
         counter.close()
-        if directory is not None:
-            log.info("compilation cache %s: %d program(s) read, %d compiled", directory, counter.hits, counter.misses)
+        log.info("compilation cache %s: %d program(s) read, %d compiled", directory, counter.hits, counter.misses)
 
 
 if __name__ == "__main__":

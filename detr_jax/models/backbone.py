@@ -237,13 +237,11 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     PyTorch computes `min(floor(dst * (in / out)), in - 1)` with a float32 scale; the
     same arithmetic here makes the downsampled padding mask identical to the reference.
     """
-    if not (isinstance(in_size, int) and isinstance(out_size, int)):
-        scale = jnp.asarray(in_size, jnp.float32) / jnp.asarray(out_size, jnp.float32)
-        src = jnp.floor(jnp.arange(out_size, dtype=jnp.float32) * scale).astype(jnp.int32)
-        return jnp.minimum(src, jnp.asarray(in_size, jnp.int32) - 1)
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(src, in_size - 1)
+    # jnp for the symbolic sizes of an export with a dynamic image size (detr_jax.export).
+    xp = np if isinstance(in_size, int) and isinstance(out_size, int) else jnp
+    scale = xp.asarray(in_size, xp.float32) / xp.asarray(out_size, xp.float32)
+    src = xp.floor(xp.arange(out_size, dtype=xp.float32) * scale).astype(int)
+    return xp.minimum(src, in_size - 1)
 
 
 def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
