@@ -291,8 +291,13 @@ class ExportedDetector:
         artifact = self.path / self.metadata["artifact"]
         if not artifact.exists():
             raise ExportError(f"{artifact}: missing (the export in {self.path} is incomplete)")
-        self._run = {"stablehlo": _load_stablehlo, "savedmodel": _load_savedmodel,
-                     "onnx": _load_onnx}[self.format](artifact, threads)
+        load = {"stablehlo": _load_stablehlo, "savedmodel": _load_savedmodel, "onnx": _load_onnx}[self.format]
+        try:
+            self._run = load(artifact, threads)
+        except ExportError:
+            raise
+        except Exception as e:  # a damaged or foreign file: the runtime's own error, named
+            raise ExportError(f"{artifact}: unreadable as {self.format} ({type(e).__name__}: {str(e)[:300]})") from e
 
     @property
     def config(self) -> ml_collections.ConfigDict:

@@ -158,6 +158,11 @@ def test_export_refuses_what_it_cannot_write(config, variables, tmp_path):
         export_detector(config, variables, tmp_path / "full", "stablehlo")
     with pytest.raises(ExportError, match="not a detr-jax export"):
         ExportedDetector(tmp_path / "full")
+    damaged = export_detector(config, variables, tmp_path / "damaged", "stablehlo")
+    artifact = damaged / "model.stablehlo"
+    artifact.write_bytes(artifact.read_bytes()[:100])
+    with pytest.raises(ExportError, match="model.stablehlo: unreadable as stablehlo"):
+        ExportedDetector(damaged)
 
 
 @pytest.fixture(scope="module")
