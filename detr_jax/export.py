@@ -3,8 +3,8 @@
 Every format holds the same function, the model with its weights followed by official
 DETR's post-processing (`postprocess.postprocess`, every query kept):
 
-  inputs   image      float32 [B, H, W, 3]  normalized (ImageNet mean/std of 0..1 pixels),
-                                            padded bottom/right (padding values are ignored)
+  inputs   image      uint8   [B, H, W, 3]  RGB pixels, padded bottom/right (the padding's
+                                            values are ignored); normalized inside
            mask       bool    [B, H, W]     True = real pixel
            orig_size  int32   [B, 2]        (h, w) of each original image, in pixels
   outputs  scores     float32 [B, Q]        best class probability other than "no object"
@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from detr_jax.config import config_from_dict
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD, normalize
 from detr_jax.models import build_model
 from detr_jax.postprocess import postprocess
 
@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("stablehlo", "savedmodel", "onnx")
 ARTIFACTS = {"stablehlo": "model.stablehlo", "savedmodel": "saved_model", "onnx": "model.onnx"}
 METADATA_FILE = "detr_export.json"
-FORMAT_VERSION = 1
+# 2: uint8 image input (normalized inside). Version 1 took normalized float32 images;
+# ExportedDetector still runs those, normalizing uint8 requests on the host.
+FORMAT_VERSION = 2
 INPUT_NAMES = ("image", "mask", "orig_size")
 OUTPUT_NAMES = ("scores", "labels", "boxes")
 # A dynamic image size is a symbolic multiple of this: the ResNet's total stride, so every
@@ -91,7 +93,7 @@ class ExportShape:
         specs = self.polymorphic_specs()
         scope = jax.export.SymbolicScope()
         shapes = [jax.export.symbolic_shape(s, scope=scope) for s in specs]
-        return [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in zip(shapes, (jnp.float32, jnp.bool_, jnp.int32))]
+        return [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in zip(shapes, (jnp.uint8, jnp.bool_, jnp.int32))]
 
 
 def serving_function(model, variables: Mapping):
@@ -195,10 +197,11 @@ def export_detector(
         "size": list(shape.size) if shape.size else None,
         "size_multiple": SIZE_MULTIPLE if shape.size is None else None,
         "inputs": {name: {"shape": list(s), "dtype": d} for (name, s), d in
-                   zip(shape.input_shapes().items(), ("float32", "bool", "int32"))},
+                   zip(shape.input_shapes().items(), ("uint8", "bool", "int32"))},
         "outputs": {"scores": {"shape": [shape.batch, config.model.num_queries], "dtype": "float32"},
                     "labels": {"shape": [shape.batch, config.model.num_queries], "dtype": "int32"},
                     "boxes": {"shape": [shape.batch, config.model.num_queries, 4], "dtype": "float32"}},
+        # Normalization happens inside the artifact; recorded for reference.
         "preprocess": {"pixel_scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                        "eval_scale": config.data.eval_scale, "eval_max_size": config.data.eval_max_size},
         "class_names": {str(k): v for k, v in (class_names or {}).items()},
@@ -240,7 +243,7 @@ def _write_savedmodel(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
 
     tf_fn = jax2tf.convert(fn, polymorphic_shapes=shape.polymorphic_specs(), with_gradient=False)
     signature = [tf.TensorSpec(s, d, name=n) for n, s, d in
-                 zip(INPUT_NAMES, shape.input_shapes().values(), (tf.float32, tf.bool, tf.int32))]
+                 zip(INPUT_NAMES, shape.input_shapes().values(), (tf.uint8, tf.bool, tf.int32))]
 
     @tf.function(input_signature=signature, autograph=False)
     def serving_default(image, mask, orig_size):
@@ -314,7 +317,9 @@ class ExportedDetector:
         where = f"{self.path.name} ({self.format})"
         if given["orig_size"].dtype.kind in "iu":  # any integer is fine: sizes are small
             given["orig_size"] = given["orig_size"].astype(np.int32)
-        hints = {"image": " (normalize uint8 pixels: (x / 255 - mean) / std, as detr_export.json's preprocess)",
+        if given["image"].dtype == np.uint8 and self.metadata["inputs"]["image"]["dtype"] == "float32":
+            given["image"] = normalize(given["image"])  # a version-1 export takes normalized images
+        hints = {"image": " (RGB pixels, 0..255)",
                  "mask": " (True = real pixel)", "orig_size": ""}
         dims: dict[str, int] = {}
         for name, spec in self.metadata["inputs"].items():

@@ -1,7 +1,7 @@
 """Inference: a jit-compiled batch `Predictor` on images of any size, and image loading.
 
 Images go through the evaluation transform of the data pipeline (shorter side
-`data.eval_scale`, longer at most `data.eval_max_size`), are normalized and padded into the
+`data.eval_scale`, longer at most `data.eval_max_size`), are padded as uint8 pixels into the
 pipeline's bucket shapes (`batching.collate`), and the batch is padded to a fixed size with
 filler images. So the model is compiled once per bucket shape (and compute dtype), never
 per image size: `Predictor.num_compilations` counts the compiled programs.
@@ -239,7 +239,7 @@ class Predictor:
         if key not in self._executables:
             b, (h, w) = self.batch_size, shape
             specs = (
-                jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+                jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
                 jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
                 jax.ShapeDtypeStruct((b, 2), jnp.int32),
             )
@@ -282,10 +282,10 @@ class Predictor:
         return results
 
     def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
-        """The model's input batches of `images` (uint8 [H, W, 3] arrays): resized, normalized
-        and padded into bucket shapes, with filler images up to `batch_size`.
+        """The model's input batches of `images` (uint8 [H, W, 3] arrays): resized and padded
+        into bucket shapes, with filler images up to `batch_size`.
 
-        Yields (indices of the images in rows 0.., batch) with batch image float32
+        Yields (indices of the images in rows 0.., batch) with batch image uint8
         [batch_size, H, W, 3], mask bool [batch_size, H, W], orig_size int32 [batch_size, 2]
         (and the pipeline's other keys): the inputs of an exported model (detr_jax.export).
         """
@@ -293,7 +293,7 @@ class Predictor:
         for indices in self._plan_batches([r.shape[:2] for r in resized]):
             examples = [_image_example(resized[i], images[i].shape[:2]) for i in indices]
             examples += [filler_example()] * (self.batch_size - len(indices))
-            yield indices, batching.collate(examples, self._buckets, max_boxes=1, step=self._step)
+            yield indices, batching.with_pixel_mask(batching.collate(examples, self._buckets, max_boxes=1, step=self._step))
 
     def _plan_batches(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
         """Indices of the images of each batch (at most batch_size each)."""

@@ -19,7 +19,6 @@ from detr_jax.data import (
 )
 from detr_jax.data import batching
 from detr_jax.data.config import data_config, validate
-from detr_jax.data.transforms import normalize_image
 
 
 def _tiny_data(**overrides):
@@ -51,7 +50,7 @@ def test_batch_contract():
     for batch in [next(_train(data)), next(make_eval_iterator(data, 4, 0, 1))]:
         assert set(batch) == set(BATCH_KEYS)
         n, H, W, _ = batch["image"].shape
-        assert n == 4 and batch["image"].dtype == np.float32 and batch["mask"].shape == (n, H, W)
+        assert n == 4 and batch["image"].dtype == np.uint8 and batch["mask"].shape == (n, H, W)
         assert batch["labels"].shape == (n, 6) and batch["labels"].dtype == np.int32
         assert batch["boxes"].shape == (n, 6, 4) and batch["boxes"].dtype == np.float32
         assert batch["valid"].dtype == bool and batch["is_real"].dtype == bool
@@ -63,8 +62,7 @@ def test_batch_contract():
         rows, cols = np.arange(H)[None, :, None], np.arange(W)[None, None, :]
         expected_mask = (rows < batch["size"][:, 0, None, None]) & (cols < batch["size"][:, 1, None, None])
         np.testing.assert_array_equal(batch["mask"], expected_mask)
-        assert np.all(batch["image"][~batch["mask"]] == 0)
-        assert np.all(np.abs(batch["image"][batch["mask"]]).max() < 3)
+        assert np.all(batch["image"][~batch["mask"]] == 0) and batch["image"][batch["mask"]].any()
         valid = batch["valid"]
         assert valid.sum() > 0 and np.all(valid[:, :1] | ~valid.any(1, keepdims=True))
         assert np.all(batch["boxes"][~valid] == 0) and np.all(batch["labels"][~valid] == 0)
@@ -85,7 +83,7 @@ def test_eval_batch_holds_the_resized_image_and_its_boxes():
     from PIL import Image
 
     resized = np.asarray(Image.fromarray(record.image).resize((w, h), Image.BILINEAR))
-    np.testing.assert_allclose(batch["image"][2, :h, :w], normalize_image(resized), atol=1e-5)
+    np.testing.assert_array_equal(batch["image"][2, :h, :w], resized)
     oh, ow = record.orig_size
     x0, y0, x1, y1 = record.boxes.T / np.array([[ow], [oh], [ow], [oh]])
     expected = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], 1)

@@ -100,7 +100,7 @@ def test_a_dynamic_export_serves_several_image_sizes(stablehlo_export, config, v
     reference = jax.jit(serving_function(build_model(config.model), variables))
     rng = np.random.default_rng(1)
     for b, h, w in ((2, 64, 64), (1, 96, 64), (1, 128, 96)):
-        image = rng.normal(size=(b, h, w, 3)).astype(np.float32)
+        image = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
         mask = np.ones((b, h, w), bool)
         mask[-1, h // 2 :] = False
         orig_size = np.full((b, 2), (h * 3, w * 3))  # int64: any integer dtype is accepted
@@ -110,10 +110,10 @@ def test_a_dynamic_export_serves_several_image_sizes(stablehlo_export, config, v
 
 
 def test_bad_requests_name_the_input_and_the_problem(stablehlo_export):
-    image, mask, size = np.zeros((2, 64, 64, 3), np.float32), np.ones((2, 64, 64), bool), np.full((2, 2), 64)
+    image, mask, size = np.zeros((2, 64, 64, 3), np.uint8), np.ones((2, 64, 64), bool), np.full((2, 2), 64)
     cases = [
         ((image[0], mask, size), "input image has shape (64, 64, 3), expected rank 4 [?, ?, ?, 3]"),
-        ((image.astype(np.uint8), mask, size), "input image has dtype uint8, expected float32 (normalize"),
+        ((image.astype(np.float32), mask, size), "input image has dtype float32, expected uint8 (RGB pixels"),
         ((image, mask.astype(np.float32), size), "input mask has dtype float32, expected bool"),
         ((image[..., :1], mask, size), "expected [?, ?, ?, 3]"),
         ((image, mask[:1], size), "inputs disagree on the batch size"),
@@ -131,16 +131,16 @@ def test_a_fixed_size_export_rejects_other_sizes(config, variables, tmp_path):
     detector = ExportedDetector(export_detector(config, variables, tmp_path / "fixed", "onnx", batch=2, size="64x96"))
     assert detector.metadata["inputs"]["image"]["shape"] == [2, 64, 96, 3]
     with pytest.raises(ExportError, match=r"input image has shape \(2, 64, 64, 3\), expected \[2, 64, 96, 3\]"):
-        detector(np.zeros((2, 64, 64, 3), np.float32), np.ones((2, 64, 64), bool), np.full((2, 2), 64))
+        detector(np.zeros((2, 64, 64, 3), np.uint8), np.ones((2, 64, 64), bool), np.full((2, 2), 64))
     with pytest.raises(ExportError, match=r"expected \[2, 64, 96, 3\]"):
-        detector(np.zeros((3, 64, 96, 3), np.float32), np.ones((3, 64, 96), bool), np.full((3, 2), 64))
+        detector(np.zeros((3, 64, 96, 3), np.uint8), np.ones((3, 64, 96), bool), np.full((3, 2), 64))
 
 
 def test_bfloat16_export_is_close_to_the_float32_model(stablehlo_export, config, variables, tmp_path):
     detector = ExportedDetector(export_detector(config, variables, tmp_path / "bf16", "stablehlo", dtype="bfloat16"))
     assert detector.metadata["dtype"] == "bfloat16"
     rng = np.random.default_rng(2)
-    image, mask, size = rng.normal(size=(2, 64, 96, 3)).astype(np.float32), np.ones((2, 64, 96), bool), np.full((2, 2), 64)
+    image, mask, size = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8), np.ones((2, 64, 96), bool), np.full((2, 2), 64)
     got, want = detector(image, mask, size), stablehlo_export(image, mask, size)
     assert got["scores"].dtype == np.float32
     # bfloat16 keeps 8 bits of mantissa: scores within a few hundredths of float32's.
@@ -267,3 +267,24 @@ def test_predict_runs_an_exported_model(checkpoint, config, variables, tmp_path,
     assert main(["predict", "--checkpoint", str(onnx_dir), str(folder), "--out", str(tmp_path / "out2"),
                  "--config.model.num_queries=7"]) == 1
     assert "an exported model has its config built in" in capsys.readouterr().err
+
+
+def test_a_version_1_export_with_normalized_float_input_still_serves_pixels(stablehlo_export, config, variables,
+                                                                              tmp_path):
+    """Exports before format version 2 took normalized float32 images; ExportedDetector (and
+    so `Predictor.from_export`) normalizes uint8 requests for them on the host."""
+    old = tmp_path / "v1"
+    old.mkdir()
+    specs = (jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32), jax.ShapeDtypeStruct((2, 64, 96), jnp.bool_),
+             jax.ShapeDtypeStruct((2, 2), jnp.int32))
+    fn = jax.jit(serving_function(build_model(config.model), variables))
+    (old / "model.stablehlo").write_bytes(jax.export.export(fn)(*specs).serialize())
+    meta = dict(stablehlo_export.metadata, format_version=1, size=[64, 96], size_multiple=None)
+    meta["inputs"] = {"image": {"shape": [2, 64, 96, 3], "dtype": "float32"},
+                      "mask": {"shape": [2, 64, 96], "dtype": "bool"}, "orig_size": {"shape": [2, 2], "dtype": "int32"}}
+    (old / METADATA_FILE).write_text(json.dumps(meta))
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    mask, size = np.ones((2, 64, 96), bool), np.full((2, 2), 64)
+    got, want = ExportedDetector(old)(pixels, mask, size), stablehlo_export(pixels, mask, size)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=TOLERANCE, rtol=0)

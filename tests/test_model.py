@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from detr_jax.config import model_config
+from detr_jax.image_statistics import normalize
 from detr_jax.models import BACKBONES, build_model, init_variables
 from detr_jax.models.backbone import RESNETS, downsample_mask, nearest_indices
 from detr_jax.models.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
@@ -73,6 +74,23 @@ def test_padded_pixel_values_change_nothing(tiny):
     # Padded pixels are zeroed before the backbone, so the results are bitwise equal.
     for key in a:
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def test_uint8_pixels_are_normalized_on_device_as_the_host_did(tiny):
+    """The pipeline hands over uint8 pixels; the model's normalization inside jit must give
+    what the earlier host path fed it: (x / 255 - mean) / std in float32, zero padding.
+    Tolerance 0: the same two float32 operations (subtract, multiply) on both sides, which
+    XLA:CPU does not contract into one, so values and outputs are bitwise equal."""
+    model, variables = tiny
+    rng = np.random.default_rng(2)
+    _, mask = _padded_batch(rng, [(96, 128), (50, 70)], (96, 128))
+    pixels = np.where(mask[..., None], rng.integers(0, 256, (2, 96, 128, 3)), 0).astype(np.uint8)
+    host = np.where(mask[..., None], normalize(pixels), 0).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(normalize)(pixels))[mask], host[mask])
+    apply = _jit_apply(model)
+    a, b = apply(variables, pixels, mask), apply(variables, host, mask)
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
 
 def test_sine_encoding_ignores_padding():

@@ -45,7 +45,7 @@ def forward_with_attention(
 
     Args:
       model: a DETR; variables: {"params", "frozen_bn"}.
-      images: [B, H, W, 3] normalized; mask: [B, H, W] bool (True = real pixel).
+      images: [B, H, W, 3] uint8 pixels (or normalized floats, as the model takes); mask: [B, H, W] bool (True = real pixel).
       encoder_layers, decoder_layers: the layers to return (None: all; -1: the last).
       average_heads: average over the heads axis (the mean of the per-head maps).
 

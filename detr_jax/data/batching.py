@@ -1,8 +1,10 @@
 """Batching: padding images to a few bucket shapes and targets to `max_boxes`.
 
 A batch (what the pipeline yields; B = per-host batch size, M = max_boxes):
-  image     float32 [B, H, W, 3]  ImageNet-normalized, zero-padded bottom/right to a bucket
-  mask      bool    [B, H, W]     True on real pixels
+  image     uint8   [B, H, W, 3]  RGB pixels, zero-padded bottom/right to a bucket (the model
+                                  normalizes them on device: image_statistics.normalize)
+  mask      bool    [B, H, W]     True on real pixels (added by `with_pixel_mask` after the
+                                  batch leaves the worker processes: it follows from `size`)
   labels    int32   [B, M]        category ids; 0 where not valid
   boxes     float32 [B, M, 4]     (cx, cy, w, h) relative to the unpadded image; 0 where not valid
   valid     bool    [B, M]
@@ -12,7 +14,8 @@ A batch (what the pipeline yields; B = per-host batch size, M = max_boxes):
   is_real   bool    [B]           False for filler examples (eval's last batch)
 
 (H, W) is the smallest-area bucket holding every image of the batch, so XLA compiles one
-program per bucket, not per batch.
+program per bucket, not per batch. uint8 pixels and no mask are a quarter of the bytes of
+normalized float32 images: what worker processes hand over and what goes to the device.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-
-from detr_jax.data.transforms import normalize_image
 
 BATCH_KEYS = ("image", "mask", "labels", "boxes", "valid", "image_id", "orig_size", "size", "is_real")
 STATS_KEY = "stats"  # per-batch counters; removed from the batch by the pipeline's iterator
@@ -69,7 +70,8 @@ def choose_bucket(buckets: Sequence[tuple[int, int]], height: int, width: int, s
 
 
 def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dict:
-    """Stacks transformed examples into a padded batch (see the module docstring).
+    """Stacks transformed examples into a padded batch (see the module docstring), without
+    the mask (`with_pixel_mask` adds it).
 
     Each example: image uint8 [h, w, 3], boxes float32 [n, 4] normalized cxcywh, labels
     int32 [n], image_id, orig_size (h, w), is_real, name (`Record.name`; "" for fillers),
@@ -88,8 +90,7 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
     (bh, bw), overflow = choose_bucket(buckets, int(sizes[:, 0].max()), int(sizes[:, 1].max()), step)
     n = len(examples)
     batch = {
-        "image": np.zeros((n, bh, bw, 3), np.float32),
-        "mask": np.zeros((n, bh, bw), bool),
+        "image": np.zeros((n, bh, bw, 3), np.uint8),
         "labels": np.zeros((n, max_boxes), np.int32),
         "boxes": np.zeros((n, max_boxes, 4), np.float32),
         "valid": np.zeros((n, max_boxes), bool),
@@ -101,8 +102,7 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
     truncated = 0
     for i, ex in enumerate(examples):
         h, w = sizes[i]
-        batch["image"][i, :h, :w] = normalize_image(ex["image"])
-        batch["mask"][i, :h, :w] = True
+        batch["image"][i, :h, :w] = ex["image"]
         k = min(len(ex["labels"]), max_boxes)
         truncated += len(ex["labels"]) - k
         batch["labels"][i, :k] = ex["labels"][:k]
@@ -123,8 +123,16 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
     return batch
 
 
+def with_pixel_mask(batch: dict) -> dict:
+    """The batch with `mask` bool [B, H, W]: True on each image's top-left `size` pixels."""
+    height, width = batch["image"].shape[1:3]
+    rows = np.arange(height)[None, :, None] < batch["size"][:, 0, None, None]
+    cols = np.arange(width)[None, None, :] < batch["size"][:, 1, None, None]
+    return dict(batch, mask=rows & cols)
+
+
 def repad(batch: dict, shape: tuple[int, int]) -> dict:
-    """The batch with `image` and `mask` padded (or trimmed of padding) to shape (H, W).
+    """The batch (without its mask) with `image` padded (or trimmed of padding) to shape (H, W).
 
     Used to agree on one shape across hosts. Raises if real pixels would be cut off.
     """
@@ -134,8 +142,6 @@ def repad(batch: dict, shape: tuple[int, int]) -> dict:
     out = dict(batch)
     n, h, w, c = batch["image"].shape
     out["image"] = np.zeros((n, height, width, c), batch["image"].dtype)
-    out["mask"] = np.zeros((n, height, width), bool)
     hh, ww = min(h, height), min(w, width)
     out["image"][:, :hh, :ww] = batch["image"][:, :hh, :ww]
-    out["mask"][:, :hh, :ww] = batch["mask"][:, :hh, :ww]
     return out

@@ -224,6 +224,7 @@ class DetectionBatchIterator(grain.DatasetIterator):
             shape = tuple(int(v) for v in self._shape_sync(batch))
             if shape != batch["image"].shape[1:3]:
                 batch = batching.repad(batch, shape)
+        batch = batching.with_pixel_mask(batch)
         shape = tuple(batch["image"].shape[1:3])
         before = self.stats.as_dict()
         if self.stats.add(counters, skipped_files, shape):

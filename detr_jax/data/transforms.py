@@ -8,8 +8,8 @@ Follows official DETR (datasets/coco.py `make_coco_transforms`, datasets/transfo
 Sizes use the official rule (`resized_size`; the longer side is clamped where that rule
 overshoots max_size), images are resized with PIL's bilinear filter
 (as torchvision on PIL images). Boxes stay absolute (x0, y0, x1, y1) pixels until
-`to_normalized_cxcywh`; ImageNet normalization is done when batching (`batching.py`), so
-examples travel between processes as uint8.
+`to_normalized_cxcywh`. Images stay uint8 all the way to the device; the model normalizes
+them (`detr_jax.image_statistics.normalize`).
 
 Randomness comes only from the `np.random.Generator` passed in (grain seeds one per
 example), so a seed fixes every augmentation whatever the number of workers.
@@ -23,7 +23,6 @@ import numpy as np
 from PIL import Image
 
 from detr_jax.data.records import Record
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
 COCO_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 
 
@@ -169,9 +168,3 @@ def to_normalized_cxcywh(boxes: np.ndarray, height: int, width: int) -> np.ndarr
     out = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=1)
     return (out / np.array([width, height, width, height], np.float32)).astype(np.float32)
 
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32, (x / 255 - mean) / std with ImageNet statistics."""
-    mean = np.array(IMAGENET_MEAN, np.float32) * 255.0
-    inv_std = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255.0)
-    return (image.astype(np.float32) - mean) * inv_std

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from detr_jax.image_statistics import normalize
 from detr_jax.models.backbone import PointwiseConv
 from detr_jax.models.transformer import torch_dense, torch_linear_bias_init, torch_linear_kernel_init
 
@@ -63,7 +64,9 @@ class DETR(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
                  intermediates: bool = False) -> dict[str, Any]:
-        """images: [B, H, W, 3] normalized; mask: [B, H, W] bool (True = real pixel).
+        """images: [B, H, W, 3] uint8 pixels (normalized here with ImageNet statistics, as
+        the pipeline delivers them), or floats already normalized; mask: [B, H, W] bool
+        (True = real pixel).
 
         Returns float32 predictions of every decoder layer (index -1 is the last):
           pred_logits [L, B, Q, num_classes + 1] (the last class is "no object"),
@@ -76,8 +79,10 @@ class DETR(nn.Module):
         Attention weights: apply with `mutable=["intermediates"]` (see
         `detr_jax.models.transformer.attention_maps`).
         """
-        # Padded pixels are zero in the reference; zeroing them here makes the output
-        # independent of whatever values the padding holds.
+        if jnp.issubdtype(images.dtype, jnp.integer):
+            images = normalize(images)
+        # Padded pixels are zero after normalization in the reference; zeroing them here
+        # makes the output independent of whatever values the padding holds.
         images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
         backbone_out = self.backbone(images, mask, train)
         features, feature_mask = backbone_out.features, backbone_out.mask
