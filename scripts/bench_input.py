@@ -1,11 +1,20 @@
-"""Throughput of the training input pipeline on COCO-like images.
+"""Throughput of the training input pipeline on COCO-like images, beside official DETR's.
 
-Writes N synthetic 640x480 JPEG images (shapes dataset, resized) as a COCO-format folder in
-a temporary directory, then times the training iterator with official DETR's COCO-size
-augmentation (multi-scale 480..800 / max 1333, random crop branch, padding, normalization)
-for each combination of worker processes and threads. Prints a table and writes JSON.
+Times the training iterator with official DETR's COCO-size augmentation (multi-scale
+480..800 / max 1333, random crop branch, padding to a bucket; batches of uint8 pixels) for
+each combination of worker processes and threads, over a COCO-format folder:
+  --coco DIR   an existing folder DIR/train/*.jpg + DIR/annotations/instances_train.json,
+               e.g. real photographs at COCO sizes from scripts/make_photo_coco.py;
+  otherwise    N synthetic 640x480 JPEGs (shapes dataset) written to a temporary folder.
+With --official-python PY (an environment with torch and torchvision), the same run then
+times official DETR's pipeline on the same folder (scripts/official_input_pipeline.py: PIL
+decode, its transforms, to-tensor + normalize, a DataLoader with the same worker counts)
+and prints the ratio at equal worker counts (ours with one thread per process). Prints
+tables and writes JSON.
 
-    python scripts/bench_input.py --workers 0 1 2 --threads 1 4 --out bench_results/bench_input.json
+    python scripts/make_photo_coco.py /tmp/photo_coco --images 200   # needs scikit-image
+    python scripts/bench_input.py --coco /tmp/photo_coco --workers 0 1 2 --threads 1 \
+        --official-python /path/to/torch-env/bin/python --out bench_results/bench_input.json
 """
 
 from __future__ import annotations
@@ -13,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -76,6 +88,27 @@ def bench(coco_dir: str, workers: int, threads: int, batch_size: int, warmup: in
     }
 
 
+def official_rows(args, coco_dir: str, tmp: str) -> dict:
+    """Official DETR's pipeline on the same folder, in `args.official_python`: its JSON."""
+    out = os.path.join(tmp, "official.json")
+    script = pathlib.Path(__file__).with_name("official_input_pipeline.py")
+    subprocess.run([args.official_python, str(script), "--coco", coco_dir, "--workers", *map(str, args.workers),
+                    "--batch-size", str(args.batch_size), "--batches", str(args.batches),
+                    "--warmup", str(args.warmup), "--out", out], check=True, stdout=sys.stdout)
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def print_comparison(rows: list[dict], official: dict) -> None:
+    """Ours (one thread per process) against official at each worker count."""
+    theirs = {r["workers"]: r["images_per_s"] for r in official["rows"]}
+    print(f"\n{'workers':>7} {'ours img/s':>10} {'official img/s':>14} {'ours/official':>13}")
+    for r in rows:
+        if r["threads"] == 1 and r["workers"] in theirs:
+            print(f"{r['workers']:>7} {r['images_per_s']:>10.1f} {theirs[r['workers']]:>14.1f} "
+                  f"{r['images_per_s'] / theirs[r['workers']]:>13.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
@@ -84,33 +117,41 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches (worker start-up)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--coco", help="an existing COCO-format folder (default: synthetic JPEGs)")
+    parser.add_argument("--official-python", help="a python with torch + torchvision: also time official DETR's pipeline")
     parser.add_argument("--out", default="bench_results/bench_input.json")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        source = _Resized(SyntheticShapesSource(args.images, seed=0, image_size=(480, 640)), 480, 640)
-        start = time.perf_counter()
-        write_coco_folder(source, tmp, split="train", image_format="jpeg")
-        print(f"wrote {args.images} 640x480 JPEGs in {time.perf_counter() - start:.1f}s")
+        coco_dir = args.coco or tmp
+        if not args.coco:
+            source = _Resized(SyntheticShapesSource(args.images, seed=0, image_size=(480, 640)), 480, 640)
+            start = time.perf_counter()
+            write_coco_folder(source, tmp, split="train", image_format="jpeg")
+            print(f"wrote {args.images} 640x480 JPEGs in {time.perf_counter() - start:.1f}s")
         rows = [
-            bench(tmp, w, t, args.batch_size, args.warmup, args.batches)
+            bench(coco_dir, w, t, args.batch_size, args.warmup, args.batches)
             for w in args.workers
             for t in args.threads
         ]
+        official = official_rows(args, coco_dir, tmp) if args.official_python else None
 
     print(f"\n{'workers':>7} {'threads':>7} {'images/s':>9} {'s/batch':>8} {'warmup s':>8} {'shapes':>6}")
     for r in rows:
         print(f"{r['workers']:>7} {r['threads']:>7} {r['images_per_s']:>9.1f} "
               f"{r['seconds'] / r['batches']:>8.3f} {r['warmup_seconds']:>8.2f} {r['distinct_shapes']:>6}")
+    if official:
+        print_comparison(rows, official)
     result = {
-        "benchmark": "training input pipeline, COCO-size augmentation, 640x480 JPEG",
-        "images": args.images,
+        "benchmark": "training input pipeline, COCO-size augmentation, JPEG folder",
+        "images": args.coco or f"{args.images} synthetic 640x480",
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "rows": rows,
+        "official": official,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
