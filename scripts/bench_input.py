@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from detr_jax.data import SyntheticShapesSource, make_train_iterator, write_coco_folder
@@ -71,10 +72,12 @@ def bench(coco_dir: str, workers: int, threads: int, batch_size: int, warmup: in
     for _ in range(warmup):
         next(iterator)
     first = time.perf_counter() - start
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
     elapsed = time.perf_counter() - start
+    main_cpu, worker_cpu = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     iterator.close()
     return {
         "workers": workers,
@@ -85,7 +88,26 @@ def bench(coco_dir: str, workers: int, threads: int, batch_size: int, warmup: in
         "images_per_s": round(batches * batch_size / elapsed, 2),
         "warmup_seconds": round(first, 3),
         "distinct_shapes": len(iterator.stats.batch_shapes),
+        # where the time goes: CPU seconds per batch of this process (its read threads
+        # included) and of the worker processes; cores_used = all CPU time / wall time
+        "main_cpu_s_per_batch": round(main_cpu / batches, 4),
+        "worker_cpu_s_per_batch": round(worker_cpu / batches, 4),
+        "cores_used": round((main_cpu + worker_cpu) / elapsed, 2),
     }
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system CPU seconds of this process, of its live child processes)."""
+    me = psutil.Process()
+    children = 0.0
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+            children += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    times = me.cpu_times()
+    return times.user + times.system, children
 
 
 def official_rows(args, coco_dir: str, tmp: str) -> dict:
@@ -137,10 +159,12 @@ def main():
         ]
         official = official_rows(args, coco_dir, tmp) if args.official_python else None
 
-    print(f"\n{'workers':>7} {'threads':>7} {'images/s':>9} {'s/batch':>8} {'warmup s':>8} {'shapes':>6}")
+    print(f"\n{'workers':>7} {'threads':>7} {'images/s':>9} {'s/batch':>8} {'warmup s':>8} {'shapes':>6} "
+          f"{'main CPU s/b':>12} {'worker CPU s/b':>14} {'cores used':>10}")
     for r in rows:
         print(f"{r['workers']:>7} {r['threads']:>7} {r['images_per_s']:>9.1f} "
-              f"{r['seconds'] / r['batches']:>8.3f} {r['warmup_seconds']:>8.2f} {r['distinct_shapes']:>6}")
+              f"{r['seconds'] / r['batches']:>8.3f} {r['warmup_seconds']:>8.2f} {r['distinct_shapes']:>6} "
+              f"{r['main_cpu_s_per_batch']:>12.3f} {r['worker_cpu_s_per_batch']:>14.3f} {r['cores_used']:>10.2f}")
     if official:
         print_comparison(rows, official)
     result = {
