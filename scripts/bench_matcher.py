@@ -1,23 +1,48 @@
-"""Times the Hungarian matching step against plain scipy on the same cost matrices.
+"""Times the Hungarian matching: scipy on host (the default) against the exact solver on
+device, alone and as a share of the whole training step.
 
-For each batch size: 6 decoder layers, 100 queries, up to 50 targets per image (random
-valid counts). Three timings per step, median over --reps after warm-up:
+Matching alone, for each batch size: 6 decoder layers, 100 queries, up to 50 targets per
+image (random valid counts; DETR-R50's COCO shapes). Median over --reps after warm-up, the
+functions timed in turn within each repetition (`interleaved_medians`):
   scipy:    a NumPy loop of scipy.optimize.linear_sum_assignment over the (layer, image)
             cost matrices, restricted to the valid targets, on host (the floor);
   assign:   the jitted `detr_jax.matcher.assign` (the one pure_callback) on the same
             cost matrices, already on device; overhead = median over repetitions of
-            (assign - scipy), the three being timed in turn within each repetition;
-  matching: the jitted `HungarianMatcher` (cost on device + the callback) from predictions.
+            (assign - scipy);
+  matching: the jitted `HungarianMatcher` (cost on device + the callback) from predictions;
+  device:   the jitted `HungarianMatcher(solver=assign_on_device)` (cost + optax's exact
+            Hungarian solver, all inside the program) on the same predictions.
+Both matchers are exact, so their total matched cost per (layer, image) must agree (ties
+may give other assignments): the largest |difference| is printed.
 
-  python scripts/bench_matcher.py [--batch-sizes 2 8 32 128] [--reps 50] [--out PATH]
+In the training step, for each batch size: the default config's (`detr-jax train`'s,
+--config) jitted train step from `detr_jax.train.assemble`, once with
+loss.matcher="hungarian" and once with "hungarian_device", on one fixed batch from the
+config's own input pipeline (`make_train_iterator`, `sharding.global_batch`), the two timed
+in turn from the model's initial weights; and the criterion's own matcher (per device, as
+in the step, with the step's compiler options) jitted alone on the model's predictions for
+that batch. share = that matching time / the step time; the step-time difference
+(device - host) is printed too, with each step's minor page faults, as the matcher changes
+more than the matching: on CPU a program with a host callback runs synchronously in the
+calling thread, one without runs on a worker thread, whose malloc arena
+`detr_jax.host_memory.retain_freed_memory` does not reach (MALLOC_ARENA_MAX=1 does).
+--xla-defaults compiles the steps without the train step's CPU compiler options
+(`detr_jax.train.CPU_TRAIN_COMPILER_OPTIONS`).
+
+  python scripts/bench_matcher.py [--batch-sizes 8 32 128] [--reps 50] [--step-reps N]
+                                  [--config synthetic_tiny] [--xla-defaults] [--out PATH]
+
+Prints one table and writes JSON to --out (default bench_results/bench_matcher.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
+import resource
 import statistics
 import time
 
@@ -27,9 +52,14 @@ import numpy as np
 import scipy
 import scipy.optimize
 
-from detr_jax.matcher import HungarianMatcher, assign, matching_cost
+from detr_jax import sharding, train
+from detr_jax.config import config_from_args
+from detr_jax.data.pipeline import make_source, make_train_iterator, steps_per_epoch
+from detr_jax.host_memory import retain_freed_memory
+from detr_jax.matcher import HungarianMatcher, assign, assign_on_device, matching_cost
 
 LAYERS, QUERIES, MAX_TARGETS, NUM_CLASSES = 6, 100, 50, 91
+MATCHER_NAMES = {"host": "hungarian", "device": "hungarian_device"}
 
 
 def make_inputs(rng, batch):
@@ -76,7 +106,28 @@ def interleaved_medians(fns: dict, reps: int, warmup: int = 3) -> dict:
     return medians
 
 
-def bench(batch, reps, rng):
+def matched_cost(cost: np.ndarray, target_to_query: np.ndarray) -> np.ndarray:
+    """[L, B] total cost of a matching (target_to_query [L, B, M], -1 = unmatched)."""
+    matched = target_to_query >= 0
+    picked = np.take_along_axis(cost, np.maximum(target_to_query, 0)[..., None, :], axis=-2)[..., 0, :]
+    return np.where(matched, picked, 0.0).sum(-1)
+
+
+def compare(cost, valid, host, device) -> dict:
+    """How far the device matching is from the host one (both exact: equal total costs)."""
+    cost = np.asarray(cost, np.float64)
+    host_t2q, device_t2q = np.asarray(host.target_to_query), np.asarray(device.target_to_query)
+    valid = np.broadcast_to(np.asarray(valid, bool), host_t2q.shape)
+    return {
+        "max_abs_cost_diff": float(np.abs(matched_cost(cost, host_t2q) - matched_cost(cost, device_t2q)).max()),
+        "problems_assigned_differently": int((host_t2q != device_t2q).any(-1).sum()),
+        "unmatched_valid_host": int((valid & (host_t2q < 0)).sum()),
+        "unmatched_valid_device": int((valid & (device_t2q < 0)).sum()),
+    }
+
+
+def bench_matching(batch, reps, rng) -> dict:
+    """The matching alone at DETR-R50's shapes."""
     logits, pred_boxes, labels, boxes, valid = make_inputs(rng, batch)
     cost = jax.jit(matching_cost)(logits, pred_boxes, labels, boxes)
     valid_lbm = jnp.broadcast_to(valid, (LAYERS,) + valid.shape)
@@ -84,52 +135,168 @@ def bench(batch, reps, rng):
 
     assign_jit = jax.jit(assign)
     matcher_jit = jax.jit(HungarianMatcher())
+    device_jit = jax.jit(HungarianMatcher(solver=assign_on_device))
+    inputs = (logits, pred_boxes, labels, boxes, valid)
     timings = interleaved_medians(
         {
             "scipy": lambda: scipy_loop(cost_host, valid_host),
             "assign": lambda: jax.block_until_ready(assign_jit(cost, valid_lbm)),
-            "matching": lambda: jax.block_until_ready(
-                matcher_jit(logits, pred_boxes, labels, boxes, valid)
-            ),
+            "matching": lambda: jax.block_until_ready(matcher_jit(*inputs)),
+            "device": lambda: jax.block_until_ready(device_jit(*inputs)),
         },
         reps,
     )
+    timings["overhead_ms"] = timings.pop("assign_minus_scipy_ms")
+    timings.pop("matching_minus_scipy_ms")
+    timings.pop("device_minus_scipy_ms")
     return {
-        "batch": batch,
         "problems": LAYERS * batch,
         "mean_targets": float(valid_host.sum(1).mean()),
         **timings,
+        **compare(cost_host, valid_lbm, matcher_jit(*inputs), device_jit(*inputs)),
     }
+
+
+def bench_step(config_arg, batch, reps) -> dict:
+    """The config's train step with either matcher, and the criterion's matching alone."""
+    mesh = sharding.make_mesh()
+    configs = {kind: config_from_args(config_arg, {"train.batch_size": batch, "loss.matcher": name})
+               for kind, name in MATCHER_NAMES.items()}
+    config = configs["host"]
+    source = make_source(config.data, "train")
+    for c in configs.values():
+        train.resolve_num_classes(c, source)
+    iterator = make_train_iterator(config.data, batch, config.seed, source=source)
+    batch_arrays = sharding.global_batch(next(iterator), mesh)
+    updates = max(1, steps_per_epoch(len(source), batch) // config.train.grad_accum_steps)
+    runs = {kind: train.assemble(c, mesh, updates) for kind, c in configs.items()}
+    states = {kind: runs[kind].initial_state(c) for kind, c in configs.items()}
+
+    # What the step's criterion matches: the supervised layers of the model's predictions.
+    run = runs["host"]
+    outputs = jax.jit(lambda variables, image, mask: run.model.apply(variables, image, mask, train=False))(
+        states["host"].variables, batch_arrays["image"], batch_arrays["mask"])
+    supervised = run.criterion.supervised_layers(outputs)
+    match_args = (supervised["pred_logits"], supervised["pred_boxes"], batch_arrays["labels"].astype(jnp.int32),
+                  batch_arrays["boxes"], batch_arrays["valid"].astype(bool))
+    options = train.train_compiler_options(mesh)
+    matchers = {kind: jax.jit(r.criterion.matcher, compiler_options=options) for kind, r in runs.items()}
+    loss = config.loss
+    cost = matching_cost(*match_args[:4], cost_class=loss.cost_class, cost_bbox=loss.cost_bbox,
+                         cost_giou=loss.cost_giou)
+    check = compare(cost, match_args[4], matchers["host"](*match_args), matchers["device"](*match_args))
+
+    first_step_s = {}
+    for kind, r in runs.items():  # compile + first step, outside the timing
+        start = time.perf_counter()
+        states[kind], metrics = r.step(states[kind], batch_arrays)
+        jax.block_until_ready(metrics)
+        first_step_s[kind] = time.perf_counter() - start
+
+    faults = {kind: [0, 0] for kind in runs}  # minor page faults, steps
+
+    def step(kind):
+        def fn():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            states[kind], metrics = runs[kind].step(states[kind], batch_arrays)
+            # The whole output: a step without a host callback runs asynchronously, and its
+            # update would otherwise overlap whatever is timed next.
+            jax.block_until_ready((states[kind], metrics))
+            faults[kind][0] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            faults[kind][1] += 1
+        return fn
+
+    # Apart: a step's tail (freeing its buffers) can still run beside what is timed next.
+    timings = interleaved_medians(
+        {kind: lambda m=matcher: jax.block_until_ready(m(*match_args)) for kind, matcher in matchers.items()},
+        reps,
+    )
+    timings = {"match_host_ms": timings["host_ms"], "match_device_ms": timings["device_ms"]}
+    timings.update(interleaved_medians({"step_host": step("host"), "step_device": step("device")}, reps, warmup=1))
+    return {
+        "step_shapes": dict(zip(("layers", "batch", "queries", "logits"), supervised["pred_logits"].shape),
+                            max_targets=int(match_args[2].shape[-1]),
+                            mean_targets=float(np.asarray(match_args[4]).sum(-1).mean()),
+                            image=list(batch_arrays["image"].shape[1:]),
+                            image_dtype=str(batch_arrays["image"].dtype)),
+        "first_step_s": first_step_s,
+        **timings,
+        "minor_faults_per_step": {kind: f / n for kind, (f, n) in faults.items()},
+        "share_host": timings["match_host_ms"] / timings["step_host_ms"],
+        "share_device": timings["match_device_ms"] / timings["step_device_ms"],
+        "step_check": check,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 32, 128])
-    parser.add_argument("--reps", type=int, default=50, help="timed repetitions (median)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--reps", type=int, default=50, help="timed repetitions of the matching alone (median)")
+    parser.add_argument("--step-reps", type=int, default=None,
+                        help="timed repetitions of the train steps (default: --reps)")
+    parser.add_argument("--config", default="synthetic_tiny",
+                        help="the train step's config (detr-jax train's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--xla-defaults", action="store_true",
+                        help="compile the train steps without the CPU train compiler options")
     parser.add_argument("--out", default="bench_results/bench_matcher.json")
     args = parser.parse_args()
+    if args.xla_defaults:  # make_train_step (and the matching alone) then get XLA's defaults
+        train.train_compiler_options = lambda mesh: None
+    step_reps = args.reps if args.step_reps is None else args.step_reps
 
+    load_before = os.getloadavg()
+    # As `detr-jax train` does.
+    retained = config_from_args(args.config).train.retain_host_memory and retain_freed_memory()
     rng = np.random.default_rng(args.seed)
-    rows = [bench(batch, args.reps, rng) for batch in args.batch_sizes]
+    rows = []
+    for batch in args.batch_sizes:
+        row = {"batch": batch, "loadavg_1m": os.getloadavg()[0]}
+        row.update(bench_matching(batch, args.reps, rng))
+        row["step"] = bench_step(args.config, batch, step_reps)
+        rows.append(row)
+        faults = row["step"]["minor_faults_per_step"]
+        print(f"batch {batch}: minor page faults per step {faults['host']:.0f} (host matcher), "
+              f"{faults['device']:.0f} (device matcher)", flush=True)
+    load_after = os.getloadavg()
 
-    header = (
-        f"{'batch':>5} {'problems':>8} {'targets':>7} {'scipy ms':>9} {'assign ms':>9} "
-        f"{'overhead ms':>11} {'matching ms':>11}"
+    shapes = rows[0]["step"]["step_shapes"]
+    print(
+        f"\nmatching alone: {LAYERS} layers x {QUERIES} queries, up to {MAX_TARGETS} targets, median of "
+        f"{args.reps}; train step: {args.config} ({shapes['layers']} layers x {shapes['queries']} queries, "
+        f"up to {shapes['max_targets']} targets, {shapes['image'][0]}x{shapes['image'][1]} images), "
+        f"median of {step_reps}{', XLA defaults' if args.xla_defaults else ''}; "
+        f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
     )
     print(
-        f"{LAYERS} layers x {QUERIES} queries, up to {MAX_TARGETS} targets; median of "
-        f"{args.reps}; {jax.devices()[0].platform}, {jax.device_count()} device(s)"
+        f"{'':>5} | {'matching alone (ms)':^37} | {'train step (ms)':^23} | {'matching in step':^33}\n"
+        f"{'batch':>5} | {'scipy':>6} {'host':>7} {'device':>7} {'dev/host':>8} {'|diff|':>6} | "
+        f"{'host':>7} {'device':>7} {'dev-host':>7} | {'host ms':>7} {'share':>6} {'dev ms':>7} {'share':>6} "
+        f"{'|diff|':>6}"
     )
-    print(header)
     for r in rows:
-        r["overhead_ms"] = r.pop("assign_minus_scipy_ms")  # median of per-rep differences
+        s = r["step"]
         print(
-            f"{r['batch']:>5} {r['problems']:>8} {r['mean_targets']:>7.1f} {r['scipy_ms']:>9.2f} "
-            f"{r['assign_ms']:>9.2f} {r['overhead_ms']:>11.2f} {r['matching_ms']:>11.2f}"
+            f"{r['batch']:>5} | {r['scipy_ms']:>6.1f} {r['matching_ms']:>7.1f} {r['device_ms']:>7.1f} "
+            f"{r['device_ms'] / r['matching_ms']:>8.1f} {r['max_abs_cost_diff']:>6.0e} | "
+            f"{s['step_host_ms']:>7.1f} {s['step_device_ms']:>7.1f} {s['step_device_minus_step_host_ms']:>7.1f} | "
+            f"{s['match_host_ms']:>7.2f} "
+            f"{s['share_host']:>6.1%} {s['match_device_ms']:>7.2f} {s['share_device']:>6.1%} "
+            f"{s['step_check']['max_abs_cost_diff']:>6.0e}"
         )
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,13 +305,21 @@ def main():
         "queries": QUERIES,
         "max_targets": MAX_TARGETS,
         "num_classes": NUM_CLASSES,
+        "config": args.config,
         "reps": args.reps,
+        "step_reps": step_reps,
+        "step_compiler_options": train.train_compiler_options(sharding.make_mesh()),
         "seed": args.seed,
         "jax": jax.__version__,
         "scipy": scipy.__version__,
         "platform": jax.devices()[0].platform,
         "device_count": jax.device_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "retain_freed_memory": retained,
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
     }
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
