@@ -278,9 +278,10 @@ class Checkpointer:
         self.best.close()
 
 
-def abstract_like(tree, sharding=None):
-    """ShapeDtypeStructs of a pytree of arrays (optionally with one sharding for all)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree)
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of a pytree of arrays (or of ShapeDtypeStructs), with the sharding
+    of each leaf from `shardings` (a pytree like `tree`)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def read_state_as_numpy(state_dir: str | pathlib.Path) -> dict:

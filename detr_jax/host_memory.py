@@ -10,6 +10,10 @@ trimming effectively off, freed blocks stay in the heap and the next step reuses
 The cost: the process keeps its peak heap until it exits (as PyTorch's caching allocators
 do), and the first step is slower while the heap grows. The setting is process-wide and
 only affects allocations made after it.
+
+What XLA's compiler frees is kept too, in glibc's per-thread arenas where the step's
+buffers do not fit; `release_freed_memory` gives it back, so training calls it once a
+step is compiled and before it first runs (detr_jax.train.compile_step).
 """
 
 from __future__ import annotations
@@ -26,24 +30,44 @@ _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: ~2 GiB of free top-of-heap before trimming
 
 
+def _glibc():
+    """glibc's libc (ctypes), or None where there is none (macOS, musl-based Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # glibc's own function
+
+
 def retain_freed_memory() -> bool:
     """Tells glibc malloc to serve large blocks from the heap and keep freed ones.
 
     Returns True when the setting was applied, False where there is no glibc (macOS,
     musl-based Linux), which leaves the allocator as it was.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError):
-        return False
-    gnu_get_libc_version.restype = ctypes.c_char_p
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
     if applied:
         log.info("glibc %s malloc: large blocks from the heap, freed memory kept",
-                 gnu_get_libc_version().decode())
+                 libc.gnu_get_libc_version().decode())
     return applied
+
+
+def release_freed_memory() -> bool:
+    """Gives the free memory of every glibc malloc arena back to the kernel (`malloc_trim(0)`).
+
+    Live allocations stay where they are; the next allocations fault fresh pages in. Returns
+    False where there is no glibc (nothing done).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim(0)
+    return True

@@ -3,8 +3,9 @@
 `assemble(config, mesh, ...)` is the one place that builds a run's model, criterion,
 optimizer, schedule, train step and abstract state; `train()`, the scripts and the tests
 call it. One jitted step over a Mesh whose "data" axis spans every device of every
-process (detr_jax.sharding): parameters and optimizer state replicated, the batch split
-along its first axis, the matching run per device on its shard.
+process (detr_jax.sharding): parameters and optimizer state replicated or sharded
+(`train.param_sharding`, laid out by `sharding.state_sharding`), the batch split along its
+first axis, the matching run per device on its shard.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from detr_jax.config.defaults import AUTO
 from detr_jax.data.checks import check_category_ids, check_max_boxes, describe
 from detr_jax.data.pipeline import make_source, make_train_iterator
 from detr_jax.data.records import DetectionSource
-from detr_jax.host_memory import retain_freed_memory
+from detr_jax.host_memory import release_freed_memory, retain_freed_memory
 from detr_jax.losses import SetCriterion
 from detr_jax.metrics_writer import MetricsWriter
 from detr_jax.models import DETR, build_model, init_variables, variable_shapes
@@ -136,14 +137,21 @@ def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.A
     return variables
 
 
-def create_train_state(config, model, optimizer, mesh: Mesh) -> TrainState:
-    """Initial, replicated train state (from `config.seed`)."""
+def create_train_state(config, model, optimizer, mesh: Mesh, shardings=None) -> TrainState:
+    """Initial train state (from `config.seed`), laid out by `shardings` (see
+    `train_state_from_variables`)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    return train_state_from_variables(initial_variables(config, model, init_rng), optimizer, mesh, dropout_rng)
+    return train_state_from_variables(initial_variables(config, model, init_rng), optimizer, mesh, dropout_rng,
+                                      shardings)
 
 
-def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.Array) -> TrainState:
-    """Step-0 train state of `variables` ({"params", "frozen_bn"}), replicated over `mesh`."""
+def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.Array,
+                               shardings=None) -> TrainState:
+    """Step-0 train state of `variables` ({"params", "frozen_bn"}) on `mesh`.
+
+    shardings: a NamedSharding per leaf of the state (`Assembly.state_sharding`, from
+    `sharding.state_sharding`); None: replicated over `mesh`.
+    """
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -151,7 +159,7 @@ def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.
         opt_state=optimizer.init(variables["params"]),
         rng=rng,
     )
-    return jax.device_put(state, sharding.replicated(mesh))
+    return jax.device_put(state, sharding.replicated(mesh) if shardings is None else shardings)
 
 
 # ----------------------------------------------------------------------------- step
@@ -163,8 +171,12 @@ def stop_frozen_gradients(params, frozen):
 
 
 def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
-                    accum_steps: int = 1, frozen=None) -> Callable:
+                    accum_steps: int = 1, frozen=None, state_sharding=None) -> Callable:
     """The jitted step: (state, batch) -> (state, metrics).
+
+    `state_sharding`: a NamedSharding per leaf of the state (`Assembly.state_sharding`);
+    None: replicated. The step's state comes in and goes out with it; a sharded state's
+    parameters are gathered where the step uses them by XLA's SPMD partitioner.
 
     `frozen` (a bool tree like params, see `frozen_mask`) marks parameters that are never
     trained: no gradient is computed for them, so XLA drops the backward pass through the
@@ -176,6 +188,7 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
     last good state intact.
     """
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state_sharding = replicated if state_sharding is None else state_sharding
 
     def step_fn(state: TrainState, batch: dict):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -198,9 +211,23 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
                        lr=lr(state.step // accum_steps).astype(jnp.float32))
         return new_state, metrics
 
-    return jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
-                   out_shardings=(replicated, replicated), donate_argnums=0,
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0,
                    compiler_options=train_compiler_options(mesh))
+
+
+def compile_step(step: Callable, state: TrainState, batch: dict) -> jax.stages.Compiled:
+    """Compiles `step` for `batch`'s shapes before it first runs, then gives the memory the
+    compiler freed back to the system (`host_memory.release_freed_memory`). Returns the
+    compiled step (its `memory_analysis()` is XLA's account of the step's buffers).
+
+    glibc keeps that memory in the arenas of the compiling threads, where the step's buffers
+    do not fit, so it would add to the process's peak (docs/BENCHMARKS.md, "Where the
+    training step's memory goes"). The step's next call reuses the compiled program.
+    """
+    compiled = step.lower(state, batch).compile()
+    release_freed_memory()
+    return compiled
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -212,8 +239,9 @@ class Assembly:
 
     model, criterion, optimizer, lr (the main lr schedule), frozen (bool tree like params:
     never trained), variable_shapes (of the model's variables), abstract_state (the
-    TrainState's shapes, replicated over the mesh: what a checkpoint restores into),
-    step (the jitted train step) and mesh.
+    TrainState's shapes with their shardings: what a checkpoint restores into),
+    state_sharding (a NamedSharding per leaf of the state, `train.param_sharding`), step
+    (the jitted train step) and mesh.
     """
 
     model: DETR
@@ -223,12 +251,14 @@ class Assembly:
     frozen: Any
     variable_shapes: Any
     abstract_state: TrainState
+    state_sharding: Any
     step: Callable
     mesh: Mesh
 
     def initial_state(self, config: ml_collections.ConfigDict) -> TrainState:
-        """The replicated step-0 state (from `config.seed`, overlaid with train.init_from)."""
-        return create_train_state(config, self.model, self.optimizer, self.mesh)
+        """The step-0 state (from `config.seed`, overlaid with train.init_from), laid out by
+        `state_sharding`."""
+        return create_train_state(config, self.model, self.optimizer, self.mesh, self.state_sharding)
 
 
 def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: int,
@@ -247,10 +277,13 @@ def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: i
     shapes = variable_shapes(model)
     optimizer, lr = make_optimizer(t, shapes["params"], updates_per_epoch)
     frozen = frozen_mask(shapes["params"], t.param_rules)
-    step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps, frozen=frozen)
-    abstract_state = abstract_like(abstract_train_state(shapes, optimizer), sharding.replicated(mesh))
+    abstract_state = abstract_train_state(shapes, optimizer)
+    state_sharding = sharding.state_sharding(abstract_state, mesh, t.param_sharding, t.fsdp_min_mib)
+    step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps, frozen=frozen,
+                           state_sharding=state_sharding)
     return Assembly(model=model, criterion=criterion, optimizer=optimizer, lr=lr, frozen=frozen,
-                    variable_shapes=shapes, abstract_state=abstract_state, step=step, mesh=mesh)
+                    variable_shapes=shapes, abstract_state=abstract_like(abstract_state, state_sharding),
+                    state_sharding=state_sharding, step=step, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -408,13 +441,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         window.update(start=time.perf_counter(), images=0)
 
     ahead = dispatch_ahead(mesh)
+    compiled_shapes = set()  # of the batches the step has been compiled for
     stopped_after = None
     progress = tqdm(total=plan.total_steps, initial=start_step, disable=not (show_progress and is_main),
                     desc="train", unit="step", dynamic_ncols=True)
     try:
         with StopRequest() as stop, logging_redirect_tqdm():  # log lines go above the progress bar
             for step in range(start_step, plan.total_steps):
-                state, metrics = run.step(state, sharding.global_batch(next(data_iter), mesh))
+                batch = sharding.global_batch(next(data_iter), mesh)
+                shapes = tuple(x.shape for x in batch.values())
+                if shapes not in compiled_shapes:
+                    compile_step(run.step, state, batch)
+                    compiled_shapes.add(shapes)
+                state, metrics = run.step(state, batch)
                 if not ahead:
                     jax.block_until_ready(metrics)
                 pending.append(metrics)

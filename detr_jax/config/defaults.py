@@ -23,6 +23,7 @@ from detr_jax.matcher import MATCHERS
 from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS
 from detr_jax.models.detr import DTYPES
 from detr_jax.optim import check_param_rules
+from detr_jax.sharding import PARAM_SHARDINGS
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -140,7 +141,11 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
         "num_steps": (0, False), "lr_drop_epoch": (0, False), "warmup_steps": (0, False),
         "batch_size": (1, False), "grad_accum_steps": (1, False), "log_every_steps": (1, False),
         "checkpoint_every_steps": (1, False), "keep_checkpoints": (1, False), "eval_every_epochs": (0, False),
+        "fsdp_min_mib": (0, False),
     })
+    if train.param_sharding not in PARAM_SHARDINGS:
+        raise ConfigError(
+            f"train.param_sharding={train.param_sharding!r}: expected one of {tuple(sorted(PARAM_SHARDINGS))}")
     problems = check_param_rules(train.param_rules)
     if problems:
         raise ConfigError("train.param_rules: " + "; ".join(problems))

@@ -37,6 +37,14 @@ def train_config() -> ml_collections.ConfigDict:
             # Keep freed host memory in the process (glibc malloc, see detr_jax.host_memory):
             # on CPU each step then reuses its buffers instead of faulting fresh pages in.
             retain_host_memory=True,
+            # How parameters and optimizer state lie over the devices (detr_jax.sharding.
+            # PARAM_SHARDINGS): "replicated" (whole on every device) or "fsdp" (each array of
+            # at least fsdp_min_mib MiB split along its largest dimension the device count
+            # divides, as big_vision's fsdp rule; XLA gathers the parameters where the step
+            # uses them): for models whose state does not fit on one device. The batch is
+            # split over the devices either way.
+            param_sharding="replicated",
+            fsdp_min_mib=4.0,  # big_vision's default: smaller arrays stay whole
         )
     )
 
