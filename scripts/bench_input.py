@@ -122,13 +122,18 @@ def official_rows(args, coco_dir: str, tmp: str) -> dict:
 
 
 def print_comparison(rows: list[dict], official: dict) -> None:
-    """Ours (one thread per process) against official at each worker count."""
-    theirs = {r["workers"]: r["images_per_s"] for r in official["rows"]}
-    print(f"\n{'workers':>7} {'ours img/s':>10} {'official img/s':>14} {'ours/official':>13}")
+    """Ours (one thread per process) against official at each worker count: images/s, and
+    images/s per core used (images per CPU second)."""
+    theirs = {r["workers"]: r for r in official["rows"]}
+    print(f"\n{'workers':>7} {'ours img/s':>10} {'official img/s':>14} {'ours/official':>13} "
+          f"{'ours img/CPU s':>14} {'official img/CPU s':>18} {'ours/official':>13}")
     for r in rows:
         if r["threads"] == 1 and r["workers"] in theirs:
-            print(f"{r['workers']:>7} {r['images_per_s']:>10.1f} {theirs[r['workers']]:>14.1f} "
-                  f"{r['images_per_s'] / theirs[r['workers']]:>13.2f}")
+            o = theirs[r["workers"]]
+            per_core, official_per_core = (x["images_per_s"] / x["cores_used"] for x in (r, o))
+            print(f"{r['workers']:>7} {r['images_per_s']:>10.1f} {o['images_per_s']:>14.1f} "
+                  f"{r['images_per_s'] / o['images_per_s']:>13.2f} {per_core:>14.1f} "
+                  f"{official_per_core:>18.1f} {per_core / official_per_core:>13.2f}")
 
 
 def main():

@@ -189,10 +189,16 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
         def run():
             return jax.block_until_ready(apply(variables, x, m))
     else:
+        from detr_jax.train import compile_step
+
         step, state, batch = jax_train_step(config, model, variables, case)
-        holder = {"state": state}
+        del variables  # the state holds the parameters
+        holder = {"state": state, "compiled": False}
 
         def run():
+            if not holder["compiled"]:  # as the training loop: compile, give the freed memory back, run
+                compile_step(step, holder["state"], batch)
+                holder["compiled"] = True
             holder["state"], metrics = step(holder["state"], batch)
             return jax.block_until_ready(metrics["loss"])
 

@@ -353,10 +353,13 @@ def bench(dataset, workers: int, batch_size: int, warmup: int, batches: int, see
     for _ in range(warmup):
         shapes.add(tuple(next(iterator)[0].tensors.shape))
     first = time.perf_counter() - start
+    pids = [w.pid for w in getattr(iterator, "_workers", [])]  # the DataLoader's worker processes
+    cpu_before = cpu_seconds(pids)
     start = time.perf_counter()
     for _ in range(batches):
         shapes.add(tuple(next(iterator)[0].tensors.shape))
     elapsed = time.perf_counter() - start
+    main_cpu, worker_cpu = (after - before for after, before in zip(cpu_seconds(pids), cpu_before))
     del iterator  # shuts the workers down
     return {
         "workers": workers,
@@ -367,7 +370,25 @@ def bench(dataset, workers: int, batch_size: int, warmup: int, batches: int, see
         "images_per_s": round(batches * batch_size / elapsed, 2),
         "warmup_seconds": round(first, 3),
         "distinct_shapes": len(shapes),
+        # as bench_input.py reports ours: CPU seconds per batch of the main process and of
+        # the workers; cores_used = all CPU time / wall time
+        "main_cpu_s_per_batch": round(main_cpu / batches, 4),
+        "worker_cpu_s_per_batch": round(worker_cpu / batches, 4),
+        "cores_used": round((main_cpu + worker_cpu) / elapsed, 2),
     }
+
+
+def cpu_seconds(worker_pids) -> tuple[float, float]:
+    """(user + system CPU seconds of this process, of the worker processes `worker_pids`),
+    from /proc (Linux; this environment need not have psutil)."""
+    times = os.times()
+    ticks = os.sysconf("SC_CLK_TCK")
+    workers = 0.0
+    for pid in worker_pids:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        workers += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime: fields 14, 15 of stat
+    return times.user + times.system, workers
 
 
 def main():
@@ -388,10 +409,12 @@ def main():
     load_before = os.getloadavg()[0]
     rows = [bench(dataset, w, args.batch_size, args.warmup, args.batches, args.seed) for w in args.workers]
 
-    print(f"\n{'workers':>7} {'images/s':>9} {'s/batch':>8} {'warmup s':>8} {'shapes':>6}")
+    print(f"\n{'workers':>7} {'images/s':>9} {'s/batch':>8} {'warmup s':>8} {'shapes':>6} "
+          f"{'main CPU s/b':>12} {'worker CPU s/b':>14} {'cores used':>10}")
     for r in rows:
         print(f"{r['workers']:>7} {r['images_per_s']:>9.1f} {r['seconds'] / r['batches']:>8.3f} "
-              f"{r['warmup_seconds']:>8.2f} {r['distinct_shapes']:>6}")
+              f"{r['warmup_seconds']:>8.2f} {r['distinct_shapes']:>6} {r['main_cpu_s_per_batch']:>12.3f} "
+              f"{r['worker_cpu_s_per_batch']:>14.3f} {r['cores_used']:>10.2f}")
     result = {
         "benchmark": "official DETR training input pipeline (PyTorch DataLoader), COCO train transforms",
         "coco": os.path.abspath(args.coco),
