@@ -67,7 +67,7 @@ VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
 # Model config fields that the weights determine (and are checked against the config).
 INFERRED_FIELDS = (
     "backbone", "hidden_dim", "num_queries", "num_classes", "num_encoder_layers",
-    "num_decoder_layers", "dim_feedforward", "pre_norm", "position_embedding",
+    "num_decoder_layers", "dim_feedforward", "pre_norm", "position_embedding", "masks",
 )
 # Fields that no tensor shape reveals: always taken from the config.
 NOT_INFERABLE_FIELDS = ("dilation", "num_heads")
@@ -83,7 +83,7 @@ class ConversionError(ValueError):
 class Module:
     """A PyTorch module's place in the Flax tree and what kind of layer it is.
 
-    kind: "conv", "bn" (frozen BatchNorm), "dense", "layernorm", "embedding" (the path is
+    kind: "conv", "bn" (frozen BatchNorm), "dense", "layernorm", "groupnorm", "embedding" (the path is
     the parameter itself), "fused_qkv" (nn.MultiheadAttention's in_proj, timm's qkv; the
     path is the attention module holding q_proj/k_proj/v_proj), "unsupported" (`path[0]`
     says why), or for a ViT's bare parameters "prefix_token" (class, distillation or
@@ -160,8 +160,31 @@ def _official_layer_module(stack: str, index: str, name: str) -> Module | None:
     return _first_match(rules, name)
 
 
+_MASK_HEAD = ("mask_head",)
+# Official DETR (and transformers before 5) name the mask head's layers lay1..lay5,
+# gn1..gn5, adapter1..3 and out_lay; transformers 5 names them conv1, conv2,
+# fpn_stages.i.{fpn_adapter,refine} and output_conv.
+_MASK_HEAD_BLOCKS = {"1": "conv1", "2": "conv2", "3": "refine1", "4": "refine2", "5": "refine3"}
+_NORM_OR_CONV = {"conv": "conv", "norm": "groupnorm"}
+_MASK_HEAD_RULES = [
+    (r"bbox_attention\.([qk])_(?:linear|proj)", lambda p: Module(("bbox_attention", f"{p}_proj"), "dense")),
+    (r"mask_head\.lay([1-5])", lambda i: Module(_MASK_HEAD + (_MASK_HEAD_BLOCKS[i], "conv"), "conv")),
+    (r"mask_head\.gn([1-5])", lambda i: Module(_MASK_HEAD + (_MASK_HEAD_BLOCKS[i], "norm"), "groupnorm")),
+    (r"mask_head\.adapter([123])", lambda i: Module(_MASK_HEAD + (f"adapter{i}",), "conv")),
+    (r"mask_head\.(?:out_lay|output_conv)", lambda: Module(_MASK_HEAD + ("out",), "conv")),
+    (r"mask_head\.(conv[12])\.(conv|norm)", lambda b, what: Module(_MASK_HEAD + (b, what), _NORM_OR_CONV[what])),
+    (r"mask_head\.fpn_stages\.([012])\.fpn_adapter", lambda i: Module(_MASK_HEAD + (f"adapter{int(i) + 1}",), "conv")),
+    (
+        r"mask_head\.fpn_stages\.([012])\.refine\.(conv|norm)",
+        lambda i, what: Module(_MASK_HEAD + (f"refine{int(i) + 1}", what), _NORM_OR_CONV[what]),
+    ),
+]
+
+
 def _official_module(name: str) -> Module | None:
     rules = [
+        (r"detr\.(.+)", _official_module),  # DETRsegm: the detector under "detr."
+        *_MASK_HEAD_RULES,
         (r"backbone\.0\.body\.(.+)", _resnet_body_module),
         (r"backbone\.1\.(row|col)_embed", lambda rc: Module(("position_embedding", f"{rc}_embed"), "embedding")),
         (r"input_proj", lambda: Module(("input_proj",), "conv")),
@@ -193,6 +216,8 @@ def _huggingface_layer_module(stack: str, index: str, name: str) -> Module | Non
 def _huggingface_module(name: str) -> Module | None:
     position = {"row": "row_embed", "column": "col_embed"}
     rules = [
+        (r"detr\.(.+)", _huggingface_module),  # DetrForSegmentation: the detector under "detr."
+        *_MASK_HEAD_RULES,
         (r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)", _resnet_body_module),
         (
             r"model\.position_embedding\.(row|column)_embeddings",
@@ -303,6 +328,7 @@ PARAMETER_RESOLVERS = {
 
 def detect_layout(keys: list[str]) -> str | None:
     """One of LAYOUTS, or None when the keys fit none of them."""
+    keys = [k.removeprefix("detr.") for k in keys]  # a segmentation model's detector
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in keys):
         return "official"
     if any(k.startswith(("model.backbone.", "model.encoder.", "model.decoder.", "class_labels_classifier."))
@@ -324,6 +350,7 @@ _LEAF_NAMES = {
     "conv": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
     "dense": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
     "layernorm": {"weight": ("params", "scale"), "bias": ("params", "bias")},
+    "groupnorm": {"weight": ("params", "scale"), "bias": ("params", "bias")},
     "bn": {
         "weight": ("frozen_bn", "scale"), "bias": ("frozen_bn", "bias"),
         "running_mean": ("frozen_bn", "mean"), "running_var": ("frozen_bn", "var"),
@@ -562,6 +589,7 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
     inferred["position_embedding"] = (
         "learned" if ("params", "position_embedding", "row_embed") in leaves else "sine"
     )
+    inferred["masks"] = any(path[:2] == ("params", "mask_head") for path in leaves)
     return inferred
 
 
@@ -679,15 +707,12 @@ def convert_state_dict(
     layout = detect_layout(keys)
     if layout is None:
         shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-        hint = ""
-        if any(k.startswith("detr.") for k in keys):
-            hint = " (keys under 'detr.' are a panoptic/segmentation model: not supported, use a detection checkpoint)"
         raise ConversionError(
             f"{source}: not a DETR, ResNet or ViT checkpoint in a known layout ({', '.join(LAYOUTS)}): "
             f"expected keys such as 'transformer.encoder.layers.0...' (official DETR), "
             f"'model.backbone...' (Hugging Face DETR), 'conv1.weight' + 'layer1.0...' "
             f"(torchvision ResNet), 'embeddings.patch_embeddings...' (Hugging Face ViT/DeiT) or "
-            f"'patch_embed.proj.weight' + 'blocks.0...' (timm ViT); found {len(keys)} keys: {shown or 'none'}{hint}"
+            f"'patch_embed.proj.weight' + 'blocks.0...' (timm ViT); found {len(keys)} keys: {shown or 'none'}"
         )
     if layout not in VIT_LAYOUTS and model_config.backbone_norm != "frozen_bn":
         raise ConversionError(

@@ -380,6 +380,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """
     workdir = pathlib.Path(workdir)
     t = config.train
+    if config.model.masks:
+        # No loss term reads pred_masks yet: the mask head would only be weight-decayed.
+        raise TrainingError("model.masks=True: training the mask head needs mask targets and the mask losses, "
+                            "which are not built yet; a converted panoptic checkpoint runs with "
+                            "detr_jax.models.build_model (pred_masks)")
     if t.batch_size % jax.device_count():
         raise TrainingError(
             f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices")

@@ -357,11 +357,6 @@ def test_unrelated_state_dict_is_refused(tmp_path):
     message = str(error.value)
     assert str(path) in message and "not a DETR, ResNet or ViT checkpoint" in message and "features.0.weight" in message
 
-    torch.save({"model": {"detr." + k: v for k, v in official_state_dict(tiny_reference().state_dict).items()}},
-               tmp_path / "panoptic.pth")
-    with pytest.raises(convert.ConversionError, match="panoptic/segmentation model: not supported"):
-        convert_main(tmp_path / "panoptic.pth", tmp_path / "out")
-
 
 def test_every_missing_extra_and_misshaped_tensor_is_listed(tmp_path):
     official = official_state_dict(tiny_reference().state_dict)

@@ -20,7 +20,7 @@ from detr_jax.config.train_config import eval_config, train_config
 from detr_jax.data import config as data_defaults
 from detr_jax.losses import LOSSES
 from detr_jax.matcher import MATCHERS
-from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS
+from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES
 from detr_jax.models.detr import DTYPES
 from detr_jax.optim import check_param_rules
 from detr_jax.sharding import PARAM_SHARDINGS
@@ -54,6 +54,10 @@ def model_config() -> ml_collections.ConfigDict:
             # starts and stored with the run (so eval and predict use the same number).
             num_classes=ml_collections.FieldReference(91, field_type=object),
             position_embedding="sine",
+            # A mask head on the detector (detr_jax.models.segmentation.DETRSegm, the
+            # paper's panoptic model): outputs also pred_masks [B, Q, H/4, W/4]. Needs a
+            # ResNet backbone (it reads res2..res4) and hidden_dim + num_heads divisible by 8.
+            masks=False,
             # Compute dtype of the transformer and heads; parameters stay float32.
             dtype="float32",
         )
@@ -179,6 +183,12 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
         )
     if m.hidden_dim % 2:
         raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be even (2-D position encoding)")
+    if m.masks and m.backbone not in RESNET_BACKBONES:
+        raise ConfigError(f"model.masks=True needs a ResNet backbone (the mask head reads its res2..res4 stages); "
+                          f"model.backbone={m.backbone!r}")
+    if m.masks and (m.hidden_dim + m.num_heads) % 8:
+        raise ConfigError(f"model.masks=True needs model.hidden_dim + model.num_heads divisible by 8 (the mask "
+                          f"head's first GroupNorm has 8 groups); got {m.hidden_dim} + {m.num_heads}")
     if m.num_classes != AUTO and (isinstance(m.num_classes, bool) or not isinstance(m.num_classes, int)
                                   or m.num_classes < 1):
         raise ConfigError(f"model.num_classes={m.num_classes!r} must be a positive integer or {AUTO!r}")

@@ -3,7 +3,8 @@
 Each part's file has a plain dict of named builders `(model_config, dtype) -> Module`:
 backbones (`backbone.RESNET_BACKBONES`, `vit.VIT_BACKBONES`, merged into BACKBONES here:
 model.backbone), `position_encoding.POSITION_EMBEDDINGS` (model.position_embedding), and
-`backbone.NORMS` (model.backbone_norm). A new variant is one module plus an entry in a
+`backbone.NORMS` (model.backbone_norm); model.masks wraps the DETR in
+`segmentation.DETRSegm`. A new variant is one module plus an entry in a
 dict (docs/EXTENDING.md).
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from detr_jax.models.backbone import NORMS, RESNET_BACKBONES
 from detr_jax.models.detr import DETR, DTYPES, init_variables, variable_shapes
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.segmentation import DETRSegm
 from detr_jax.models.transformer import build_transformer
 from detr_jax.models.vit import VIT_BACKBONES
 
@@ -32,8 +34,9 @@ def resolve_dtype(dtype: str | Any) -> Any:
     return jnp.dtype(dtype)
 
 
-def build_model(model_config, dtype: str | Any | None = None) -> DETR:
-    """DETR of the `model` config section (validated at config load), computing in
+def build_model(model_config, dtype: str | Any | None = None) -> DETR | DETRSegm:
+    """DETR of the `model` config section (validated at config load), wrapped with the
+    mask head when `model.masks` (DETRSegm: the same call, plus pred_masks), computing in
     `dtype` ("float32", "bfloat16", a jnp dtype) instead of `model.dtype` when given.
     Parameters stay float32 either way."""
     m = model_config
@@ -41,7 +44,7 @@ def build_model(model_config, dtype: str | Any | None = None) -> DETR:
         raise ValueError(f"model.num_classes={m.num_classes!r}: the number is taken from the training data "
                          "when training starts; a model is built from a trained run's config or a number")
     compute = resolve_dtype(m.dtype if dtype is None else dtype)
-    return DETR(
+    detr = DETR(
         backbone=BACKBONES[m.backbone](m, compute),
         position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, compute),
         transformer=build_transformer(m, compute),
@@ -50,7 +53,8 @@ def build_model(model_config, dtype: str | Any | None = None) -> DETR:
         hidden_dim=m.hidden_dim,
         dtype=compute,
     )
+    return DETRSegm(detr, num_heads=m.num_heads) if m.masks else detr
 
 
-__all__ = ["BACKBONES", "DETR", "NORMS", "POSITION_EMBEDDINGS", "build_model", "init_variables", "resolve_dtype",
+__all__ = ["BACKBONES", "DETR", "DETRSegm", "NORMS", "RESNET_BACKBONES", "POSITION_EMBEDDINGS", "build_model", "init_variables", "resolve_dtype",
            "variable_shapes"]
