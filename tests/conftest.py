@@ -3,16 +3,21 @@
 A very small model (width 32, 1+2 layers, 6 queries) on 64x64 synthetic images in one
 bucket, so a process compiles its train step once; the official model and optimizer
 (frozen BN, official parameter rules) rather than synthetic_tiny's from-scratch recipe.
-Subprocess workers import it as `from conftest import tiny_config` (tests/ on sys.path).
+Subprocess workers import it as `from conftest import tiny_config` (tests/ on sys.path);
+`run_worker` starts one and `record_host_matching` lets it count the matching callbacks.
 Files whose measured tolerances depend on other shapes (test_evaluate, test_inference,
 the data tests) pass their own overrides.
 """
 
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 from detr_jax.compilation_cache import ENV_VAR
@@ -59,3 +64,36 @@ def compilation_cache_of_the_session():
     yield directory
     del os.environ[ENV_VAR]
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_worker(script: pathlib.Path, timeout_s: int, what: str) -> dict:
+    """Runs a tests/*_worker.py on CPU in a subprocess of its own (it sets XLA_FLAGS before
+    importing jax) and returns the JSON of its one line starting with "RESULT "; a timeout
+    fails the test instead of hanging the suite."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout_s,
+                              env=env, cwd=script.parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish within {timeout_s} s (a deadlock?)")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def record_host_matching() -> list[list[int]]:
+    """From now on every host Hungarian callback (`matcher.assign_on_host`) appends the
+    shape of its cost array to the returned list: one entry per device per step when the
+    matching runs per device."""
+    from detr_jax import matcher  # pylint: disable=import-outside-toplevel
+
+    shapes, original = [], matcher.assign_on_host
+
+    def recording(cost, valid):
+        shapes.append(list(np.asarray(cost).shape))
+        return original(cost, valid)
+
+    matcher.assign_on_host = recording
+    return shapes

@@ -31,23 +31,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
-from detr_jax import matcher as matcher_lib  # noqa: E402
+from conftest import record_host_matching, tiny_config  # noqa: E402
 from detr_jax.checkpoint import Checkpointer  # noqa: E402
 from detr_jax.sharding import DATA_AXIS, global_batch  # noqa: E402
 from detr_jax.train import assemble  # noqa: E402
 from test_train import fixed_batch  # noqa: E402
 
-callback_shapes = []
-_original = matcher_lib.assign_on_host
-
-
-def _recording(cost, valid):
-    callback_shapes.append(list(np.asarray(cost).shape))
-    return _original(cost, valid)
-
-
-matcher_lib.assign_on_host = _recording
+callback_shapes = record_host_matching()
 
 # fsdp_min_mib=0: the tiny model's arrays are all far below big_vision's 4 MiB.
 CONFIGS = {"replicated": tiny_config(),

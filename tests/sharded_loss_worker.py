@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from conftest import record_host_matching  # noqa: E402
 from detr_jax import matcher as matcher_lib  # noqa: E402
 from detr_jax.losses import SetCriterion  # noqa: E402
 from detr_jax.matcher import HungarianMatcher  # noqa: E402
@@ -24,16 +25,7 @@ from detr_jax.matcher import per_device as matcher_per_device  # noqa: E402
 
 L, B, Q, K, M = 3, 16, 6, 5, 4
 
-callback_shapes = []
-_original = matcher_lib.assign_on_host
-
-
-def _recording(cost, valid):
-    callback_shapes.append(list(np.asarray(cost).shape))
-    return _original(cost, valid)
-
-
-matcher_lib.assign_on_host = _recording
+callback_shapes = record_host_matching()
 
 
 def make_batch():

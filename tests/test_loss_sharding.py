@@ -4,13 +4,11 @@ Runs tests/sharded_loss_worker.py in a subprocess (XLA_FLAGS must be set before 
 imported) with a timeout, so a deadlock fails the test instead of hanging the suite.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_worker
 
 WORKER = pathlib.Path(__file__).with_name("sharded_loss_worker.py")
 TIMEOUT_S = 300
@@ -19,23 +17,7 @@ L, B, Q, M = 3, 16, 6, 4  # as in the worker
 
 @pytest.fixture(scope="module")
 def worker_result():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(WORKER)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"sharded loss did not finish within {TIMEOUT_S} s (deadlock?)")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert len(lines) == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(lines[0][len("RESULT "):])
+    return run_worker(WORKER, TIMEOUT_S, "sharded loss")
 
 
 RUNS = ["mesh/jit", "mesh/shard_map", "make_mesh/jit", "make_mesh/shard_map"]

@@ -5,16 +5,12 @@ The multi-device checks run tests/param_sharding_worker.py in a subprocess (XLA_
 be set before jax is imported) with a timeout.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import run_worker, tiny_config
 from detr_jax.config import ConfigError
 from detr_jax.sharding import fsdp_spec
 
@@ -42,17 +38,7 @@ def test_bad_param_sharding_is_a_config_error():
 
 @pytest.fixture(scope="module")
 def worker_result():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    try:
-        proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, timeout=TIMEOUT_S,
-                              env=env, cwd=WORKER.parent)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the fsdp worker did not finish within {TIMEOUT_S} s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(lines[0][len("RESULT "):])
+    return run_worker(WORKER, TIMEOUT_S, "the fsdp worker")
 
 
 def test_fsdp_on_8_devices_equals_one_device(worker_result):

@@ -56,5 +56,5 @@ def build_model(model_config, dtype: str | Any | None = None) -> DETR | DETRSegm
     return DETRSegm(detr, num_heads=m.num_heads) if m.masks else detr
 
 
-__all__ = ["BACKBONES", "DETR", "DETRSegm", "NORMS", "RESNET_BACKBONES", "POSITION_EMBEDDINGS", "build_model", "init_variables", "resolve_dtype",
-           "variable_shapes"]
+__all__ = ["BACKBONES", "DETR", "DETRSegm", "NORMS", "POSITION_EMBEDDINGS", "RESNET_BACKBONES", "build_model",
+           "init_variables", "resolve_dtype", "variable_shapes"]

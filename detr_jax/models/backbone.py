@@ -244,11 +244,15 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return xp.minimum(src, in_size - 1)
 
 
+def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """PyTorch's `F.interpolate(mode="nearest")` over axes 1 and 2: [B, H, W, ...] ->
+    [B, height, width, ...] (masks, or feature maps up or down)."""
+    return x[:, nearest_indices(x.shape[1], height)][:, :, nearest_indices(x.shape[2], width)]
+
+
 def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """Nearest-neighbour resize of a pixel mask: [B, H, W] bool -> [B, height, width] bool."""
-    rows = nearest_indices(mask.shape[1], height)
-    cols = nearest_indices(mask.shape[2], width)
-    return mask[:, rows][:, :, cols]
+    return resize_nearest(mask, height, width)
 
 
 class BackboneOutput(NamedTuple):

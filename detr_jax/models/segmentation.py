@@ -24,18 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.backbone import PointwiseConv, nearest_indices
+from detr_jax.models.backbone import PointwiseConv, resize_nearest
 from detr_jax.models.detr import DETR
 from detr_jax.models.transformer import torch_dense
 
 # Official DETR initializes the mask head's convolutions with kaiming_uniform_(a=1):
 # U(+-sqrt(3 / fan_in)), and their biases with zeros.
 _conv_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-
-
-def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
-    """PyTorch's `F.interpolate(mode="nearest")` of [N, h, w, C] to [N, height, width, C]."""
-    return x[:, nearest_indices(x.shape[1], height)][:, :, nearest_indices(x.shape[2], width)]
 
 
 class AttentionMap(nn.Module):
