@@ -9,6 +9,9 @@ For each supervised decoder layer, after Hungarian matching (`detr_jax.matcher`)
   loss_bbox: L1 between matched predicted and target boxes (normalized cxcywh, as in the
              matching cost), summed over pairs and coordinates, divided by num_boxes.
   loss_giou: sum over matched pairs of (1 - GIoU) / num_boxes.
+  loss_mask, loss_dice (with a mask head, last layer only, as the paper): sigmoid focal
+             loss (mean over pixels) and DICE loss of matched predicted masks against
+             their targets, summed over pairs / num_boxes.
 num_boxes is the number of valid target boxes in the global batch, at least 1.
 
 The criterion is a menu (official DETR's `SetCriterion(matcher, weight_dict, losses)`):
@@ -36,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax.core import FrozenDict
 from jax.sharding import Mesh
 
@@ -143,11 +147,58 @@ def loss_cardinality(outputs, targets, matching: Matching, num_boxes, ctx: LossC
     return {"cardinality_error": global_sum(error, ctx.axis_name) / num_images}
 
 
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+    """Per-element focal loss (Lin et al. 2017; official DETR's `sigmoid_focal_loss`
+    before its reduction): logits and targets (0/1) of one shape -> the same shape."""
+    prob = jax.nn.sigmoid(logits)
+    ce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * ce * (1 - p_t) ** gamma
+
+
+def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """DICE loss per mask (official DETR's, +1 smoothing): [..., P] logits and 0/1
+    targets over P pixels -> [...]."""
+    prob = jax.nn.sigmoid(logits)
+    numerator = 2 * jnp.sum(prob * targets, axis=-1)
+    denominator = jnp.sum(prob, axis=-1) + jnp.sum(targets, axis=-1)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def loss_masks(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
+    """loss_mask: focal loss and loss_dice: DICE loss of the last layer's matched masks
+    (scalars: official DETR supervises masks on the last layer only).
+
+    outputs["pred_masks"]: [B, Q, h, w] logits on the padded batch's stride-4 grid;
+    targets["masks"]: bool [B, M, H, W] at the padded image resolution. As official DETR's
+    `loss_masks`, each matched prediction is upsampled bilinearly (half-pixel centres, as
+    torch's align_corners=False) to the target's resolution; the focal loss is a mean over
+    those pixels, padding included (official pads to the batch's largest image, we to the
+    bucket), then both are summed over pairs and divided by num_boxes.
+    """
+    pred_masks = outputs["pred_masks"].astype(jnp.float32)
+    target_masks = targets["masks"]
+    t2q = matching.target_to_query[-1]  # [B, M]
+    is_pair = t2q >= 0
+    batch, slots, height, width = target_masks.shape
+    matched = jnp.take_along_axis(pred_masks, jnp.maximum(t2q, 0)[:, :, None, None], axis=1)  # [B, M, h, w]
+    matched = jax.image.resize(matched, (batch, slots, height, width), method="bilinear", antialias=False)
+    matched = matched.reshape(batch, slots, -1)
+    target = target_masks.reshape(batch, slots, -1).astype(jnp.float32)
+    focal = jnp.mean(sigmoid_focal_loss(matched, target), axis=-1)  # [B, M]
+    dice = dice_loss(matched, target)
+    focal_sum = global_sum(jnp.where(is_pair, focal, 0.0), ctx.axis_name)
+    dice_sum = global_sum(jnp.where(is_pair, dice, 0.0), ctx.axis_name)
+    return {"loss_mask": focal_sum / num_boxes, "loss_dice": dice_sum / num_boxes}
+
+
 # loss.losses names -> terms
 LOSSES: dict[str, LossTerm] = {
     "labels": LossTerm(loss_labels, lambda c: {"loss_ce": float(c.class_coef)}),
     "boxes": LossTerm(loss_boxes, lambda c: {"loss_bbox": float(c.bbox_coef), "loss_giou": float(c.giou_coef)}),
     "cardinality": LossTerm(loss_cardinality, lambda c: {}),
+    "masks": LossTerm(loss_masks, lambda c: {"loss_mask": float(c.mask_coef), "loss_dice": float(c.dice_coef)}),
 }
 
 DEFAULT_LOSSES = ("labels", "boxes", "cardinality")

@@ -56,14 +56,19 @@ def make_predict_fn(model, mesh: Mesh) -> Callable:
 
     The batch arguments and the outputs are sharded over the mesh's "data" axis, the
     variables replicated. Shapes: image [B, H, W, 3], mask [B, H, W], orig_size [B, 2].
-    Used by the Evaluator (global batches) and the Predictor (compiled ahead of time per
-    bucket shape).
+    A model with a mask head adds its raw outputs, for the host-side segmentation
+    post-processing (`detr_jax.segmentation_postprocess`): pred_logits float32
+    [B, Q, K + 1] and pred_masks float32 [B, Q, H/4, W/4]. Used by the Evaluator (global
+    batches) and the Predictor (compiled ahead of time per bucket shape).
     """
     batch, full = batch_sharded(mesh), replicated(mesh)
 
     def predict(variables, image, mask, orig_size):
         out = model.apply(variables, image, mask, train=False)
-        return postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size)
+        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size)
+        if "pred_masks" in out:
+            result.update(pred_logits=out["pred_logits"][-1].astype(jnp.float32), pred_masks=out["pred_masks"])
+        return result
 
     return jax.jit(predict, in_shardings=(full, batch, batch, batch), out_shardings=batch)
 

@@ -82,6 +82,16 @@ def load_checkpoint(path: str | os.PathLike, config: ml_collections.ConfigDict |
     return variables, config
 
 
+def checkpoint_variables(path: str | os.PathLike) -> dict:
+    """The variables of any checkpoint `load_checkpoint` reads (a training run or a params
+    checkpoint, a backbone-only one included), unchecked against a model: what
+    `train.init_from` lays over fresh variables."""
+    path = pathlib.Path(path)
+    if _is_train_checkpoint(path):
+        return load_train_checkpoint(path)[0]
+    return load_variables(path)
+
+
 def check_variables_fit(model: DETR, variables: Mapping, source: str = "variables") -> None:
     """Raises CheckpointError unless `variables` has exactly the model's leaves and shapes."""
     check_fits(variable_shapes(model), variables, source)

@@ -19,8 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# What the train step reads from a batch (the pipeline's batches carry more, e.g. image ids).
+# What the train step reads from a batch (the pipeline's batches carry more, e.g. image ids),
+# and what it reads where the batch has it (data.masks).
 MODEL_INPUT_KEYS = ("image", "mask", "labels", "boxes", "valid")
+OPTIONAL_INPUT_KEYS = ("masks",)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -90,8 +92,11 @@ def data_size(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
 
 
-def global_batch(local_batch: dict, mesh: Mesh, keys: Sequence[str] = MODEL_INPUT_KEYS) -> dict:
-    """This process's numpy batch -> global jax arrays sharded over the data axis."""
+def global_batch(local_batch: dict, mesh: Mesh, keys: Sequence[str] | None = None) -> dict:
+    """This process's numpy batch -> global jax arrays sharded over the data axis (default
+    keys: MODEL_INPUT_KEYS and those of OPTIONAL_INPUT_KEYS the batch has)."""
+    if keys is None:
+        keys = (*MODEL_INPUT_KEYS, *(k for k in OPTIONAL_INPUT_KEYS if k in local_batch))
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, local_batch[k]) for k in keys}
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detr_jax import sharding
-from detr_jax.checkpoint import Checkpointer, abstract_like, load_variables, merge_variables
+from detr_jax.checkpoint import Checkpointer, abstract_like, merge_variables
 from detr_jax.config.defaults import AUTO
 from detr_jax.data.checks import check_category_ids, check_max_boxes, describe
 from detr_jax.data.pipeline import make_source, make_train_iterator
@@ -42,6 +42,7 @@ from detr_jax.losses import SetCriterion
 from detr_jax.metrics_writer import MetricsWriter
 from detr_jax.models import DETR, build_model, init_variables, variable_shapes
 from detr_jax.optim import frozen_mask, make_optimizer
+from detr_jax.restore import checkpoint_variables
 from detr_jax.stop_request import StopRequest
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,13 @@ class TrainState:
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.Array) -> dict:
-    """Fresh variables, overlaid with `train.init_from` (a converted checkpoint) if set,
-    except the parameters `train.init_exclude` names (they keep their fresh values)."""
+    """Fresh variables, overlaid with `train.init_from` (a converted checkpoint or a training
+    run) if set, except the parameters `train.init_exclude` names (they keep their fresh
+    values)."""
     variables = init_variables(model, rng)
     t = config.train
     if t.init_from:
-        pretrained = traverse_util.flatten_dict(load_variables(t.init_from))
+        pretrained = traverse_util.flatten_dict(checkpoint_variables(t.init_from))
         excluded = [re.compile(pattern) for pattern in t.init_exclude]
         kept = {path: value for path, value in pretrained.items()
                 if not any(p.fullmatch("/".join(path[1:])) for p in excluded)}  # path[0]: the collection
@@ -380,11 +382,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """
     workdir = pathlib.Path(workdir)
     t = config.train
-    if config.model.masks:
-        # No loss term reads pred_masks yet: the mask head would only be weight-decayed.
-        raise TrainingError("model.masks=True: training the mask head needs mask targets and the mask losses, "
-                            "which are not built yet; a converted panoptic checkpoint runs with "
-                            "detr_jax.models.build_model (pred_masks)")
+    if config.model.masks and "masks" not in config.loss.losses:
+        # Without the term nothing reads pred_masks: the mask head would only be weight-decayed.
+        raise TrainingError("model.masks=True: add 'masks' to loss.losses (and set data.masks=True) to train "
+                            "the mask head; configs/synthetic_panoptic_tiny.py shows the recipe")
     if t.batch_size % jax.device_count():
         raise TrainingError(
             f"train.batch_size={t.batch_size} is not divisible by the {jax.device_count()} devices")

@@ -9,7 +9,8 @@ import pytest
 from detr_jax.config import model_config
 from detr_jax.image_statistics import normalize
 from detr_jax.models import BACKBONES, build_model, init_variables
-from detr_jax.models.backbone import RESNETS, downsample_mask, nearest_indices
+from detr_jax.models.backbone import RESNETS, downsample_mask
+from detr_jax.nearest import nearest_indices
 from detr_jax.models.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
 from detr_jax.models.transformer import Transformer
 

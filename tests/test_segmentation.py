@@ -155,8 +155,10 @@ def test_masks_config_errors_name_the_problem():
         tiny_config(**{"model.masks": True})
 
 
-def test_training_a_mask_head_is_refused_until_it_has_a_loss(tmp_path):
+def test_training_a_mask_head_without_the_masks_loss_is_refused(tmp_path):
     from detr_jax.train import TrainingError, train
 
-    with pytest.raises(TrainingError, match=r"model.masks=True: training the mask head needs mask targets"):
+    with pytest.raises(TrainingError, match=r"model.masks=True: add 'masks' to loss.losses"):
         train(tiny_config(**{"model.num_heads": 8, "model.masks": True}), tmp_path)
+    with pytest.raises(ConfigError, match=r"the 'masks' term needs a mask head and mask targets .* model.masks=False"):
+        tiny_config(**{"loss.losses": ("labels", "boxes", "masks"), "data.masks": True})

@@ -112,3 +112,27 @@ def test_grid_layout(tmp_path, count, columns, rows):
 def test_grid_scales_to_a_common_height():
     grid = visualize.make_grid([Image.new("RGB", (100, 50)), Image.new("RGB", (50, 100))], cell_height=50)
     assert grid.size == (100 + 25 + 3 * 4, 50 + 2 * 4)
+
+
+def test_draw_segments_fills_outlines_and_names_each_segment():
+    h, w = 60, 80
+    image = _canvas(h, w)
+    id_map = np.zeros((h, w), np.int32)
+    id_map[:, 40:] = 1  # stuff: the right half
+    id_map[10:30, 5:25] = 2  # a thing on the left; the rest of the left half is void
+    segments = [{"id": 1, "category_id": 4}, {"id": 2, "category_id": 1}]
+    drawn = np.asarray(visualize.draw_segments(image, id_map, segments, {1: "a", 4: "b"}, alpha=0.5))
+    assert (image == GREY).all()  # the input is left alone
+    void = drawn[45:, :30]
+    assert (void == GREY).all()
+    for segment, (y, x) in zip(segments, [(50, 75), (28, 8)]):  # away from the label at the centroid
+        color = np.array(visualize.class_color(segment["category_id"]))
+        np.testing.assert_allclose(drawn[y, x], (np.array(GREY) + color) / 2, atol=1)
+    # The outline: where a segment meets another segment or void, its pixels take the full colour.
+    assert tuple(drawn[20, 24]) == visualize.class_color(1) and tuple(drawn[29, 15]) == visualize.class_color(1)
+    assert tuple(drawn[5, 40]) == visualize.class_color(4)  # the stuff's edge with void
+    assert tuple(drawn[5, 39]) == GREY  # void's own edge pixel stays as it is
+    # Each name is drawn on a box of its class colour near the segment's centre.
+    assert _text_pixels(drawn[15:26, 5:25], visualize.class_color(1)) > 3
+    with pytest.raises(ValueError, match=r"id_map \(2, 2\) does not match the image \(60, 80\)"):
+        visualize.draw_segments(image, np.zeros((2, 2), np.int32), segments)

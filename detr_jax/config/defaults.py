@@ -78,13 +78,17 @@ def loss_config() -> ml_collections.ConfigDict:
             class_coef=1.0,
             bbox_coef=5.0,
             giou_coef=2.0,
+            # Weights of the mask head's focal and DICE losses (term "masks").
+            mask_coef=1.0,
+            dice_coef=1.0,
             # Weight of the "no object" class in the cross-entropy.
             eos_coef=0.1,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
             # Name in detr_jax.matcher.MATCHERS.
             matcher="hungarian",
-            # Terms of the set criterion, names in detr_jax.losses.LOSSES.
+            # Terms of the set criterion, names in detr_jax.losses.LOSSES ("masks" trains
+            # the mask head: needs model.masks and data.masks).
             losses=("labels", "boxes", "cardinality"),
         )
     )
@@ -117,6 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_train(config.train)
     validate_eval(config.eval)
     data_defaults.validate(config.data)
+    if "masks" in config.loss.losses and not (config.model.masks and config.data.masks):
+        raise ConfigError(f"loss.losses={tuple(config.loss.losses)!r}: the 'masks' term needs a mask head and mask "
+                          f"targets (model.masks=True, data.masks=True); got model.masks={config.model.masks}, "
+                          f"data.masks={config.data.masks}")
 
 
 def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict) -> None:
@@ -129,7 +137,7 @@ def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
     _check_range("loss", loss, {key: (0, False) for key in (
-        "cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef")})
+        "cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef")})
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
     if loss.matcher not in MATCHERS:

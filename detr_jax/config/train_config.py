@@ -29,7 +29,8 @@ def train_config() -> ml_collections.ConfigDict:
             checkpoint_every_steps=1000,
             keep_checkpoints=3,
             eval_every_epochs=1,
-            # A params checkpoint (`detr-jax convert`) laid over the fresh variables, except
+            # A params checkpoint (`detr-jax convert`) or a training run (its workdir, best/
+            # or a step folder) laid over the fresh variables, except
             # the parameters whose path fully matches a regex of init_exclude (they keep
             # their fresh initialization: r"class_embed/.*" for a new set of classes).
             init_from="",

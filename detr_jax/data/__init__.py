@@ -1,5 +1,6 @@
-"""Input pipeline: sources (synthetic shapes, COCO-format folders, TFDS), DETR's
-augmentations, padding to bucket shapes, and the grain iterators.
+"""Input pipeline: sources (synthetic shapes, COCO-format folders, COCO panoptic, TFDS),
+DETR's augmentations (boxes, and masks with data.masks), padding to bucket shapes, and the
+grain iterators.
 
 Typical use:
     source = make_source(config.data, "train")
@@ -13,6 +14,7 @@ Typical use:
 from detr_jax.data.batching import BATCH_KEYS
 from detr_jax.data.coco_export import to_coco_dict, write_coco_folder
 from detr_jax.data.coco_folder import CocoFolderSource
+from detr_jax.data.coco_panoptic import CocoPanopticSource
 from detr_jax.data.pipeline import (
     DetectionBatchIterator,
     buckets_for,
@@ -31,6 +33,7 @@ from detr_jax.data.synthetic import SyntheticShapesSource
 __all__ = [
     "BATCH_KEYS",
     "CocoFolderSource",
+    "CocoPanopticSource",
     "DataError",
     "DatasetFormatError",
     "DetectionBatchIterator",

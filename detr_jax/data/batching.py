@@ -12,10 +12,15 @@ A batch (what the pipeline yields; B = per-host batch size, M = max_boxes):
   orig_size int32   [B, 2]        (h, w) of the stored image
   size      int32   [B, 2]        (h, w) after resizing, before padding
   is_real   bool    [B]           False for filler examples (eval's last batch)
+  masks     bool    [B, M, H, W]  only with data.masks: each object's pixels in the resized
+                                  image, aligned with labels/boxes/valid; False on padding
+                                  pixels and on slots that are not valid
 
 (H, W) is the smallest-area bucket holding every image of the batch, so XLA compiles one
 program per bucket, not per batch. uint8 pixels and no mask are a quarter of the bytes of
 normalized float32 images: what worker processes hand over and what goes to the device.
+`BATCH_KEYS` are the keys every batch has; "masks" is optional, and large (B * M * H * W
+bytes: with masks, keep data.max_boxes near the largest number of objects an image has).
 """
 
 from __future__ import annotations
@@ -75,9 +80,10 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
 
     Each example: image uint8 [h, w, 3], boxes float32 [n, 4] normalized cxcywh, labels
     int32 [n], image_id, orig_size (h, w), is_real, name (`Record.name`; "" for fillers),
-    skipped_files (names of the unreadable images it stands in for) and the counter
-    num_degenerate. Boxes beyond `max_boxes` are dropped (the first max_boxes are kept) and
-    counted in the batch's stats.
+    skipped_files (names of the unreadable images it stands in for), the counter
+    num_degenerate, and optionally masks bool [n, h, w] (the batch has "masks" when its
+    examples have them). Boxes beyond `max_boxes` are dropped (the first max_boxes are kept)
+    and counted in the batch's stats.
 
     The batch's STATS_KEY entry holds int64 counters (examples, degenerate_boxes,
     truncated_boxes, bucket_overflows: 0 or 1) and two tuples of strings, which travel with
@@ -99,6 +105,9 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
         "size": sizes,
         "is_real": np.array([ex["is_real"] for ex in examples], bool),
     }
+    with_masks = "masks" in examples[0]
+    if with_masks:
+        batch["masks"] = np.zeros((n, max_boxes, bh, bw), bool)
     truncated = 0
     for i, ex in enumerate(examples):
         h, w = sizes[i]
@@ -108,6 +117,8 @@ def collate(examples: Sequence[dict], buckets, max_boxes: int, step: int) -> dic
         batch["labels"][i, :k] = ex["labels"][:k]
         batch["boxes"][i, :k] = ex["boxes"][:k]
         batch["valid"][i, :k] = True
+        if with_masks:
+            batch["masks"][i, :k, :h, :w] = ex["masks"][:k]
     batch[STATS_KEY] = {
         "examples": np.int64(int(batch["is_real"].sum())),
         "degenerate_boxes": np.int64(sum(ex["num_degenerate"] for ex in examples)),
@@ -132,7 +143,8 @@ def with_pixel_mask(batch: dict) -> dict:
 
 
 def repad(batch: dict, shape: tuple[int, int]) -> dict:
-    """The batch (without its mask) with `image` padded (or trimmed of padding) to shape (H, W).
+    """The batch (without its mask) with `image`, and `masks` when present, padded (or
+    trimmed of padding) to shape (H, W).
 
     Used to agree on one shape across hosts. Raises if real pixels would be cut off.
     """
@@ -140,8 +152,18 @@ def repad(batch: dict, shape: tuple[int, int]) -> dict:
     if batch["size"].size and (batch["size"][:, 0].max() > height or batch["size"][:, 1].max() > width):
         raise ValueError(f"cannot repad to {shape}: images up to {batch['size'].max(0)} (h, w)")
     out = dict(batch)
-    n, h, w, c = batch["image"].shape
-    out["image"] = np.zeros((n, height, width, c), batch["image"].dtype)
-    hh, ww = min(h, height), min(w, width)
-    out["image"][:, :hh, :ww] = batch["image"][:, :hh, :ww]
+    out["image"] = _pad_axes(batch["image"], 1, height, width)
+    if "masks" in batch:
+        out["masks"] = _pad_axes(batch["masks"], 2, height, width)
+    return out
+
+
+def _pad_axes(array: np.ndarray, axis: int, height: int, width: int) -> np.ndarray:
+    """`array` zero-padded or trimmed at the end of axes (axis, axis + 1) to (height, width)."""
+    shape = list(array.shape)
+    h, w = shape[axis : axis + 2]
+    shape[axis : axis + 2] = height, width
+    out = np.zeros(shape, array.dtype)
+    keep = (slice(None),) * axis + (slice(min(h, height)), slice(min(w, width)))
+    out[keep] = array[keep]
     return out

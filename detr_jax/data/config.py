@@ -12,7 +12,7 @@ from detr_jax.config.errors import ConfigError
 from detr_jax.data.tfds_source import LABEL_MAPPINGS
 from detr_jax.data.transforms import COCO_TRAIN_SCALES
 
-DATASETS = ("synthetic", "coco_folder", "tfds")
+DATASETS = ("synthetic", "coco_folder", "coco_panoptic", "tfds")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -20,19 +20,27 @@ def data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             # "synthetic" (built-in shapes, no download), "coco_folder" (instances json +
-            # image folder) or "tfds" (tfds.data_source, ArrayRecord format).
+            # image folder), "coco_panoptic" (panoptic json + image folder + PNG folder;
+            # things and stuff, with masks) or "tfds" (tfds.data_source, ArrayRecord format).
             dataset="synthetic",
             # Split names; "" = the dataset's default: synthetic "train"/"validation",
-            # coco_folder "train2017"/"val2017", tfds "train"/"validation".
+            # coco_folder and coco_panoptic "train2017"/"val2017", tfds "train"/"validation".
             train_split="",
             eval_split="",
             # --- coco_folder: {coco_dir}/annotations/instances_{split}.json and
             # {coco_dir}/{split}/ (the official COCO layout) unless the explicit paths are set.
             coco_dir="",
             train_annotation_file="",
-            train_image_dir="",
+            train_image_dir="",  # coco_folder and coco_panoptic
             eval_annotation_file="",
-            eval_image_dir="",
+            eval_image_dir="",  # coco_folder and coco_panoptic
+            # --- coco_panoptic: {coco_dir}/annotations/panoptic_{split}.json, its PNGs in
+            # {coco_dir}/annotations/panoptic_{split}/ and the images in {coco_dir}/{split}/
+            # (the official layout) unless the explicit paths (and *_image_dir) are set.
+            train_panoptic_file="",
+            train_panoptic_png_dir="",
+            eval_panoptic_file="",
+            eval_panoptic_png_dir="",
             # --- tfds
             tfds_name="coco/2017",
             tfds_data_dir="",  # "" = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
@@ -47,8 +55,15 @@ def data_config() -> ml_collections.ConfigDict:
             synthetic_image_size=(320, 640),  # (min, max) of each side, px
             synthetic_num_objects=(1, 4),  # (min, max) shapes per image
             synthetic_object_size=(0.2, 0.5),  # (min, max) shape side / shorter image side
+            # The background becomes two "stuff" regions, sky (id 4) and ground (id 5),
+            # listed as objects after the shapes (a panoptic dataset; num_classes = 6).
+            synthetic_stuff=False,
             # --- targets: boxes per image are padded (or truncated, counted) to this.
             max_boxes=100,
+            # Batches carry each object's pixels, "masks" bool [B, max_boxes, H, W] (for the
+            # mask head); the dataset must provide them: synthetic, coco_folder (from the
+            # annotations' "segmentation") or coco_panoptic.
+            masks=False,
             # --- training augmentation (official: flip, then multi-scale resize or
             # resize-crop-resize, each with p 0.5)
             train_scales=COCO_TRAIN_SCALES,  # shorter side of the final resize
@@ -88,6 +103,9 @@ def validate(data: ml_collections.ConfigDict) -> None:
         fail("dataset", f"expected one of {DATASETS}")
     if data.tfds_label_mapping not in LABEL_MAPPINGS:
         fail("tfds_label_mapping", f"expected one of {LABEL_MAPPINGS}")
+    for key in ("masks", "synthetic_stuff"):
+        if not isinstance(data[key], bool):
+            fail(key, "must be True or False")
     for key in ("max_boxes", "train_max_size", "eval_scale", "eval_max_size", "bucket_step",
                 "synthetic_train_examples", "synthetic_eval_examples"):
         if data[key] < 1:

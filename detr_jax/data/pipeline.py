@@ -14,7 +14,8 @@ Evaluation: host h reads the contiguous slice h of the dataset in order, one pas
   host yields the same number of full batches, padded with filler examples (is_real False).
 Targets: crowd objects are dropped in training and evaluation batches (as official DETR;
   COCO evaluation gets them from the ground truth, see `coco_export.to_coco_dict`); images
-  without objects are kept (as official DETR's COCO training set).
+  without objects are kept (as official DETR's COCO training set). With data.masks the
+  objects' masks travel with their boxes through every transform (batch key "masks").
 Hosts pad to the same bucket: with several processes each batch's size is agreed through a
   tiny allgather (a collective: every host must call next() the same number of times).
 
@@ -36,7 +37,9 @@ import ml_collections
 import numpy as np
 
 from detr_jax.data import batching
+from detr_jax.data.checks import describe
 from detr_jax.data.coco_folder import CocoFolderSource
+from detr_jax.data.coco_panoptic import CocoPanopticSource
 from detr_jax.data.config import validate
 from detr_jax.data.records import DataError, DetectionSource, ImageLoadError
 from detr_jax.data.stats import PipelineStats
@@ -52,13 +55,29 @@ _FILLER_SIZE = 32
 
 _FIRST_TIME_WARNINGS = {
     "truncated_boxes": "an image has more boxes than data.max_boxes; the first max_boxes are kept",
-    "degenerate_boxes": "boxes of zero or negative size (after clipping to the image) were dropped",
+    "degenerate_boxes": "boxes of zero or negative size (after clipping to the image), or with an empty mask, "
+                        "were dropped",
 }
 
 _DEFAULT_SPLITS = {
     "synthetic": ("train", "validation"),
     "coco_folder": ("train2017", "val2017"),
+    "coco_panoptic": ("train2017", "val2017"),
     "tfds": ("train", "validation"),
+}
+
+# COCO-format sources: each constructor argument's explicit key (data.{train|eval}_...) and
+# its place under data.coco_dir in the official layout.
+_COCO_LAYOUTS = {
+    "coco_folder": {
+        "annotation_file": ("annotation_file", "annotations/instances_{split}.json"),
+        "image_dir": ("image_dir", "{split}"),
+    },
+    "coco_panoptic": {
+        "annotation_file": ("panoptic_file", "annotations/panoptic_{split}.json"),
+        "image_dir": ("image_dir", "{split}"),
+        "panoptic_dir": ("panoptic_png_dir", "annotations/panoptic_{split}"),
+    },
 }
 
 
@@ -77,20 +96,30 @@ def make_source(data: ml_collections.ConfigDict, split: str) -> DetectionSource:
             image_size=tuple(data.synthetic_image_size),
             num_objects=tuple(data.synthetic_num_objects),
             object_size=tuple(data.synthetic_object_size),
+            masks=data.masks,
+            stuff=data.synthetic_stuff,
         )
     if data.dataset == "coco_folder":
-        annotation_file = data.train_annotation_file if train else data.eval_annotation_file
-        image_dir = data.train_image_dir if train else data.eval_image_dir
-        if not data.coco_dir and not (annotation_file and image_dir):
-            which = "train" if train else "eval"
-            raise DataError(
-                f"data.dataset='coco_folder' needs data.coco_dir or both "
-                f"data.{which}_annotation_file and data.{which}_image_dir"
-            )
-        annotation_file = annotation_file or os.path.join(data.coco_dir, "annotations", f"instances_{name}.json")
-        image_dir = image_dir or os.path.join(data.coco_dir, name)
-        return CocoFolderSource(annotation_file, image_dir)
+        return CocoFolderSource(**_coco_paths(data, split, name), masks=data.masks)
+    if data.dataset == "coco_panoptic":
+        return CocoPanopticSource(**_coco_paths(data, split, name))
     return TfdsSource(data.tfds_name, name, data.tfds_data_dir, data.tfds_label_mapping)
+
+
+def _coco_paths(data: ml_collections.ConfigDict, split: str, name: str) -> dict[str, str]:
+    """{constructor argument: path} of a COCO-format source (`_COCO_LAYOUTS`): each the
+    explicit data.{split}_... key where set, else its place under data.coco_dir."""
+    layout = _COCO_LAYOUTS[data.dataset]
+    keys = {arg: f"{split}_{key}" for arg, (key, _) in layout.items()}
+    if not data.coco_dir and not all(data[key] for key in keys.values()):
+        raise DataError(
+            f"data.dataset={data.dataset!r} needs data.coco_dir or all of "
+            + ", ".join(f"data.{key}" for key in keys.values())
+        )
+    return {
+        arg: data[keys[arg]] or os.path.join(data.coco_dir, relative.format(split=name))
+        for arg, (_, relative) in layout.items()
+    }
 
 
 def num_examples(data: ml_collections.ConfigDict, split: str = "train") -> int:
@@ -148,10 +177,11 @@ def make_train_iterator(
     source = source if source is not None else make_source(data, "train")
     if len(source) == 0:
         raise DataError("the training dataset has no examples")
+    _check_masks(data, source)
     shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.random_map(
-        _TrainExample(source, train_augmentation(data), data.skip_bad_images), seed=augment_seed
+        _TrainExample(source, train_augmentation(data), data.skip_bad_images, data.masks), seed=augment_seed
     )
     ds = _HostBlocks(ds, shard_index, shard_count, per_host)
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=_collate_fn(data))
@@ -178,11 +208,12 @@ def make_eval_iterator(
     shard_index, shard_count = _shard(shard_index, shard_count)
     per_host = _per_host_batch(batch_size, shard_count)
     source = source if source is not None else make_source(data, "eval")
+    _check_masks(data, source)
     start, stop = eval_shard_range(len(source), shard_index, shard_count)
     total = num_eval_batches(len(source), batch_size, shard_count) * per_host
     indices = list(range(start, stop)) + [-1] * (total - (stop - start))
     ds = grain.MapDataset.source(indices).map(
-        _EvalExample(source, EvalResize(data.eval_scale, data.eval_max_size))
+        _EvalExample(source, EvalResize(data.eval_scale, data.eval_max_size), data.masks)
     )
     ds = ds.batch(per_host, drop_remainder=True, batch_fn=_collate_fn(data))
     return _iterate(ds, data, shape_sync)
@@ -202,6 +233,18 @@ def num_eval_batches(num: int, batch_size: int, shard_count: int = 1) -> int:
     per_host = _per_host_batch(batch_size, shard_count)
     per_shard = _ceil_div(num, shard_count)
     return _ceil_div(per_shard, per_host)
+
+
+def _check_masks(data: ml_collections.ConfigDict, source: DetectionSource) -> None:
+    """DataError when data.masks is on and `source` gives no masks. Sources that can give
+    masks have `category_isthing`; those where masks are optional also have `masks`, their
+    constructor's keyword."""
+    if data.masks and not (hasattr(source, "category_isthing") and getattr(source, "masks", True)):
+        raise DataError(
+            f"data.masks=True, but the dataset {describe(source)} (data.dataset={data.dataset!r}) gives no masks: "
+            "masks come from data.dataset='synthetic', 'coco_folder' (the annotations' 'segmentation') "
+            "or 'coco_panoptic'"
+        )
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -341,10 +384,11 @@ class _TrainExample:
     source: DetectionSource
     augment: TrainAugmentation
     skip_bad_images: bool
+    masks: bool
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict:
         record, skipped_files = _load(self.source, int(index), self.skip_bad_images)
-        return _example(record, self.augment, rng, skipped_files)
+        return _example(record, self.augment, rng, skipped_files, self.masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,18 +397,20 @@ class _EvalExample:
 
     source: DetectionSource
     resize: EvalResize
+    masks: bool
 
     def __call__(self, index: int) -> dict:
         if index < 0:
-            return _filler()
-        return _example(self.source[int(index)], self.resize, None, ())
+            return _filler(self.masks)
+        return _example(self.source[int(index)], self.resize, None, (), self.masks)
 
 
-def _example(record, transform, rng, skipped_files: tuple[str, ...]) -> dict:
-    boxes, labels, degenerate = clean_record(record, drop_crowd=True)
-    image, boxes, labels = transform(record.image, boxes, labels, rng)
+def _example(record, transform, rng, skipped_files: tuple[str, ...], with_masks: bool) -> dict:
+    # `masks` is [] or [the masks]: the transforms take and return them as an optional last item
+    boxes, labels, degenerate, *masks = clean_record(record, drop_crowd=True, with_masks=with_masks)
+    image, boxes, labels, *masks = transform(record.image, boxes, labels, rng, *masks)
     h, w = image.shape[:2]
-    return {
+    example = {
         "image": image,
         "boxes": to_normalized_cxcywh(boxes, h, w),
         "labels": labels.astype(np.int32),
@@ -375,11 +421,14 @@ def _example(record, transform, rng, skipped_files: tuple[str, ...]) -> dict:
         "skipped_files": skipped_files,
         "num_degenerate": degenerate,
     }
+    if masks:
+        example["masks"] = masks[0]
+    return example
 
 
-def _filler() -> dict:
+def _filler(with_masks: bool = False) -> dict:
     size = (_FILLER_SIZE, _FILLER_SIZE)
-    return {
+    example = {
         "image": np.zeros(size + (3,), np.uint8),
         "boxes": np.zeros((0, 4), np.float32),
         "labels": np.zeros((0,), np.int32),
@@ -390,6 +439,9 @@ def _filler() -> dict:
         "skipped_files": (),
         "num_degenerate": 0,
     }
+    if with_masks:
+        example["masks"] = np.zeros((0,) + size, bool)
+    return example
 
 
 _skips_logged: set[str] = set()  # this process's logged unreadable files

@@ -46,6 +46,9 @@ class Record:
       image_id: the dataset's image id.
       orig_size: (H, W) of the image.
       name: where the image comes from (file path or dataset[index]), for messages.
+      masks: bool [N, H, W], each object's pixels (one per box, in the same order), or
+        None when the source was built without masks. Panoptic sources list "stuff"
+        segments (sky, grass, ...) as objects too, with their tight boxes.
     """
 
     image: np.ndarray | None
@@ -55,6 +58,7 @@ class Record:
     image_id: int
     orig_size: tuple[int, int]
     name: str = ""
+    masks: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -64,6 +68,9 @@ class DetectionSource(Protocol):
     Attributes:
       category_names: {category id: name}, ids as they appear in `Record.labels`.
       num_classes: max category id + 1 (the model's `num_classes`).
+      category_isthing: {category id: bool}, on sources that can return masks: True for
+        countable "things", False for amorphous "stuff" (panoptic segmentation merges
+        stuff of one class into one segment).
 
     Optional, where cheap (the checks made when a run starts use them, `data.checks`):
     `image_files()` -> [(path, (h, w) or None)] and `box_counts()` -> int [N] non-crowd

@@ -16,7 +16,8 @@ class PipelineStats:
     Attributes:
       batches: batches yielded.
       examples: real (non-filler) examples yielded.
-      degenerate_boxes: boxes dropped at load for zero/negative size after clipping.
+      degenerate_boxes: objects dropped at load for a box of zero/negative size after
+        clipping, or (with data.masks) an empty mask.
       truncated_boxes: boxes dropped because an image had more than `max_boxes`.
       bucket_overflows: batches that fit no bucket (padded to a rounded-up shape).
       unreadable_files: names (`Record.name`) of the images that failed to load and were

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from detr_jax.nearest import nearest_indices
+
 # torchvision initializes conv kernels with kaiming_normal_(mode="fan_out", relu).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -231,23 +233,12 @@ class ResNet(nn.Module):
         return stages
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source indices of PyTorch's `F.interpolate(mode="nearest")` along one axis.
-
-    PyTorch computes `min(floor(dst * (in / out)), in - 1)` with a float32 scale; the
-    same arithmetic here makes the downsampled padding mask identical to the reference.
-    """
-    # jnp for the symbolic sizes of an export with a dynamic image size (detr_jax.export).
-    xp = np if isinstance(in_size, int) and isinstance(out_size, int) else jnp
-    scale = xp.asarray(in_size, xp.float32) / xp.asarray(out_size, xp.float32)
-    src = xp.floor(xp.arange(out_size, dtype=xp.float32) * scale).astype(int)
-    return xp.minimum(src, in_size - 1)
-
-
 def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """PyTorch's `F.interpolate(mode="nearest")` over axes 1 and 2: [B, H, W, ...] ->
     [B, height, width, ...] (masks, or feature maps up or down)."""
-    return x[:, nearest_indices(x.shape[1], height)][:, :, nearest_indices(x.shape[2], width)]
+    # jnp for the symbolic sizes of an export with a dynamic image size (detr_jax.export).
+    xp = np if all(isinstance(n, int) for n in (*x.shape[1:3], height, width)) else jnp
+    return x[:, nearest_indices(x.shape[1], height, xp)][:, :, nearest_indices(x.shape[2], width, xp)]
 
 
 def downsample_mask(mask: jnp.ndarray, height: int, width: int) -> jnp.ndarray:

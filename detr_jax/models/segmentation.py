@@ -116,9 +116,18 @@ class DETRSegm(nn.Module):
     detr: DETR
     num_heads: int = 8
 
+    @property
+    def dtype(self):
+        """The detector's compute dtype (the heads compute in it too)."""
+        return self.detr.dtype
+
+    @property
+    def num_queries(self) -> int:
+        return self.detr.num_queries
+
     def setup(self):
         nn.share_scope(self, self.detr)  # the detector's parameters at the top level, as in DETR
-        hidden, dtype = self.detr.hidden_dim, self.detr.dtype
+        hidden, dtype = self.detr.hidden_dim, self.dtype
         if (hidden + self.num_heads) % 8 or hidden % self.num_heads:
             raise ValueError(f"the mask head needs hidden_dim + num_heads divisible by 8 (its first GroupNorm has 8 "
                              f"groups) and hidden_dim divisible by num_heads; got {hidden} and {self.num_heads}")
