@@ -27,8 +27,8 @@ def get_config():
     config.train.update(
         init_from="workdirs/synthetic_panoptic_tiny_detection/best",
         param_rules=(("(bbox_attention|mask_head)/.*", 1.0), (".*", None)),
-        epochs=2,
-        lr_drop_epoch=2,
+        epochs=1,
+        lr_drop_epoch=1,
         warmup_steps=0,
     )
     return config

@@ -51,6 +51,13 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
+def decode_masks(rles: Sequence[dict]) -> np.ndarray:
+    """The inverse of `encode_masks`: N RLEs of one size -> bool [N, H, W]."""
+    if not rles:
+        raise ValueError("decode_masks needs at least one RLE (it takes the size from them)")
+    return mask_utils.decode([dict(rle) for rle in rles]).transpose(2, 0, 1).astype(bool)
+
+
 def to_coco_segm_results(image_id: int, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> list[dict]:
     """One image's COCO segm results ({image_id, category_id, segmentation RLE, score}).
 

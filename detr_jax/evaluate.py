@@ -1,4 +1,5 @@
-"""Data-parallel COCO box evaluation over every device of every host.
+"""Data-parallel COCO evaluation over every device of every host: box AP, and with a mask
+head panoptic quality and mask AP.
 
 One pass over the eval split. Each host reads its slice of the dataset
 (`detr_jax.data.make_eval_iterator`), the batch is sharded over the mesh's "data" axis that
@@ -7,7 +8,10 @@ spans every device of every host, parameters are replicated, and the predict fun
 gathered on process 0 (fixed-size arrays, `process_allgather`), filler examples are dropped,
 and pycocotools (`detr_jax.coco_metrics`) computes the 12 standard numbers against ground
 truth built from the source's records (`detr_jax.data.to_coco_dict`), one code path for
-every source. The numbers are broadcast so that every process returns the same metrics.
+every source. With a mask head (model.masks) and mask targets (data.masks), each host also
+post-processes its images' masks as the batches arrive (`detr_jax.segmentation_eval`), and
+process 0 adds PQ/SQ/RQ and mask AP. The numbers are broadcast so that every process
+returns the same metrics.
 
 Typical use (an Evaluator compiles once and builds the ground truth once):
     evaluator = Evaluator(model, config, mesh)
@@ -37,6 +41,12 @@ from detr_jax.data import eval_shard_range, make_eval_iterator, make_source, num
 from detr_jax.data.checks import check_category_ids, check_image_files
 from detr_jax.models import build_model
 from detr_jax.postprocess import make_predict_fn, select_detections
+from detr_jax.segmentation_eval import (
+    SEGMENTATION_METRIC_NAMES,
+    SegmentationResults,
+    panoptic_id_map,
+    segmentation_metrics,
+)
 from detr_jax.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
 
 log = logging.getLogger(__name__)
@@ -47,7 +57,8 @@ class EvalResult:
     """One evaluation pass (the same on every process, except `detections` and `source_indices`).
 
     Attributes:
-      metrics: {"AP", "AP50", ..., "ARl"} (METRIC_NAMES) as floats.
+      metrics: {"AP", "AP50", ..., "ARl"} (METRIC_NAMES) as floats; with segmentation also
+        SEGMENTATION_METRIC_NAMES ("PQ", ..., "RQ_st", "mask_AP", ..., "mask_ARl").
       per_class_ap: {category id: AP@[.50:.95]} (-1: no ground truth for the category).
       category_names: {category id: name}.
       summary: the 12-line pycocotools table.
@@ -56,6 +67,8 @@ class EvalResult:
         "boxes" [N, Q, 4] pixel xyxy of the original image}, every query of every real
         image in dataset order; other processes: None.
       source_indices: process 0: int64 [N], each image's index in the eval source.
+      segments: process 0, with segmentation: the panoptic segments of every image
+        (`coco_metrics.to_panoptic_results` entries: image_id, category_id, RLE); else None.
     """
 
     metrics: dict[str, float]
@@ -65,6 +78,7 @@ class EvalResult:
     num_images: int
     detections: dict[str, np.ndarray] | None = None
     source_indices: np.ndarray | None = None
+    segments: list[dict] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -108,6 +122,10 @@ class Evaluator:
         self._predict = make_predict_fn(model, self.mesh)
         self._batch_sharding = batch_sharded(self.mesh)
         self._ground_truth = None  # built on first use, on process 0 only
+        # Segmentation needs the mask head's outputs and ground-truth masks.
+        self.segmentation = bool(config.model.masks and config.data.masks)
+        if config.model.masks and not config.data.masks:
+            log.info("evaluation: the model has a mask head but data.masks=False: box metrics only")
 
     @property
     def category_names(self) -> dict[int, str]:
@@ -127,37 +145,50 @@ class Evaluator:
     def __call__(self, variables, max_batches: int | None = None, progress: bool = False) -> EvalResult:
         """Evaluates `variables` ({"params", "frozen_bn"}) on the eval split (or its first
         `max_batches` batches per host)."""
-        local = self._predict_local(variables, max_batches, progress)
+        segmentation = SegmentationResults(self.source.category_isthing) if self.segmentation else None
+        local = self._predict_local(variables, max_batches, progress, segmentation)
         gathered = _gather_to_all(local)
+        segments, instances = segmentation.gathered() if segmentation else (None, None)
         is_main = jax.process_index() == 0
         real = gathered["is_real"]
         detections = {k: gathered[k][real] for k in ("image_id", "scores", "labels", "boxes")}
         num_images = int(real.sum())
         names = self.category_names
         cat_ids = sorted(names)
+        segm_names = SEGMENTATION_METRIC_NAMES if segmentation else ()
+        segm_summary = ""
         if is_main:
             results = to_coco_results(detections["image_id"], detections["scores"], detections["labels"], detections["boxes"])
             coco = coco_evaluate(self.ground_truth(), results, image_ids=detections["image_id"])
-            numbers = np.concatenate([coco.stats, [coco.per_class_ap.get(c, -1.0) for c in cat_ids]])
+            segm_numbers = []
+            if segmentation:
+                segm_metrics, segm_summary = segmentation_metrics(
+                    self.ground_truth().dataset, segments, instances, detections["image_id"])
+                segm_numbers = [segm_metrics[name] for name in segm_names]
+            numbers = np.concatenate([coco.stats, segm_numbers, [coco.per_class_ap.get(c, -1.0) for c in cat_ids]])
         else:
-            numbers = np.zeros(12 + len(cat_ids))
+            numbers = np.zeros(12 + len(segm_names) + len(cat_ids))
         if jax.process_count() > 1:
             # Sent as the float64's bytes: jax without x64 would round them to float32.
             sent = multihost_utils.broadcast_one_to_all(numbers.astype(np.float64).view(np.uint32))
             numbers = np.asarray(sent, np.uint32).view(np.float64)
-        stats = numbers[:12]
+        stats, segm_stats, class_stats = np.split(numbers, [12, 12 + len(segm_names)])
         return EvalResult(
-            metrics=dict(zip(METRIC_NAMES, (float(v) for v in stats))),
-            per_class_ap={c: float(v) for c, v in zip(cat_ids, numbers[12:])},
+            metrics={**dict(zip(METRIC_NAMES, (float(v) for v in stats))),
+                     **dict(zip(segm_names, (float(v) for v in segm_stats)))},
+            per_class_ap={c: float(v) for c, v in zip(cat_ids, class_stats)},
             category_names=names,
-            summary=format_coco_summary(stats),
+            summary=format_coco_summary(stats) + (f"\n{segm_summary}" if segm_summary else ""),
             num_images=num_images,
             detections=detections if is_main else None,
             source_indices=gathered["source_index"][real] if is_main else None,
+            segments=segments if is_main else None,
         )
 
-    def _predict_local(self, variables, max_batches: int | None, progress: bool) -> dict[str, np.ndarray]:
-        """This host's detections of every batch it evaluates (fillers included), stacked."""
+    def _predict_local(self, variables, max_batches: int | None, progress: bool,
+                       segmentation: SegmentationResults | None) -> dict[str, np.ndarray]:
+        """This host's detections of every batch it evaluates (fillers included), stacked;
+        the mask head's outputs go to `segmentation` batch by batch."""
         process, processes = jax.process_index(), jax.process_count()
         per_host = self.batch_size // processes
         num_batches = num_eval_batches(len(self.source), self.batch_size, processes)
@@ -179,13 +210,26 @@ class Evaluator:
                 "image_id": batch["image_id"].astype(np.int64),
                 "is_real": batch["is_real"].astype(bool),
                 "source_index": start + b * per_host + np.arange(per_host, dtype=np.int64),
+                "size": batch["size"],
+                "orig_size": batch["orig_size"],
             }
             if pending is not None:
-                chunks[-1].update(self._to_host(pending))
+                self._fetch(pending, chunks[-1], segmentation)
             chunks.append(host)
             pending = outputs
-        chunks[-1].update(self._to_host(pending))
+        self._fetch(pending, chunks[-1], segmentation)
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _fetch(self, outputs: dict[str, jax.Array], chunk: dict[str, np.ndarray],
+               segmentation: SegmentationResults | None) -> None:
+        """Adds a batch's detections to its host `chunk`; hands the mask head's outputs,
+        if any, to `segmentation` (they are not kept)."""
+        host = self._to_host(outputs)
+        mask_outputs = {k: host.pop(k) for k in ("pred_logits", "pred_masks") if k in host}
+        chunk.update(host)
+        if segmentation is not None:
+            segmentation.add_batch({**mask_outputs, **host}, chunk["image_id"], chunk["is_real"], chunk["size"],
+                                   chunk["orig_size"])
 
     def _to_host(self, outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
         """This host's rows of globally sharded outputs, as numpy."""
@@ -226,7 +270,8 @@ def save_eval_samples(
     score_threshold: float = 0.5,
     name: str = "eval_samples",
 ) -> pathlib.Path | None:
-    """Draws the detections (score >= threshold) of the first `num` evaluated images.
+    """Draws the detections (score >= threshold), or with segmentation the panoptic
+    segments, of the first `num` evaluated images.
 
     Writes `out_dir/{name}.png` (a grid) and returns its path; None on processes other
     than 0 (which hold no detections) or when num is 0.
@@ -237,6 +282,10 @@ def save_eval_samples(
     dets = result.detections
     for row in range(min(num, len(dets["image_id"]))):
         record = source[int(result.source_indices[row])]
+        if result.segments is not None:
+            id_map, info = panoptic_id_map(result.segments, dets["image_id"][row], record.image.shape[:2])
+            drawn.append(visualize.draw_segments(record.image, id_map, info, result.category_names))
+            continue
         selected = select_detections(
             dets["scores"][row], dets["labels"][row], dets["boxes"][row], record.image.shape[:2],
             score_threshold=score_threshold, class_names=result.category_names,

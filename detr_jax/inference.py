@@ -32,12 +32,13 @@ from detr_jax.data.images import decode_image
 # The pipeline's filler example (a blank image that pads a batch) pads the Predictor's too.
 from detr_jax.data.pipeline import _filler as filler_example
 from detr_jax.data.pipeline import buckets_for
-from detr_jax.data.synthetic import SHAPE_NAMES
+from detr_jax.data.synthetic import SyntheticShapesSource
 from detr_jax.data.transforms import EvalResize
 from detr_jax.export import ExportedDetector, ExportError, is_export
 from detr_jax.models import build_model
 from detr_jax.postprocess import Detections, make_predict_fn, select_detections
 from detr_jax.restore import load_checkpoint
+from detr_jax.segmentation_postprocess import PanopticSegmentation, panoptic_segmentation
 from detr_jax.sharding import data_size, make_mesh, replicated
 
 log = logging.getLogger(__name__)
@@ -57,19 +58,43 @@ _EXIF_TRANSPOSE = {
 # Class names
 
 
+# Official DETR's panoptic models (250 classes, COCO panoptic ids): ids up to 90 are things.
+COCO_PANOPTIC_NUM_CLASSES, COCO_PANOPTIC_LAST_THING = 250, 90
+
+
 def category_names_for(config: ml_collections.ConfigDict) -> dict[int, str]:
-    """{category id: name} for the classes of `config` (COCO, synthetic shapes, or the
-    categories of a COCO-folder eval annotation file); {} when unknown."""
+    """{category id: name} for the classes of `config` (COCO, synthetic shapes and stuff, or
+    the categories of a COCO-folder or COCO-panoptic eval annotation file); {} when unknown."""
     if config.model.num_classes == COCO_NUM_CLASSES:
         return dict(COCO_CATEGORIES)
-    if config.data.dataset == "synthetic" and config.model.num_classes == max(SHAPE_NAMES) + 1:
-        return dict(SHAPE_NAMES)
-    if config.data.dataset == "coco_folder":
+    source = _eval_source(config)
+    return dict(source.category_names) if source is not None else {}
+
+
+def category_isthing_for(config: ml_collections.ConfigDict) -> dict[int, bool]:
+    """{category id: thing (True) or stuff (False)} for panoptic post-processing: the eval
+    source's where `config` describes one with stuff, official DETR's rule (ids <= 90) for
+    its 250-class COCO panoptic models, else every class a thing."""
+    source = _eval_source(config)
+    if source is not None and hasattr(source, "category_isthing"):
+        return dict(source.category_isthing)
+    if config.model.num_classes == COCO_PANOPTIC_NUM_CLASSES:
+        return {i: i <= COCO_PANOPTIC_LAST_THING for i in range(COCO_PANOPTIC_NUM_CLASSES)}
+    return {i: True for i in range(config.model.num_classes)}
+
+
+def _eval_source(config: ml_collections.ConfigDict):
+    """The eval source of `config` when it is cheap and its classes are the model's (the
+    synthetic data, or a COCO annotation file that reads), else None."""
+    if config.data.dataset == "synthetic":
+        source = SyntheticShapesSource(1, stuff=config.data.synthetic_stuff)
+        return source if source.num_classes == config.model.num_classes else None
+    if config.data.dataset in ("coco_folder", "coco_panoptic"):
         try:
-            return dict(make_source(config.data, "eval").category_names)
+            return make_source(config.data, "eval")
         except Exception as e:  # names are a convenience: fall back to "class {id}"
             log.warning("no category names (%s); labels will be shown as ids", e)
-    return {}
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,6 +189,7 @@ class Predictor:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
         self.class_names = dict(class_names) if class_names is not None else category_names_for(config)
+        self.category_isthing = category_isthing_for(config) if config.model.masks else {}
         self.group_by_bucket = group_by_bucket
         self._buckets = buckets_for(config.data)
         self._step = int(config.data.bucket_step)
@@ -258,11 +284,21 @@ class Predictor:
           top_k: None or 0: no limit.
         """
         arrays = [load_image(image) for image in images]
-        raw = self.predict_queries(arrays)
-        return [
-            select_detections(r["scores"], r["labels"], r["boxes"], a.shape[:2], score_threshold, top_k, self.class_names)
-            for r, a in zip(raw, arrays)
-        ]
+        return [self.detections_of(r, a, score_threshold, top_k) for r, a in zip(self.predict_queries(arrays), arrays)]
+
+    def detections_of(self, queries: Mapping[str, np.ndarray], image: np.ndarray, score_threshold: float = 0.5,
+                      top_k: int | None = 100) -> Detections:
+        """`predict`'s result for one image from its `predict_queries` output."""
+        return select_detections(queries["scores"], queries["labels"], queries["boxes"], image.shape[:2],
+                                 score_threshold, top_k, self.class_names)
+
+    def segmentation_of(self, queries: Mapping[str, np.ndarray], image: np.ndarray, method: str = "official",
+                        **options) -> PanopticSegmentation:
+        """`segment`'s result for one image from its `predict_queries` output."""
+        if "pred_masks" not in queries:
+            raise ValueError("panoptic segmentation needs a model with a mask head (model.masks=True)")
+        return panoptic_segmentation(queries["pred_logits"], queries["pred_masks"], queries["size"], image.shape[:2],
+                                     self.category_isthing, method, **options)
 
     def predict_queries(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Every query of each image, in query order, unfiltered and unclipped.
@@ -270,7 +306,9 @@ class Predictor:
         Args:
           images: uint8 [H, W, 3] arrays.
         Returns per image: scores float32 [Q], labels int32 [Q], boxes float32 [Q, 4]
-        pixel xyxy of the original image.
+        pixel xyxy of the original image, size int32 [2] (h, w) of the resized image the
+        model saw; with a mask head also pred_logits float32 [Q, K + 1] and pred_masks
+        float32 [Q, H/4, W/4] (the padded input's stride-4 grid).
         """
         results: list[dict | None] = [None] * len(images)
         for indices, batch in self.batches(images):
@@ -278,8 +316,21 @@ class Predictor:
             outputs = self._executable(shape)(self._variables, batch["image"], batch["mask"], batch["orig_size"])
             outputs = {k: np.asarray(v) for k, v in outputs.items()}
             for row, i in enumerate(indices):
-                results[i] = {k: v[row] for k, v in outputs.items()}
+                results[i] = {**{k: v[row] for k, v in outputs.items()}, "size": batch["size"][row]}
         return results
+
+    def segment(self, images: Sequence[ImageLike], method: str = "official", **options) -> list[PanopticSegmentation]:
+        """The panoptic segmentation of each image (a model with a mask head).
+
+        Args:
+          images: file paths, PIL images or uint8 arrays (see `load_image`), any sizes.
+          method, options: the post-processing (`segmentation_postprocess.PANOPTIC_METHODS`,
+            official DETR's by default, threshold 0.85) and its thresholds.
+        Returns per image: id_map int32 [H, W] at the image's size (0 = void) and
+        segments_info [{"id", "category_id", "isthing", "area"}].
+        """
+        arrays = [load_image(image) for image in images]
+        return [self.segmentation_of(r, a, method, **options) for r, a in zip(self.predict_queries(arrays), arrays)]
 
     def batches(self, images: Sequence[np.ndarray]) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
         """The model's input batches of `images` (uint8 [H, W, 3] arrays): resized and padded

@@ -404,7 +404,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     plan = make_plan(config, len(source))
     run = assemble(config, mesh, max(1, plan.steps_per_epoch // t.grad_accum_steps))
 
-    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
+    # A mask head's training leaves the (frozen) detector's AP as it is: keep the best PQ.
+    best_metric = "PQ" if "masks" in config.loss.losses else "AP"
+    checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, best_metric=best_metric)
     data_iter = make_train_iterator(config.data, t.batch_size, config.seed, source=source)
     restored = checkpointer.restore_latest(run.abstract_state)
     if restored is None:

@@ -53,10 +53,12 @@ def eval_main(
 ) -> dict[str, Any]:
     """COCO evaluation of a checkpoint on `config`'s eval split.
 
-    Prints the 12-number table and the per-class AP; writes to `out_dir` (process 0):
+    Prints the 12-number table and the per-class AP (with a mask head and data.masks also
+    PQ/SQ/RQ for all, things and stuff, and mask AP); writes to `out_dir` (process 0):
       eval_metrics.json   {"metrics", "per_class_ap", "num_images", "checkpoint", "dataset", ...}
       eval_samples.png    the first `num_visualized` (default config.eval.num_visualized)
-                          images with their detections (score >= 0.5)
+                          images with their detections (score >= 0.5), or their
+                          panoptic segments
       detections_coco.json  every query of every image in the COCO results format
                           (only with save_detections)
 
@@ -68,7 +70,7 @@ def eval_main(
       max_batches: evaluate only the first batches (per host), e.g. for a quick check.
       dtype: compute dtype override ("float32", "bfloat16").
 
-    Returns the metrics dict (METRIC_NAMES).
+    Returns the metrics dict (METRIC_NAMES, and SEGMENTATION_METRIC_NAMES with masks).
     """
     variables, config = load_checkpoint(checkpoint, config, overrides)
     evaluator = Evaluator(build_model(config.model, dtype), config)
@@ -76,7 +78,7 @@ def eval_main(
     if jax.process_index() == 0:
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"COCO box evaluation of {checkpoint} on {result.num_images} images ({config.data.dataset}):")
+        print(f"COCO evaluation of {checkpoint} on {result.num_images} images ({config.data.dataset}):")
         print(result.summary)
         print("per-class AP@[.50:.95]:")
         print(format_per_class_ap(result.per_class_ap, result.category_names))

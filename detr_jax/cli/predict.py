@@ -1,4 +1,5 @@
-"""`detr-jax predict`: detections of image files; a JSON and a drawn PNG per image."""
+"""`detr-jax predict`: detections (and with a mask head panoptic segments) of image files; a
+JSON and a drawn PNG per image."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from detr_jax import visualize
 from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, positive_int, probability
 from detr_jax.data.records import ImageLoadError
 from detr_jax.inference import IMAGE_EXTENSIONS, Predictor, find_images, load_image
+from detr_jax.segmentation_postprocess import to_coco_panoptic
 
 
 def add_parser(sub) -> None:
@@ -67,8 +69,11 @@ def predict_main(
     Writes to `out_dir`, per readable image `<stem>.json` ({"file", "height", "width",
     "detections": [{"label", "name", "score", "box_xyxy"}]}, pixel xyxy of the image as
     viewed) and `<stem>.png` (the detections drawn; skipped when not `draw`), and
-    `detections.json` with every image plus the failures. An unreadable image is reported
-    (file and problem) and skipped; the others go on.
+    `detections.json` with every image plus the failures. With a mask head (model.masks)
+    also `<stem>_panoptic.png` (COCO panoptic: RGB-encoded segment ids, official DETR's
+    post-processing), the image's "segments_info" in its JSON, `panoptic.json` (COCO
+    panoptic predictions of every image) and the segments drawn instead of the boxes. An
+    unreadable image is reported (file and problem) and skipped; the others go on.
 
     `config` None: the checkpoint's own config, with `overrides` (dotted keys) applied.
 
@@ -81,7 +86,8 @@ def predict_main(
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_checkpoint(checkpoint, config, overrides, dtype=dtype, batch_size=batch_size)
 
-    records, used_stems = [], set()
+    records, used_stems, panoptic = [], set(), []
+    segment = bool(predictor.config.model.masks)
     chunk_size = 4 * predictor.batch_size  # images held in memory at once
     with tqdm(total=len(files), unit="image", desc="predict", disable=not progress or len(files) <= 1) as bar:
         for start in range(0, len(files), chunk_size):
@@ -93,15 +99,25 @@ def predict_main(
                 except ImageLoadError as e:
                     failures.append((str(path), e.reason))
                     bar.write(f"skipping {path}: {e.reason}", file=sys.stderr)
-            detections = predictor.predict([a for _, a in loaded], score_threshold, top_k)
-            for (path, array), dets in zip(loaded, detections):
+            queries = predictor.predict_queries([a for _, a in loaded])
+            for (path, array), image_queries in zip(loaded, queries):
                 stem = _unique_stem(path, used_stems)
+                dets = predictor.detections_of(image_queries, array, score_threshold, top_k)
                 record = {"file": str(path), **dets.to_json()}
+                if segment:
+                    segmentation = predictor.segmentation_of(image_queries, array)
+                    png, entry = to_coco_panoptic(segmentation, len(panoptic) + 1, f"{stem}_panoptic.png")
+                    (out_dir / entry["file_name"]).write_bytes(png)
+                    panoptic.append({**entry, "file": str(path)})
+                    record.update(segments_info=entry["segments_info"], panoptic_png=entry["file_name"])
                 (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
                 record["json"] = f"{stem}.json"
                 if draw:
-                    visualize.draw_detections(array, dets.boxes, dets.labels, dets.scores, predictor.class_names).save(
-                        out_dir / f"{stem}.png")
+                    drawn = (visualize.draw_segments(array, segmentation.id_map, segmentation.segments_info,
+                                                     predictor.class_names) if segment else
+                             visualize.draw_detections(array, dets.boxes, dets.labels, dets.scores,
+                                                       predictor.class_names))
+                    drawn.save(out_dir / f"{stem}.png")
                     record["png"] = f"{stem}.png"
                 records.append(record)
             bar.update(len(chunk))
@@ -115,6 +131,11 @@ def predict_main(
         "failed": [{"file": f, "error": reason} for f, reason in failures],
     }
     (out_dir / "detections.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if segment:  # COCO panoptic predictions: {"annotations": [...]} beside the PNGs (image ids 1..N)
+        categories = [{"id": i, "name": predictor.class_names.get(i, f"class {i}"), "isthing": int(thing)}
+                      for i, thing in sorted(predictor.category_isthing.items())]
+        (out_dir / "panoptic.json").write_text(json.dumps({"annotations": panoptic, "categories": categories},
+                                                          indent=2) + "\n")
     num_dets = sum(len(r["detections"]) for r in records)
     print(f"predicted {len(records)} image(s), {num_dets} detection(s) with score >= {score_threshold}; "
           f"results in {out_dir}")
