@@ -248,6 +248,12 @@ class Predictor:
                    class_names=exported.class_names or None, **kwargs)
 
     @property
+    def segments(self) -> bool:
+        """Whether `segment` works: a mask head (model.masks), run by JAX (an export serves
+        the detections only)."""
+        return bool(self.config.model.masks) and self._exported is None
+
+    @property
     def num_compilations(self) -> int:
         """Programs compiled so far: one per (bucket shape, dtype) seen (with an exported
         model: the shapes it has run, each compiled by its runtime)."""
@@ -296,7 +302,8 @@ class Predictor:
                         **options) -> PanopticSegmentation:
         """`segment`'s result for one image from its `predict_queries` output."""
         if "pred_masks" not in queries:
-            raise ValueError("panoptic segmentation needs a model with a mask head (model.masks=True)")
+            raise ValueError("panoptic segmentation needs a model with a mask head (model.masks=True), run by "
+                             "JAX: exports serve the detections only")
         return panoptic_segmentation(queries["pred_logits"], queries["pred_masks"], queries["size"], image.shape[:2],
                                      self.category_isthing, method, **options)
 

@@ -66,7 +66,7 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
 
 
 def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) -> pathlib.Path | None:
-    """Training loss (and its terms) and validation AP against step, as a PNG."""
+    """Training loss (and its terms) and validation AP (and PQ, mask AP) against step, as a PNG."""
     records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_AP" in r or "eval_AP50" in r]
@@ -80,7 +80,8 @@ def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) 
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 6, 4), squeeze=False)
     ax = axes[0, 0]
     steps = [r["step"] for r in train]
-    for key, style in (("loss", "-"), ("loss_ce", "--"), ("loss_bbox", "--"), ("loss_giou", "--")):
+    for key, style in (("loss", "-"), ("loss_ce", "--"), ("loss_bbox", "--"), ("loss_giou", "--"),
+                       ("loss_mask", ":"), ("loss_dice", ":")):
         if key in train[0]:
             ax.plot(steps, [r[key] for r in train], style, label=key)
     ax.set_xlabel("step")
@@ -90,7 +91,7 @@ def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) 
     ax.legend()
     if evals:
         ax = axes[0, 1]
-        for key in ("eval_AP", "eval_AP50", "eval_AP75"):
+        for key in ("eval_AP", "eval_AP50", "eval_AP75", "eval_PQ", "eval_PQ_th", "eval_PQ_st", "eval_mask_AP"):
             if key in evals[0]:
                 ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
         ax.set_xlabel("step")

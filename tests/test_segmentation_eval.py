@@ -13,6 +13,7 @@ from detr_jax.checkpoint import load_train_checkpoint
 from detr_jax.cli.predict import predict_main
 from detr_jax.data import make_source, to_coco_dict
 from detr_jax.evaluate import make_eval_fn
+from detr_jax.inference import category_isthing_for
 from detr_jax.models import build_model
 from detr_jax.panoptic_png import rgb_to_id
 from detr_jax.segmentation_eval import (
@@ -117,3 +118,12 @@ def test_two_stage_recipe_freezes_the_detector_and_trains_the_mask_head(tmp_path
     assert panoptic["annotations"][0]["segments_info"] == record["segments_info"]
     assert {c["id"]: c["isthing"] for c in panoptic["categories"]} == {1: 1, 2: 1, 3: 1, 4: 0, 5: 0}
     assert (tmp_path / "out" / "a.png").is_file()
+
+
+def test_things_and_stuff_of_a_config():
+    """Panoptic post-processing merges stuff: which classes are stuff comes from the data,
+    or for official DETR's 250-class COCO panoptic models from its rule (ids <= 90 things)."""
+    assert category_isthing_for(tiny_config(**PANOPTIC)) == {1: True, 2: True, 3: True, 4: False, 5: False}
+    coco = category_isthing_for(tiny_config(**{"model.num_classes": 250, "data.dataset": "tfds"}))
+    assert coco[1] and coco[90] and not coco[92] and not coco[200] and len(coco) == 250
+    assert all(category_isthing_for(tiny_config()).values())  # detection data: all things

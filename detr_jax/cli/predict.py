@@ -87,7 +87,7 @@ def predict_main(
     predictor = Predictor.from_checkpoint(checkpoint, config, overrides, dtype=dtype, batch_size=batch_size)
 
     records, used_stems, panoptic = [], set(), []
-    segment = bool(predictor.config.model.masks)
+    segment = predictor.segments
     chunk_size = 4 * predictor.batch_size  # images held in memory at once
     with tqdm(total=len(files), unit="image", desc="predict", disable=not progress or len(files) <= 1) as bar:
         for start in range(0, len(files), chunk_size):

@@ -50,6 +50,6 @@ def run(args, overrides: dict[str, str]) -> int:
         print(f"detr-jax train: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "eval_AP", "eval_AP50") if k in metrics)
+        summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "eval_AP", "eval_AP50", "eval_PQ") if k in metrics)
         print(f"done: {summary}; metrics, checkpoints and loss_curve.png in {workdir}")
     return 0
