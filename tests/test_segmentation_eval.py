@@ -9,6 +9,7 @@ from conftest import tiny_config
 from flax import traverse_util
 from PIL import Image
 
+from detr_jax import segmentation_eval
 from detr_jax.checkpoint import load_train_checkpoint
 from detr_jax.cli.predict import predict_main
 from detr_jax.data import make_source, to_coco_dict
@@ -127,3 +128,23 @@ def test_things_and_stuff_of_a_config():
     coco = category_isthing_for(tiny_config(**{"model.num_classes": 250, "data.dataset": "tfds"}))
     assert coco[1] and coco[90] and not coco[92] and not coco[200] and len(coco) == 250
     assert all(category_isthing_for(tiny_config()).values())  # detection data: all things
+
+
+def test_results_are_gathered_from_every_process_in_order(monkeypatch):
+    """The JSON lists of several processes come back whole and in process order (a fake
+    allgather plays process 0 beside a process 1 whose list is longer)."""
+    mine = [{"image_id": 1, "category_id": 4, "segmentation": {"size": [2, 2], "counts": "04"}}]
+    theirs = [{"image_id": 7, "category_id": 1}, {"image_id": 8, "category_id": 2, "note": "ü" * 40}]
+    their_bytes = np.frombuffer(json.dumps(theirs).encode(), np.uint8)
+
+    def allgather(x):
+        x = np.asarray(x)
+        if x.dtype == np.int32:  # the lengths
+            return np.stack([x, np.array([len(their_bytes)], np.int32)])
+        other = np.zeros_like(x)
+        other[: len(their_bytes)] = their_bytes
+        return np.stack([x, other])
+
+    monkeypatch.setattr(segmentation_eval.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(segmentation_eval.multihost_utils, "process_allgather", allgather)
+    assert segmentation_eval._gather_json(mine) == mine + theirs
