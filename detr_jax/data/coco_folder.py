@@ -17,14 +17,13 @@ are decoded when an example is loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pathlib
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from detr_jax.data.coco_json import as_list, parse_categories, parse_images, read_coco_json
 from detr_jax.data.images import decode_image
 from detr_jax.data.records import DatasetFormatError, Record, empty_annotations
 
@@ -49,10 +48,12 @@ class CocoFolderSource:
         self.annotation_file = str(annotation_file)
         self.image_dir = str(image_dir)
         self.masks = bool(masks)
-        data = _read_json(self.annotation_file)
-        self.category_names = _parse_categories(data, self.annotation_file)
+        data = read_coco_json(self.annotation_file, "instances")
+        if "annotations" not in data:
+            log.warning("%s: no 'annotations' list; every image has no objects", self.annotation_file)
+        self.category_names = parse_categories(data, self.annotation_file)
         self.category_isthing = dict.fromkeys(self.category_names, True)
-        images = _parse_images(data, self.annotation_file)
+        images = parse_images(data, self.annotation_file)
         if self.masks:
             for image_id, (file_name, size) in images.items():
                 if size is None:
@@ -133,72 +134,12 @@ class CocoFolderSource:
         return count
 
 
-def _read_json(path: str) -> dict:
-    file = pathlib.Path(path)
-    if file.is_dir():
-        raise DatasetFormatError(
-            f"{path}: is a directory; the annotation file must be a COCO instances JSON file "
-            "(such as annotations/instances_train2017.json)"
-        )
-    if not file.is_file():
-        raise DatasetFormatError(f"{path}: annotation file not found")
-    text = file.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DatasetFormatError(f"{path}: annotation file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DatasetFormatError(
-            f"{path}: not a COCO annotation file (top level is a {type(data).__name__}, "
-            "expected an object with 'images', 'annotations' and 'categories')"
-        )
-    missing = [key for key in ("images", "categories") if key not in data]
-    if missing:
-        raise DatasetFormatError(
-            f"{path}: not a COCO annotation file: missing {', '.join(map(repr, missing))} "
-            f"(found keys: {', '.join(sorted(data)) or 'none'})"
-        )
-    if "annotations" not in data:
-        log.warning("%s: no 'annotations' list; every image has no objects", path)
-    return data
-
-
-def _parse_categories(data: dict, path: str) -> dict[int, str]:
-    names = {}
-    for i, category in enumerate(_as_list(data, "categories", path)):
-        try:
-            names[int(category["id"])] = str(category.get("name", category["id"]))
-        except (KeyError, TypeError, ValueError):
-            raise DatasetFormatError(f"{path}: categories[{i}] has no integer 'id'") from None
-    if any(i < 0 for i in names):
-        raise DatasetFormatError(f"{path}: negative category id {min(names)}")
-    return names
-
-
-def _parse_images(data: dict, path: str) -> dict[int, tuple[str, tuple[int, int] | None]]:
-    """{image id: (file_name, (height, width) or None)}."""
-    images = {}
-    for i, image in enumerate(_as_list(data, "images", path)):
-        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            raise DatasetFormatError(f"{path}: images[{i}] needs 'id' and 'file_name'")
-        image_id = int(image["id"])
-        if image_id in images:
-            raise DatasetFormatError(f"{path}: duplicate image id {image_id}")
-        size = None
-        if "height" in image and "width" in image:
-            size = (int(image["height"]), int(image["width"]))
-        images[image_id] = (str(image["file_name"]), size)
-    return images
-
-
 def _parse_annotations(data, path, images, category_names, masks: bool = False):
     """({image id: (boxes xyxy float32 [N, 4], labels int32 [N], is_crowd bool [N])},
     {image id: [(annotation id, segmentation)] in the same order}, empty unless `masks`)."""
     grouped: dict[int, list] = {}
     segmentations: dict[int, list] = {}
-    for i, ann in enumerate(_as_list(data, "annotations", path, required=False)):
+    for i, ann in enumerate(as_list(data, "annotations", path, required=False)):
         ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
         where = f"{path}: annotation {ann_id}"
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
@@ -301,10 +242,3 @@ def _decode_segmentation(segmentation, size: tuple[int, int], where: str) -> np.
         return mask_utils.decode(rle).astype(bool)
     except (TypeError, ValueError) as e:
         raise DatasetFormatError(f"{where}: 'segmentation' does not decode ({e})") from None
-
-
-def _as_list(data: dict, key: str, path: str, required: bool = True) -> list:
-    value = data.get(key, None if required else [])
-    if not isinstance(value, list):
-        raise DatasetFormatError(f"{path}: {key!r} must be a list, got {type(value).__name__}")
-    return value

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from detr_jax.data.coco_folder import _as_list, _parse_categories, _parse_images, _read_json
+from detr_jax.data.coco_json import as_list, parse_categories, parse_images, read_coco_json
 from detr_jax.data.images import decode_image
 from detr_jax.data.records import DatasetFormatError, Record
 from detr_jax.panoptic_png import MAX_SEGMENT_ID, rgb_to_id
@@ -93,12 +93,12 @@ class CocoPanopticSource:
         self.image_dir = str(image_dir)
         self.panoptic_dir = str(panoptic_dir)
         path = self.annotation_file
-        data = _read_json(path)
+        data = read_coco_json(path, "panoptic")
         if "annotations" not in data:
             raise DatasetFormatError(f"{path}: not a COCO panoptic file: missing 'annotations'")
-        self.category_names = _parse_categories(data, path)
+        self.category_names = parse_categories(data, path)
         self.category_isthing = _parse_isthing(data, path)
-        images = _parse_images(data, path)
+        images = parse_images(data, path)
         segments = _parse_segments(data, path, images, self.category_names)
         self._image_ids = np.array(sorted(segments), dtype=np.int64)
         self._file_names = [images[i][0] for i in self._image_ids]
@@ -176,7 +176,7 @@ class CocoPanopticSource:
 
 def _parse_isthing(data: dict, path: str) -> dict[int, bool]:
     isthing = {}
-    for i, category in enumerate(data["categories"]):  # _parse_categories checked the ids
+    for i, category in enumerate(data["categories"]):  # parse_categories checked the ids
         if "isthing" not in category:
             raise DatasetFormatError(
                 f"{path}: categories[{i}] (id {category['id']}) has no 'isthing' (1: thing, 0: stuff)"
@@ -188,7 +188,7 @@ def _parse_isthing(data: dict, path: str) -> dict[int, bool]:
 def _parse_segments(data, path, images, category_names) -> dict[int, _Segments]:
     """{image id: its segments}, for the images that have an annotation."""
     out = {}
-    for i, ann in enumerate(_as_list(data, "annotations", path)):
+    for i, ann in enumerate(as_list(data, "annotations", path)):
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "file_name", "segments_info")):
             raise DatasetFormatError(
                 f"{path}: annotations[{i}] needs 'image_id', 'file_name' and 'segments_info'"
@@ -200,7 +200,7 @@ def _parse_segments(data, path, images, category_names) -> dict[int, _Segments]:
             raise DatasetFormatError(f"{path}: annotations[{i}]: a second annotation of image {image_id}")
         where = f"{path}: annotations[{i}] (image {image_id})"
         ids, labels, crowd = [], [], []
-        for j, seg in enumerate(_as_list(ann, "segments_info", where)):
+        for j, seg in enumerate(as_list(ann, "segments_info", where)):
             if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
                 raise DatasetFormatError(f"{where}: segments_info[{j}] needs 'id' and 'category_id'")
             seg_id = seg["id"]
