@@ -39,6 +39,10 @@ SEGMENTATION_METRIC_NAMES = PANOPTIC_METRIC_NAMES + MASK_METRIC_NAMES
 class SegmentationResults:
     """Collects one process's panoptic and instance-mask results, image by image.
 
+    A segment of a class the dataset does not have (say id 0, which a barely trained model
+    can predict) is left out of the panoptic results: its pixels count as void (panopticapi
+    would refuse the prediction outright, and so does hotcoco).
+
     Args:
       category_isthing: {category id: bool} (the eval source's).
       method: the panoptic post-processing (`segmentation_postprocess.PANOPTIC_METHODS`).
@@ -59,7 +63,8 @@ class SegmentationResults:
             image_id, size, orig = int(image_ids[row]), sizes[row], orig_sizes[row]
             segmentation = panoptic_segmentation(outputs["pred_logits"][row], outputs["pred_masks"][row], size, orig,
                                                  self.category_isthing, self.method, **self.options)
-            self.panoptic += to_panoptic_results(image_id, segmentation.id_map, segmentation.segments_info)
+            known = [s for s in segmentation.segments_info if s["category_id"] in self.category_isthing]
+            self.panoptic += to_panoptic_results(image_id, segmentation.id_map, known)
             masks = instance_masks(outputs["pred_masks"][row], size, orig)
             self.instances += to_coco_segm_results(image_id, outputs["scores"][row], outputs["labels"][row], masks)
 

@@ -134,10 +134,9 @@ def _confident_queries(class_logits: np.ndarray, threshold: float) -> tuple[np.n
 
 
 def _isthing(category_isthing: Mapping[int, bool], label: int) -> bool:
-    if label not in category_isthing:
-        raise ValueError(f"a query predicts category {label}, which category_isthing does not list "
-                         f"(it has {sorted(category_isthing)})")
-    return bool(category_isthing[label])
+    """Whether `label` is a thing; a class `category_isthing` does not list (an unused id that
+    a barely trained model predicts) counts as a thing, so it is never merged."""
+    return bool(category_isthing.get(label, True))
 
 
 def _segmentation(id_map: np.ndarray, categories: list[int], category_isthing: Mapping[int, bool]):

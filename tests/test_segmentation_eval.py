@@ -148,3 +148,17 @@ def test_results_are_gathered_from_every_process_in_order(monkeypatch):
     monkeypatch.setattr(segmentation_eval.jax, "process_count", lambda: 2)
     monkeypatch.setattr(segmentation_eval.multihost_utils, "process_allgather", allgather)
     assert segmentation_eval._gather_json(mine) == mine + theirs
+
+
+def test_a_segment_of_a_class_the_data_lacks_is_left_out():
+    results = SegmentationResults({1: True, 2: False})
+    logits = np.full((2, 4), -10.0, np.float32)
+    logits[0, 1] = logits[1, 0] = 10.0  # query 0: class 1; query 1: class 0, not a category of the data
+    masks = np.full((2, 4, 4), -8.0, np.float32)
+    masks[0, :, :2] = masks[1, :, 2:] = 8.0
+    outputs = {"pred_logits": logits[None], "pred_masks": masks[None], "scores": np.ones((1, 2), np.float32),
+               "labels": np.array([[1, 0]])}
+    results.add_batch(outputs, [3], [True], [(16, 16)], [(16, 16)])
+    assert [r["category_id"] for r in results.panoptic] == [1]
+    id_map, _ = panoptic_id_map(results.panoptic, 3, (16, 16))
+    assert (id_map[:, :8] == 1).all() and (id_map[:, 8:] == 0).all()  # the unknown class's pixels: void

@@ -328,7 +328,10 @@ def test_bad_input_is_named():
         sp.instance_masks(masks, (25, 28), (10, 10))
     with pytest.raises(ValueError, match=r"\[Q, K \+ 1\]"):
         sp.official_panoptic(class_logits[:1], masks, (24, 28), (10, 10), ISTHING)
-    with pytest.raises(ValueError, match="category 1"):
-        sp.official_panoptic(class_logits, masks, (24, 28), (10, 10), {0: True})
+    # A class the mapping does not list is a thing: never merged, never an error.
+    halves = np.zeros((2, 6, 7), np.float32)
+    halves[0, :, :3] = halves[1, :, 3:] = 4.0
+    unlisted = sp.official_panoptic(class_logits, halves, (24, 28), (24, 28), {0: True})
+    assert [(s["category_id"], s["isthing"]) for s in unlisted.segments_info] == [(0, True), (1, True)]
     with pytest.raises(ValueError, match="unknown panoptic post-processing method 'detectron'"):
         sp.panoptic_segmentation(class_logits, masks, (24, 28), (10, 10), ISTHING, method="detectron")
