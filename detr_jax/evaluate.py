@@ -163,7 +163,7 @@ class Evaluator:
             segm_numbers = []
             if segmentation:
                 segm_metrics, segm_summary = segmentation_metrics(
-                    self.ground_truth().dataset, segments, instances, detections["image_id"])
+                    self.ground_truth(), segments, instances, detections["image_id"])
                 segm_numbers = [segm_metrics[name] for name in segm_names]
             numbers = np.concatenate([coco.stats, segm_numbers, [coco.per_class_ap.get(c, -1.0) for c in cat_ids]])
         else:

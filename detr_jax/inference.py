@@ -62,20 +62,22 @@ _EXIF_TRANSPOSE = {
 COCO_PANOPTIC_NUM_CLASSES, COCO_PANOPTIC_LAST_THING = 250, 90
 
 
-def category_names_for(config: ml_collections.ConfigDict) -> dict[int, str]:
+def category_names_for(config: ml_collections.ConfigDict, source=None) -> dict[int, str]:
     """{category id: name} for the classes of `config` (COCO, synthetic shapes and stuff, or
-    the categories of a COCO-folder or COCO-panoptic eval annotation file); {} when unknown."""
+    the categories of a COCO-folder or COCO-panoptic eval annotation file); {} when unknown.
+    `source`: `eval_source(config)` when the caller has it (read only if needed)."""
     if config.model.num_classes == COCO_NUM_CLASSES:
         return dict(COCO_CATEGORIES)
-    source = _eval_source(config)
+    source = source if source is not None else eval_source(config)
     return dict(source.category_names) if source is not None else {}
 
 
-def category_isthing_for(config: ml_collections.ConfigDict) -> dict[int, bool]:
+def category_isthing_for(config: ml_collections.ConfigDict, source=None) -> dict[int, bool]:
     """{category id: thing (True) or stuff (False)} for panoptic post-processing: the eval
     source's where `config` describes one with stuff, official DETR's rule (ids <= 90) for
-    its 250-class COCO panoptic models, else every class a thing."""
-    source = _eval_source(config)
+    its 250-class COCO panoptic models, else every class a thing. `source`: as for
+    `category_names_for`."""
+    source = source if source is not None else eval_source(config)
     if source is not None and hasattr(source, "category_isthing"):
         return dict(source.category_isthing)
     if config.model.num_classes == COCO_PANOPTIC_NUM_CLASSES:
@@ -83,9 +85,9 @@ def category_isthing_for(config: ml_collections.ConfigDict) -> dict[int, bool]:
     return {i: True for i in range(config.model.num_classes)}
 
 
-def _eval_source(config: ml_collections.ConfigDict):
-    """The eval source of `config` when it is cheap and its classes are the model's (the
-    synthetic data, or a COCO annotation file that reads), else None."""
+def eval_source(config: ml_collections.ConfigDict):
+    """The eval source of `config` where it names the model's classes (the synthetic data,
+    or a COCO annotation file that reads), else None."""
     if config.data.dataset == "synthetic":
         source = SyntheticShapesSource(1, stuff=config.data.synthetic_stuff)
         return source if source.num_classes == config.model.num_classes else None
@@ -188,8 +190,10 @@ class Predictor:
         self.batch_size = int(batch_size or config.eval.batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
-        self.class_names = dict(class_names) if class_names is not None else category_names_for(config)
-        self.category_isthing = category_isthing_for(config) if config.model.masks else {}
+        # A mask head needs both the names and the stuff classes: one read of the annotations.
+        source = eval_source(config) if config.model.masks else None
+        self.class_names = dict(class_names) if class_names is not None else category_names_for(config, source)
+        self.category_isthing = category_isthing_for(config, source) if config.model.masks else {}
         self.group_by_bucket = group_by_bucket
         self._buckets = buckets_for(config.data)
         self._step = int(config.data.bucket_step)

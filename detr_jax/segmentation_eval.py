@@ -73,12 +73,13 @@ class SegmentationResults:
         return _gather_json(self.panoptic), _gather_json(self.instances)
 
 
-def segmentation_metrics(ground_truth: dict, panoptic: list[dict], instances: list[dict],
+def segmentation_metrics(ground_truth, panoptic: list[dict], instances: list[dict],
                          image_ids: Sequence[int]) -> tuple[dict[str, float], str]:
     """({SEGMENTATION_METRIC_NAMES: value}, a printed table) of the gathered results.
 
     ground_truth: `to_coco_dict` of the eval source with masks (RLE segmentations, areas
-    of the masks, categories with isthing); image_ids: the evaluated images.
+    of the masks, categories with isthing), or the pycocotools COCO object built from it
+    (the Evaluator's, indexed once for box and mask AP); image_ids: the evaluated images.
     """
     pq = panoptic_evaluate(ground_truth, panoptic, image_ids)
     masks = coco_evaluate(ground_truth, instances, image_ids, iou_type="segm")
