@@ -55,7 +55,8 @@ from flax import traverse_util
 import detr_jax
 from detr_jax.checkpoint import compare_trees
 from detr_jax.config import config_from_dict, load_config
-from detr_jax.models import BACKBONES, build_model, variable_shapes
+from detr_jax.class_convention import CLASS_CONVENTIONS
+from detr_jax.models import BACKBONES, build_model, class_convention_name, variable_shapes
 from detr_jax.models.backbone import RESNETS
 from detr_jax.models.transformer import torch_dense
 from detr_jax.models.vit import VITS, ViT
@@ -672,7 +673,8 @@ def _section(title: str, lines: list[str]) -> list[str]:
 
 def _class_head(model_config, seed: int) -> dict[Path, np.ndarray]:
     """A freshly initialized class head (PyTorch nn.Linear init, as in DETR) as flat leaves."""
-    head = torch_dense(model_config.num_classes + 1, model_config.hidden_dim, "class_embed", jnp.float32)
+    num_logits = CLASS_CONVENTIONS[class_convention_name(model_config)].num_logits(model_config.num_classes)
+    head = torch_dense(num_logits, model_config.hidden_dim, "class_embed", jnp.float32)
     params = head.init(jax.random.key(seed), jnp.zeros((1, model_config.hidden_dim), jnp.float32))["params"]
     return {("params", "class_embed", name): np.asarray(value) for name, value in params.items()}
 

@@ -39,7 +39,7 @@ from detr_jax.coco_metrics import METRIC_NAMES, coco_evaluate, coco_from_dict, f
 from detr_jax.config.errors import ConfigError
 from detr_jax.data import eval_shard_range, make_eval_iterator, make_source, num_eval_batches, to_coco_dict
 from detr_jax.data.checks import check_category_ids, check_image_files
-from detr_jax.models import build_model
+from detr_jax.models import build_class_convention, build_model
 from detr_jax.postprocess import make_predict_fn, select_detections
 from detr_jax.segmentation_eval import (
     SEGMENTATION_METRIC_NAMES,
@@ -99,7 +99,7 @@ class Evaluator:
     (the batch is sharded over all hosts).
 
     Args:
-      model: a DETR (any compute dtype).
+      model: the config's detector (`models.build_model`, any compute dtype).
       config: the full config (uses `data` and `eval.batch_size`, the global batch size).
       mesh: a Mesh with a "data" axis; default: all devices of all hosts.
       source: the eval source, if already built (default `make_source(config.data, "eval")`).
@@ -119,7 +119,7 @@ class Evaluator:
         self.source = source if source is not None else make_source(config.data, "eval")
         check_category_ids(self.source, config.model.num_classes)
         check_image_files(self.source)
-        self._predict = make_predict_fn(model, self.mesh)
+        self._predict = make_predict_fn(model, self.mesh, build_class_convention(config))
         self._batch_sharding = batch_sharded(self.mesh)
         self._ground_truth = None  # built on first use, on process 0 only
         # Segmentation needs the mask head's outputs and ground-truth masks.

@@ -1,15 +1,16 @@
 """Export a detector for serving where JAX is not: StableHLO, TF SavedModel, ONNX.
 
-Every format holds the same function, the model with its weights followed by official
-DETR's post-processing (`postprocess.postprocess`, every query kept):
+Every format holds the same function, the model with its weights followed by its class
+convention's post-processing (`postprocess.postprocess`; DETR's keeps every query):
 
   inputs   image      uint8   [B, H, W, 3]  RGB pixels, padded bottom/right (the padding's
                                             values are ignored); normalized inside
            mask       bool    [B, H, W]     True = real pixel
            orig_size  int32   [B, 2]        (h, w) of each original image, in pixels
-  outputs  scores     float32 [B, Q]        best class probability other than "no object"
-           labels     int32   [B, Q]        that class's category id
-           boxes      float32 [B, Q, 4]     pixel (x0, y0, x1, y1) of the original image
+  outputs  scores     float32 [B, N]        class probability (DETR: each query's best
+                                            class other than "no object", N = Q)
+           labels     int32   [B, N]        that class's category id
+           boxes      float32 [B, N, 4]     pixel (x0, y0, x1, y1) of the original image
 
 B is symbolic ("dynamic") or fixed; H and W are fixed, or symbolic multiples of
 `SIZE_MULTIPLE` where the model allows it (a ResNet does; a ViT's position embedding is
@@ -45,7 +46,8 @@ import numpy as np
 
 from detr_jax.config import config_from_dict
 from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD, normalize
-from detr_jax.models import build_model
+from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.models import build_class_convention, build_model
 from detr_jax.postprocess import postprocess
 
 log = logging.getLogger(__name__)
@@ -96,13 +98,14 @@ class ExportShape:
         return [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in zip(shapes, (jnp.uint8, jnp.bool_, jnp.int32))]
 
 
-def serving_function(model, variables: Mapping):
+def serving_function(model, variables: Mapping, classes: ClassConvention = SoftmaxNoObject()):
     """fn(image, mask, orig_size) -> (scores, labels, boxes): the model's last layer,
-    post-processed, with `variables` closed over (so they become constants of the export)."""
+    post-processed as its class convention `classes` ranks detections, with `variables`
+    closed over (so they become constants of the export)."""
 
     def serve(image, mask, orig_size):
         out = model.apply(variables, image, mask, train=False)
-        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size)
+        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size, classes)
         return tuple(result[name] for name in OUTPUT_NAMES)
 
     return serve
@@ -176,7 +179,9 @@ def export_detector(
         raise ExportError(f"ONNX export is float32 only (asked for {compute_dtype}): onnxruntime's Conv "
                           "takes no bfloat16 input")
     variables = jax.tree.map(np.asarray, dict(variables))
-    fn = serving_function(model, variables)
+    classes = build_class_convention(config)
+    fn = serving_function(model, variables, classes)
+    detections = classes.num_detections(config.model.num_queries, config.model.num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / ARTIFACTS[format]
     try:
@@ -198,9 +203,9 @@ def export_detector(
         "size_multiple": SIZE_MULTIPLE if shape.size is None else None,
         "inputs": {name: {"shape": list(s), "dtype": d} for (name, s), d in
                    zip(shape.input_shapes().items(), ("uint8", "bool", "int32"))},
-        "outputs": {"scores": {"shape": [shape.batch, config.model.num_queries], "dtype": "float32"},
-                    "labels": {"shape": [shape.batch, config.model.num_queries], "dtype": "int32"},
-                    "boxes": {"shape": [shape.batch, config.model.num_queries, 4], "dtype": "float32"}},
+        "outputs": {"scores": {"shape": [shape.batch, detections], "dtype": "float32"},
+                    "labels": {"shape": [shape.batch, detections], "dtype": "int32"},
+                    "boxes": {"shape": [shape.batch, detections, 4], "dtype": "float32"}},
         # Normalization happens inside the artifact; recorded for reference.
         "preprocess": {"pixel_scale": 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                        "eval_scale": config.data.eval_scale, "eval_max_size": config.data.eval_max_size},

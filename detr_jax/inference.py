@@ -35,7 +35,7 @@ from detr_jax.data.pipeline import buckets_for
 from detr_jax.data.synthetic import SyntheticShapesSource
 from detr_jax.data.transforms import EvalResize
 from detr_jax.export import ExportedDetector, ExportError, is_export
-from detr_jax.models import build_model
+from detr_jax.models import build_class_convention, build_model
 from detr_jax.postprocess import Detections, make_predict_fn, select_detections
 from detr_jax.restore import load_checkpoint
 from detr_jax.segmentation_postprocess import PanopticSegmentation, panoptic_segmentation
@@ -209,7 +209,7 @@ class Predictor:
         if self.batch_size % data_size(self.mesh):
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of the mesh's {data_size(self.mesh)} devices")
         self._variables = jax.device_put(dict(variables), replicated(self.mesh))
-        self._forward = make_predict_fn(self.model, self.mesh)
+        self._forward = make_predict_fn(self.model, self.mesh, build_class_convention(config))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
@@ -300,7 +300,7 @@ class Predictor:
                       top_k: int | None = 100) -> Detections:
         """`predict`'s result for one image from its `predict_queries` output."""
         return select_detections(queries["scores"], queries["labels"], queries["boxes"], image.shape[:2],
-                                 score_threshold, top_k, self.class_names)
+                                 score_threshold, top_k, self.class_names, queries=queries.get("queries"))
 
     def segmentation_of(self, queries: Mapping[str, np.ndarray], image: np.ndarray, method: str = "official",
                         **options) -> PanopticSegmentation:
@@ -312,12 +312,14 @@ class Predictor:
                                      self.category_isthing, method, **options)
 
     def predict_queries(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Every query of each image, in query order, unfiltered and unclipped.
+        """Every detection of each image (`postprocess.postprocess`: DETR's, every query in
+        query order), unfiltered and unclipped.
 
         Args:
           images: uint8 [H, W, 3] arrays.
-        Returns per image: scores float32 [Q], labels int32 [Q], boxes float32 [Q, 4]
-        pixel xyxy of the original image, size int32 [2] (h, w) of the resized image the
+        Returns per image: scores float32 [N], labels int32 [N], boxes float32 [N, 4]
+        pixel xyxy of the original image (queries int32 [N] where detection i is not query
+        i: a sigmoid class convention's), size int32 [2] (h, w) of the resized image the
         model saw; with a mask head also pred_logits float32 [Q, K + 1] and pred_masks
         float32 [Q, H/4, W/4] (the padded input's stride-4 grid).
         """

@@ -1,11 +1,13 @@
 """DETR's set prediction loss (official DETR's SetCriterion), jit-able and shard-safe.
 
 For each supervised decoder layer, after Hungarian matching (`detr_jax.matcher`):
-  loss_ce:   cross-entropy over ALL queries; matched queries target their object's class,
-             the others "no object" (index K). Class weights are 1, and eos_coef for "no
-             object"; the reduction is the weighted mean sum(w_i * ce_i) / sum(w_i) over
+  loss_ce:   the class convention's classification loss over ALL queries
+             (`detr_jax.class_convention`); matched queries target their object's class,
+             the others "no object". DETR's: cross-entropy with class weights 1, and
+             eos_coef for "no object", the weighted mean sum(w_i * ce_i) / sum(w_i) over
              every query of the (global) batch, like torch's
-             `F.cross_entropy(..., weight=empty_weight)`.
+             `F.cross_entropy(..., weight=empty_weight)`; the sigmoid convention's: the
+             focal loss summed over queries and classes / num_boxes.
   loss_bbox: L1 between matched predicted and target boxes (normalized cxcywh, as in the
              matching cost), summed over pairs and coordinates, divided by num_boxes.
   loss_giou: sum over matched pairs of (1 - GIoU) / num_boxes.
@@ -21,6 +23,14 @@ value of shape [L] (one per supervised decoder layer) is reported as `name` for 
 layer and `name_i` for layer i: the aux-layer suffixes are handled once, here. A scalar
 is reported as is. Names in the weight dict add weight * value to the total loss;
 the others are metrics (no gradient).
+
+Outputs are named branches: the top-level `pred_logits`/`pred_boxes` are the main branch
+(every decoder layer); a detector may add others under the names of BRANCHES ("enc": the
+two-stage encoder proposals, "dn": denoising queries, "one2many": hybrid matching), each
+a dict of the same keys, matched by its own rule: a branch that carries its assignment
+(`target_to_query`, e.g. denoising queries made from the targets) uses it, the others
+are matched by the criterion's matcher. A branch's metrics are suffixed with its name as
+the references do: `loss_bbox_enc`, `loss_bbox_dn_3` (layer 3 of the dn branch).
 
 Where the sums run: called under `jax.jit` on global (sharded) arrays, every sum is
 already over the global batch (XLA inserts the cross-device reductions), so no psum is
@@ -44,6 +54,8 @@ from flax.core import FrozenDict
 from jax.sharding import Mesh
 
 from detr_jax import box_ops
+from detr_jax.class_convention import CLASS_CONVENTIONS, ClassConvention, SoftmaxNoObject
+from detr_jax.focal_loss import sigmoid_focal_loss
 from detr_jax.matcher import MATCHERS, HungarianMatcher, Matching, per_device
 
 
@@ -56,27 +68,31 @@ def global_sum(x: jax.Array, axis_name) -> jax.Array:
 class LossContext(NamedTuple):
     """What loss terms may need besides predictions, targets and the matching.
 
-    num_classes: K (the "no object" class is index K); eos_coef: CE weight of "no object";
-    axis_name: set when called per device (inside shard_map): sum over it for global sums.
+    num_classes: K (a target class of K means "no object"); classes: the class convention
+    (`detr_jax.class_convention`); axis_name: set when called per device (inside
+    shard_map): sum over it for global sums.
     """
 
     num_classes: int
-    eos_coef: float
+    classes: ClassConvention
     axis_name: Any = None
 
 
 class LossTerm(NamedTuple):
     """A loss term of the menu: `fn(outputs, targets, matching, num_boxes, ctx) -> dict`,
-    and `weights(loss_config) -> {name: weight}` for the names it returns that are losses."""
+    and `weights(loss_config) -> {name: weight}` for the names it returns that are losses.
+    every_branch: computed on every output branch (False: the main branch only, for a
+    term that reads outputs only the main branch has, such as pred_masks)."""
 
     fn: Callable[..., dict]
     weights: Callable[[Any], dict]
+    every_branch: bool = True
 
 
 def loss_labels(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
-    """loss_ce [L]: weighted-mean CE over all queries; class_error: the last layer's
-    100 - top-1 accuracy (%) of matched queries (100 when none is matched, as official DETR)."""
-    del num_boxes
+    """loss_ce [L]: the class convention's loss over all queries; class_error: the last
+    layer's 100 - top-1 accuracy (%) of matched queries (100 when none is matched, as
+    official DETR)."""
     logits = outputs["pred_logits"].astype(jnp.float32)
     labels = targets["labels"].astype(jnp.int32)
     num_queries = logits.shape[2]
@@ -88,21 +104,14 @@ def loss_labels(outputs, targets, matching: Matching, num_boxes, ctx: LossContex
     matched_label = jnp.sum(jnp.where(is_match, labels[None, :, None, :], 0), axis=-1)
     target_class = jnp.where(matched, matched_label, no_object)
 
-    log_prob = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(log_prob, target_class[..., None], axis=-1)[..., 0]
-    weight = jnp.where(target_class == no_object, ctx.eos_coef, 1.0)
-    ce_sum = jnp.sum(weight * ce, axis=(1, 2))
-    weight_sum = jnp.sum(weight, axis=(1, 2))
-    if ctx.axis_name is not None:
-        ce_sum = jax.lax.psum(ce_sum, ctx.axis_name)
-        weight_sum = jax.lax.psum(weight_sum, ctx.axis_name)
+    loss_ce = ctx.classes.loss(logits, target_class, num_boxes, ctx.axis_name)
 
     last_matched = matched[-1]
     correct = (jnp.argmax(logits[-1], axis=-1) == target_class[-1]) & last_matched
     num_correct = global_sum(correct.astype(jnp.float32), ctx.axis_name)
     num_matched = global_sum(last_matched.astype(jnp.float32), ctx.axis_name)
     accuracy = jnp.where(num_matched > 0, 100.0 * num_correct / jnp.maximum(num_matched, 1.0), 0.0)
-    return {"loss_ce": ce_sum / weight_sum, "class_error": 100.0 - accuracy}
+    return {"loss_ce": loss_ce, "class_error": 100.0 - accuracy}
 
 
 def loss_boxes(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
@@ -134,27 +143,18 @@ def loss_boxes(outputs, targets, matching: Matching, num_boxes, ctx: LossContext
 
 
 def loss_cardinality(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
-    """cardinality_error: mean over images of |#non-"no object" predictions - #targets|
-    (last layer); a metric, no gradient."""
+    """cardinality_error: mean over images of |#queries predicting an object - #targets|
+    (last layer; which queries predict one, the class convention says); a metric, no
+    gradient."""
     del matching, num_boxes
     last_logits = outputs["pred_logits"][-1]
     valid = targets["valid"].astype(bool)
-    predicted = jnp.sum(jnp.argmax(last_logits, axis=-1) != ctx.num_classes, axis=-1)
+    predicted = jnp.sum(ctx.classes.predicted_objects(last_logits), axis=-1)
     error = jnp.abs(predicted - valid.sum(-1)).astype(jnp.float32)
     num_images = jnp.asarray(error.shape[0], jnp.float32)
     if ctx.axis_name is not None:
         num_images = jax.lax.psum(num_images, ctx.axis_name)
     return {"cardinality_error": global_sum(error, ctx.axis_name) / num_images}
-
-
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
-    """Per-element focal loss (Lin et al. 2017; official DETR's `sigmoid_focal_loss`
-    before its reduction): logits and targets (0/1) of one shape -> the same shape."""
-    prob = jax.nn.sigmoid(logits)
-    ce = optax.sigmoid_binary_cross_entropy(logits, targets)
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return alpha_t * ce * (1 - p_t) ** gamma
 
 
 def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -198,11 +198,16 @@ LOSSES: dict[str, LossTerm] = {
     "labels": LossTerm(loss_labels, lambda c: {"loss_ce": float(c.class_coef)}),
     "boxes": LossTerm(loss_boxes, lambda c: {"loss_bbox": float(c.bbox_coef), "loss_giou": float(c.giou_coef)}),
     "cardinality": LossTerm(loss_cardinality, lambda c: {}),
-    "masks": LossTerm(loss_masks, lambda c: {"loss_mask": float(c.mask_coef), "loss_dice": float(c.dice_coef)}),
+    "masks": LossTerm(loss_masks, lambda c: {"loss_mask": float(c.mask_coef), "loss_dice": float(c.dice_coef)},
+                      every_branch=False),
 }
 
 DEFAULT_LOSSES = ("labels", "boxes", "cardinality")
 DEFAULT_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+# Output branches besides the main one (see the module docstring), in the order their
+# losses are added.
+BRANCHES = ("enc", "dn", "one2many")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,14 +215,15 @@ class SetCriterion:
     """DETR's set prediction loss: a matcher, a menu of loss terms and their weights.
 
     Attributes:
-      num_classes: K, max class id + 1; the logits have K + 1 entries ("no object" last).
+      num_classes: K, max class id + 1.
       matcher: `matcher(pred_logits, pred_boxes, labels, boxes, valid) -> Matching` (see
         detr_jax.matcher; `matcher.per_device` for one that runs per device under a mesh).
       weight_dict: {loss name: weight} of the terms added to the total (the same for every
         decoder layer).
       losses: names of LOSSES terms to compute (looked up when called, so a term
         registered after import is found).
-      eos_coef: cross-entropy weight of the "no object" class.
+      classes: the class convention (DETR's softmax with "no object", C = K + 1 logits,
+        by default); it owns the classification loss and cardinality.
       aux_loss: supervise every decoder layer, not only the last.
     """
 
@@ -225,7 +231,7 @@ class SetCriterion:
     matcher: Callable[..., Matching] = HungarianMatcher()
     weight_dict: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     losses: tuple[str, ...] = DEFAULT_LOSSES
-    eos_coef: float = 0.1
+    classes: ClassConvention = SoftmaxNoObject()
     aux_loss: bool = True
 
     def __post_init__(self):
@@ -234,17 +240,21 @@ class SetCriterion:
         object.__setattr__(self, "losses", tuple(self.losses))
 
     @classmethod
-    def from_config(cls, loss_config, num_classes: int, mesh: Mesh | None = None) -> "SetCriterion":
-        """From the config's `loss` section; with a mesh the matcher runs per device."""
+    def from_config(cls, loss_config, num_classes: int, mesh: Mesh | None = None,
+                    classes: ClassConvention | None = None) -> "SetCriterion":
+        """From the config's `loss` section; with a mesh the matcher runs per device.
+        classes: the detector's class convention (`models.build_class_convention`);
+        None: DETR's, softmax with "no object" weighted by loss.eos_coef."""
+        classes = CLASS_CONVENTIONS["softmax"].from_config(loss_config) if classes is None else classes
         weight_dict = {}
         for name in loss_config.losses:
             weight_dict.update(LOSSES[name].weights(loss_config))
         return cls(
             num_classes=int(num_classes),
-            matcher=per_device(MATCHERS[loss_config.matcher](loss_config), mesh),
+            matcher=per_device(MATCHERS[loss_config.matcher](loss_config, classes), mesh),
             weight_dict=weight_dict,
             losses=tuple(loss_config.losses),
-            eos_coef=float(loss_config.eos_coef),
+            classes=classes,
             aux_loss=bool(loss_config.aux_loss),
         )
 
@@ -254,19 +264,25 @@ class SetCriterion:
         """The weighted total loss and the per-term losses and metrics.
 
         Args:
-          outputs: {"pred_logits": [L, B, Q, K+1] float (bfloat16 is fine; the loss is
-            float32), "pred_boxes": [L, B, Q, 4] normalized cxcywh, and any intermediates
-            a term needs}; index -1 of L is the last decoder layer.
+          outputs: {"pred_logits": [L, B, Q, C] float (C as the class convention reads
+            them; bfloat16 is fine, the loss is float32), "pred_boxes": [L, B, Q, 4]
+            normalized cxcywh, any intermediates a term needs, and any BRANCHES, each
+            {"pred_logits": [L', B, Q', C], "pred_boxes": [L', B, Q', 4], optionally
+            "target_to_query": [L', B, M] or [B, M] int32, the query of each target slot
+            (-1: none) when the branch's assignment is known}; index -1 of L is the last
+            decoder layer.
           targets: {"labels": [B, M] int, "boxes": [B, M, 4] normalized cxcywh,
             "valid": [B, M] bool}.
           axis_name: set only when called per device (inside shard_map); the batch axis
             name(s) to sum over. The matcher must then be a local one (not per_device).
         Returns:
-          (loss, metrics). loss: scalar, sum of weight * term over the supervised layers.
+          (loss, metrics). loss: scalar, sum of weight * term over the supervised layers
+          of every branch.
           metrics (scalars, all float32):
             loss_ce, loss_bbox, loss_giou (default terms): unweighted, last layer;
             loss_ce_i, ...: decoder layer i (0-based), for every layer but the last, when
               aux_loss;
+            loss_ce_enc, loss_ce_dn_i, ...: the same for each other branch;
             loss: the weighted total (same as the first return value);
             class_error, cardinality_error: see loss_labels, loss_cardinality;
             num_boxes: the normalizer (valid targets in the global batch, at least 1);
@@ -276,15 +292,8 @@ class SetCriterion:
               (their targets left unmatched); 0 in a healthy run.
           Only the loss terms carry a gradient.
         """
-        supervised = self.supervised_layers(outputs)
-        matching = self.matcher(
-            supervised["pred_logits"],
-            supervised["pred_boxes"],
-            targets["labels"].astype(jnp.int32),
-            targets["boxes"],
-            targets["valid"].astype(bool),
-        )
-        return self.loss_for_matching(outputs, targets, matching, axis_name=axis_name)
+        matchings = {name: self.match(branch, targets) for name, branch in self.branches(outputs).items()}
+        return self.loss_for_matching(outputs, targets, matchings, axis_name=axis_name)
 
     def supervised_layers(self, outputs: dict) -> dict:
         """`outputs` with pred_logits/pred_boxes cut to the supervised layers ([-1:] without aux_loss)."""
@@ -292,46 +301,79 @@ class SetCriterion:
             return outputs
         return {**outputs, "pred_logits": outputs["pred_logits"][-1:], "pred_boxes": outputs["pred_boxes"][-1:]}
 
+    def branches(self, outputs: dict) -> dict[str, dict]:
+        """{"main": the supervised layers of `outputs`, and each of BRANCHES it has: its own}."""
+        found = {"main": self.supervised_layers(outputs)}
+        found.update((name, self.supervised_layers(outputs[name])) for name in BRANCHES if name in outputs)
+        return found
+
+    def match(self, branch: dict, targets: dict) -> Matching:
+        """One branch's matching ([L', B, M] fields): its own `target_to_query` if it has
+        one (matched by construction), else the matcher's."""
+        if "target_to_query" in branch:
+            layers, batch = branch["pred_logits"].shape[:2]
+            known = branch["target_to_query"]
+            known = known[-layers:] if known.ndim == 3 else known  # the supervised layers'
+            known = jnp.broadcast_to(known, (layers,) + targets["valid"].shape).astype(jnp.int32)
+            return Matching(jnp.where(targets["valid"].astype(bool), known, -1), jnp.ones((layers, batch), bool),
+                            jnp.zeros((layers, batch), jnp.int32))
+        return self.matcher(
+            branch["pred_logits"],
+            branch["pred_boxes"],
+            targets["labels"].astype(jnp.int32),
+            targets["boxes"],
+            targets["valid"].astype(bool),
+        )
+
     def loss_for_matching(
-        self, outputs: dict, targets: dict, matching: Matching, *, axis_name=None
+        self, outputs: dict, targets: dict, matching: Matching | Mapping[str, Matching], *, axis_name=None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The loss for a given matching (what `__call__` returns after matching).
 
         Args:
           outputs, targets, axis_name: as in `__call__`.
-          matching: from `self.matcher` on the supervised layers (all L layers, or only
-            the last one, [1, B, ...], when aux_loss is False).
+          matching: the main branch's, from `self.matcher` on the supervised layers (all L
+            layers, or only the last one, [1, B, ...], when aux_loss is False); or
+            {branch name: its matching} for every branch of `self.branches(outputs)`.
         Returns:
           (loss, metrics) as in `__call__`.
         """
-        supervised = self.supervised_layers(outputs)
-        num_layers = supervised["pred_logits"].shape[0]
+        matchings = matching if isinstance(matching, Mapping) else {"main": matching}
         valid = targets["valid"].astype(bool)
         num_boxes = jnp.maximum(global_sum(valid.astype(jnp.float32), axis_name), 1.0)
-        ctx = LossContext(self.num_classes, self.eos_coef, axis_name)
+        ctx = LossContext(self.num_classes, self.classes, axis_name)
 
         metrics, weighted_keys = {}, set()
-        per_layer, once = [], []  # (weight, value) of the weighted terms
-        for name in self.losses:
-            for key, value in LOSSES[name].fn(supervised, targets, matching, num_boxes, ctx).items():
-                layered = value.ndim == 1  # one value per supervised layer
-                names = [key if l == num_layers - 1 else f"{key}_{l}" for l in range(num_layers)] if layered else [key]
-                metrics.update(zip(names, value if layered else [value]))
-                if key in self.weight_dict:
-                    weighted_keys.update(names)
-                    (per_layer if layered else once).append((self.weight_dict[key], value))
         total = jnp.zeros((), jnp.float32)
-        for layer in range(num_layers):  # layer by layer, terms in menu order
-            layer_total = None
-            for weight, value in per_layer:
-                layer_total = weight * value[layer] if layer_total is None else layer_total + weight * value[layer]
-            if layer_total is not None:
-                total = total + layer_total
-        for weight, value in once:
-            total = total + weight * value
+        for branch_name, branch in self.branches(outputs).items():
+            num_layers = branch["pred_logits"].shape[0]
+            suffix = "" if branch_name == "main" else f"_{branch_name}"
+            per_layer, once = [], []  # (weight, value) of the weighted terms
+            for name in self.losses:
+                term = LOSSES[name]
+                if branch_name != "main" and not term.every_branch:
+                    continue
+                for key, value in term.fn(branch, targets, matchings[branch_name], num_boxes, ctx).items():
+                    layered = value.ndim == 1  # one value per supervised layer
+                    names = [f"{key}{suffix}" if l == num_layers - 1 else f"{key}{suffix}_{l}"
+                             for l in range(num_layers)] if layered else [f"{key}{suffix}"]
+                    metrics.update(zip(names, value if layered else [value]))
+                    if key in self.weight_dict:
+                        weighted_keys.update(names)
+                        (per_layer if layered else once).append((self.weight_dict[key], value))
+            for layer in range(num_layers):  # layer by layer, terms in menu order
+                layer_total = None
+                for weight, value in per_layer:
+                    layer_total = weight * value[layer] if layer_total is None else layer_total + weight * value[layer]
+                if layer_total is not None:
+                    total = total + layer_total
+            for weight, value in once:
+                total = total + weight * value
         metrics["loss"] = total
         metrics["num_boxes"] = num_boxes
-        metrics["nonfinite_cost"] = global_sum((matching.nonfinite > 0).any(axis=0).astype(jnp.float32), axis_name)
-        metrics["matching_failed"] = global_sum((~matching.solved).astype(jnp.float32), axis_name)
+        nonfinite = jnp.concatenate([m.nonfinite for m in matchings.values()])  # [layers of all branches, B]
+        solved = jnp.concatenate([m.solved for m in matchings.values()])
+        metrics["nonfinite_cost"] = global_sum((nonfinite > 0).any(axis=0).astype(jnp.float32), axis_name)
+        metrics["matching_failed"] = global_sum((~solved).astype(jnp.float32), axis_name)
         metrics = {k: v if k in weighted_keys or k == "loss" else jax.lax.stop_gradient(v) for k, v in metrics.items()}
         return total, metrics

@@ -3,7 +3,9 @@ as an option, on device).
 
 The cost of matching query q to target m (official DETR's HungarianMatcher):
 
-    cost_class * -softmax(logits_q)[label_m]
+    cost_class * class_cost(logits_q, label_m)      (-softmax(logits_q)[label_m] for DETR;
+                                                   the class convention's, see
+                                                   detr_jax.class_convention)
   + cost_bbox  * L1(box_q, box_m)                 (normalized cxcywh)
   + cost_giou  * -GIoU(xyxy(box_q), xyxy(box_m))
 
@@ -17,7 +19,7 @@ on the gathered batch; on CPU with several devices that was seen to deadlock).
 
 A matcher is anything callable as `matcher(pred_logits, pred_boxes, labels, boxes, valid)
 -> Matching` on one device's shard; MATCHERS maps `loss.matcher` names to builders
-`(loss_config) -> matcher`.
+`(loss_config, classes) -> matcher`, `classes` being the detector's class convention.
 
 Never raising inside the callback (undefined behaviour in JAX), the host validates and
 reports instead: NaN/Inf costs (from non-finite predictions) are replaced by
@@ -43,6 +45,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from detr_jax import box_ops, sharding
+from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
 
 # Replaces NaN/Inf costs before the solver. Finite costs are O(10) (class cost in [-1, 0],
 # L1 of normalized boxes <= 4, GIoU in [-1, 1], default weights <= 5).
@@ -74,35 +77,22 @@ def matching_cost(
     cost_class: float = 1.0,
     cost_bbox: float = 5.0,
     cost_giou: float = 2.0,
+    classes: ClassConvention = SoftmaxNoObject(),
 ) -> jax.Array:
     """The matching cost of every query with every target slot (padded slots included).
 
     Args:
-      pred_logits: [L, B, Q, K+1] class logits (any float dtype; computed in float32).
+      pred_logits: [L, B, Q, C] class logits (any float dtype; computed in float32), read
+        by `classes` (DETR's softmax with "no object" by default: C = K + 1).
       pred_boxes: [L, B, Q, 4] normalized cxcywh.
       labels: [B, M] int class ids of the targets.
       boxes: [B, M, 4] normalized cxcywh target boxes.
     Returns:
       [L, B, Q, M] float32 cost; NaN/Inf where predictions or targets are non-finite.
     """
-    pred_logits = pred_logits.astype(jnp.float32)
     pred_boxes = pred_boxes.astype(jnp.float32)
     boxes = boxes.astype(jnp.float32)
-    num_layers, batch, num_queries, num_logits = pred_logits.shape
-    num_targets = labels.shape[-1]
-
-    # Padded slots hold arbitrary labels: clip so the gather stays in range.
-    label_index = jnp.clip(labels.astype(jnp.int32), 0, num_logits - 1)
-    label_index = jnp.broadcast_to(
-        label_index[None, :, None, :], (num_layers, batch, num_queries, num_targets)
-    )
-    # softmax(logits)[label] as exp(logit[label] - logsumexp(logits)): gathering from the
-    # logits instead of from a softmax output kept XLA CPU ~3x faster next to the callback.
-    log_norm = jax.nn.logsumexp(pred_logits, axis=-1, keepdims=True)
-    class_cost = -jnp.exp(jnp.take_along_axis(pred_logits, label_index, axis=-1) - log_norm)
-    # A NaN or +Inf logit makes the query's whole row non-finite (as softmax would), so
-    # it is reported whatever the target labels are.
-    class_cost = jnp.where(jnp.isfinite(log_norm), class_cost, jnp.nan)
+    class_cost = classes.matching_cost(pred_logits, labels)
 
     # Coordinate by coordinate: XLA CPU ran the [L, B, Q, M, 4] form ~10x slower.
     bbox_cost = sum(
@@ -220,29 +210,34 @@ class HungarianMatcher:
 
     Attributes:
       cost_class, cost_bbox, cost_giou: weights of the matching cost terms.
+      solver: (cost, valid) -> Matching: `assign` (scipy on host) or `assign_on_device`.
+      classes: the class convention whose class cost is used (DETR's by default).
     """
 
     cost_class: float = 1.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
-    # (cost, valid) -> Matching: `assign` (scipy on host) or `assign_on_device`.
     solver: Callable[..., Matching] = assign
+    classes: ClassConvention = SoftmaxNoObject()
 
     @classmethod
-    def from_config(cls, loss_config, solver: Callable[..., Matching] = assign) -> "HungarianMatcher":
+    def from_config(cls, loss_config, classes: ClassConvention = SoftmaxNoObject(),
+                    solver: Callable[..., Matching] = assign) -> "HungarianMatcher":
         """From the config's `loss` section (cost_class, cost_bbox, cost_giou)."""
         return cls(
             cost_class=float(loss_config.cost_class),
             cost_bbox=float(loss_config.cost_bbox),
             cost_giou=float(loss_config.cost_giou),
             solver=solver,
+            classes=classes,
         )
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
         """Matches every layer and image of one device's batch (no sharding logic).
 
         Args:
-          pred_logits: [L, B, Q, K+1]; pred_boxes: [L, B, Q, 4] normalized cxcywh.
+          pred_logits: [L, B, Q, C] (C as `classes` reads them); pred_boxes: [L, B, Q, 4]
+            normalized cxcywh.
           labels: [B, M] int; boxes: [B, M, 4] normalized cxcywh; valid: [B, M] bool.
         Returns:
           Matching with [L, B, ...] fields.
@@ -255,13 +250,14 @@ class HungarianMatcher:
             cost_class=self.cost_class,
             cost_bbox=self.cost_bbox,
             cost_giou=self.cost_giou,
+            classes=self.classes,
         )
         return self.solver(cost, jnp.broadcast_to(valid, cost.shape[:2] + valid.shape[-1:]))
 
 
-# loss.matcher -> builder (loss_config) -> matcher. "hungarian": scipy on host (the
+# loss.matcher -> builder (loss_config, classes) -> matcher. "hungarian": scipy on host (the
 # default); "hungarian_device": the exact solver inside the step.
-MATCHERS: dict[str, Callable[[Any], Callable[..., Matching]]] = {
+MATCHERS: dict[str, Callable[[Any, ClassConvention], Callable[..., Matching]]] = {
     "hungarian": HungarianMatcher.from_config,
     "hungarian_device": functools.partial(HungarianMatcher.from_config, solver=assign_on_device),
 }

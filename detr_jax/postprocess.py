@@ -1,10 +1,13 @@
 """Predictions -> detections, and the one jitted predict function of evaluation and inference.
 
-Post-processing follows official DETR's `PostProcess`: softmax over the classes, the
-"no object" class dropped, each query's best remaining class and its probability, boxes
-from normalized (cx, cy, w, h) to pixel (x0, y0, x1, y1) of the ORIGINAL image. For COCO
-evaluation every query is kept (no threshold, no NMS), as in the original; `select_detections`
-then thresholds, sorts and clips one image's queries for display.
+Post-processing follows official DETR's `PostProcess`: the detector's class convention
+ranks the detections (`detr_jax.class_convention`; DETR's: softmax over the classes, the
+"no object" class dropped, each query's best remaining class and its probability, every
+query kept; the sigmoid convention's: the best (query, class) pairs over all queries and
+classes, as official Deformable DETR), boxes from normalized (cx, cy, w, h) to pixel
+(x0, y0, x1, y1) of the ORIGINAL image. For COCO evaluation there is no threshold and no
+NMS, as in the originals; `select_detections` then thresholds, sorts and clips one image's
+detections for display.
 """
 
 from __future__ import annotations
@@ -18,41 +21,39 @@ import numpy as np
 from jax.sharding import Mesh
 
 from detr_jax import box_ops
+from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
 from detr_jax.sharding import batch_sharded, replicated
 
 
-def class_scores(pred_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each query's best class other than "no object" and its probability.
-
-    pred_logits: [..., K + 1] class logits (the last class is "no object").
-    Returns (scores float32 [...], labels int32 [...] category ids 0..K-1).
-    """
-    probs = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
-    return probs.max(-1), probs.argmax(-1).astype(jnp.int32)
-
-
-def postprocess(pred_logits: jax.Array, pred_boxes: jax.Array, orig_size: jax.Array) -> dict[str, jax.Array]:
-    """Official DETR's PostProcess, every query kept.
+def postprocess(pred_logits: jax.Array, pred_boxes: jax.Array, orig_size: jax.Array,
+                classes: ClassConvention = SoftmaxNoObject()) -> dict[str, jax.Array]:
+    """Official DETR's PostProcess (of the detector's class convention `classes`).
 
     Args:
-      pred_logits: [B, Q, K + 1] class logits; the last class is "no object".
+      pred_logits: [B, Q, C] class logits (DETR's: C = K + 1, the last "no object").
       pred_boxes: [B, Q, 4] normalized (cx, cy, w, h), relative to the unpadded image.
       orig_size: [B, 2] (h, w) of the original image, in pixels.
 
-    Returns:
-      scores float32 [B, Q]: probability of the best class other than "no object";
-      labels int32 [B, Q]: that class (a category id, 0..K-1);
-      boxes float32 [B, Q, 4]: pixel (x0, y0, x1, y1) in the original image (not clipped).
+    Returns N = `classes.num_detections(Q, K)` detections per image (DETR: one per query):
+      scores float32 [B, N]: the class probability;
+      labels int32 [B, N]: that class (a category id, 0..K-1);
+      boxes float32 [B, N, 4]: pixel (x0, y0, x1, y1) in the original image (not clipped);
+      queries int32 [B, N]: the query of each detection, only where the convention does
+        not keep every query in order (detection i is query i otherwise).
     """
-    scores, labels = class_scores(pred_logits)
+    scores, labels, queries = classes.detections(pred_logits)
     h, w = orig_size[:, 0].astype(jnp.float32), orig_size[:, 1].astype(jnp.float32)
     scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
     boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * scale
-    return {"scores": scores, "labels": labels, "boxes": boxes}
+    if queries is None:
+        return {"scores": scores, "labels": labels, "boxes": boxes}
+    boxes = jnp.take_along_axis(boxes, queries[..., None], axis=1)
+    return {"scores": scores, "labels": labels, "boxes": boxes, "queries": queries}
 
 
-def make_predict_fn(model, mesh: Mesh) -> Callable:
-    """Jitted fn(variables, image, mask, orig_size) -> `postprocess` output of the last layer.
+def make_predict_fn(model, mesh: Mesh, classes: ClassConvention = SoftmaxNoObject()) -> Callable:
+    """Jitted fn(variables, image, mask, orig_size) -> `postprocess` output of the last layer
+    (ranked by the detector's class convention `classes`).
 
     The batch arguments and the outputs are sharded over the mesh's "data" axis, the
     variables replicated. Shapes: image [B, H, W, 3], mask [B, H, W], orig_size [B, 2].
@@ -65,7 +66,7 @@ def make_predict_fn(model, mesh: Mesh) -> Callable:
 
     def predict(variables, image, mask, orig_size):
         out = model.apply(variables, image, mask, train=False)
-        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size)
+        result = postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], orig_size, classes)
         if "pred_masks" in out:
             result.update(pred_logits=out["pred_logits"][-1].astype(jnp.float32), pred_masks=out["pred_masks"])
         return result
@@ -132,11 +133,14 @@ def select_detections(
     top_k: int | None = None,
     class_names: Mapping[int, str] | Sequence[str] | None = None,
     clip: bool = True,
+    queries: np.ndarray | None = None,
 ) -> Detections:
-    """One image's post-processed queries -> Detections with score >= threshold, best top_k.
+    """One image's post-processed detections -> Detections with score >= threshold, best top_k.
 
     Args:
-      scores: [Q]; labels: [Q]; boxes: [Q, 4] pixel xyxy (as from `postprocess`).
+      scores: [N]; labels: [N]; boxes: [N, 4] pixel xyxy (as from `postprocess`).
+      queries: [N] the query of each detection (`postprocess`'s, where it gives them);
+        None: detection i is query i.
       image_size: (h, w) of the original image; boxes are clipped to it when `clip`.
       top_k: keep at most this many (None or 0: all).
     """
@@ -155,6 +159,6 @@ def select_detections(
         scores=scores[order],
         labels=picked_labels,
         names=[class_name(class_names, label) for label in picked_labels],
-        queries=order.astype(np.int32),
+        queries=(order if queries is None else np.asarray(queries)[order]).astype(np.int32),
         image_size=(int(image_size[0]), int(image_size[1])),
     )

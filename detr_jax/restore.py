@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import Mapping
 
 import ml_collections
+from flax import linen as nn
 
 from detr_jax.checkpoint import (
     METADATA_FILE,
@@ -23,7 +24,7 @@ from detr_jax.checkpoint import (
 )
 from detr_jax.config import config_from_dict
 from detr_jax.config.defaults import AUTO
-from detr_jax.models import DETR, build_model, variable_shapes
+from detr_jax.models import build_model, variable_shapes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def checkpoint_variables(path: str | os.PathLike) -> dict:
     return load_variables(path)
 
 
-def check_variables_fit(model: DETR, variables: Mapping, source: str = "variables") -> None:
+def check_variables_fit(model: nn.Module, variables: Mapping, source: str = "variables") -> None:
     """Raises CheckpointError unless `variables` has exactly the model's leaves and shapes."""
     check_fits(variable_shapes(model), variables, source)
 

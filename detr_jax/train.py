@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 import flax
+from flax import linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ from detr_jax.data.records import DetectionSource
 from detr_jax.host_memory import release_freed_memory, retain_freed_memory
 from detr_jax.losses import SetCriterion
 from detr_jax.metrics_writer import MetricsWriter
-from detr_jax.models import DETR, build_model, init_variables, variable_shapes
+from detr_jax.models import build_class_convention, build_model, init_variables, variable_shapes
 from detr_jax.optim import frozen_mask, make_optimizer
 from detr_jax.restore import checkpoint_variables
 from detr_jax.stop_request import StopRequest
@@ -121,7 +122,7 @@ class TrainState:
 # ----------------------------------------------------------------------------- state
 
 
-def initial_variables(config: ml_collections.ConfigDict, model: DETR, rng: jax.Array) -> dict:
+def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array) -> dict:
     """Fresh variables, overlaid with `train.init_from` (a converted checkpoint or a training
     run) if set, except the parameters `train.init_exclude` names (they keep their fresh
     values)."""
@@ -172,7 +173,7 @@ def stop_frozen_gradients(params, frozen):
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
 
-def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
+def make_train_step(model: nn.Module, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
                     accum_steps: int = 1, frozen=None, state_sharding=None) -> Callable:
     """The jitted step: (state, batch) -> (state, metrics).
 
@@ -198,8 +199,12 @@ def make_train_step(model: DETR, criterion: SetCriterion, optimizer, lr: optax.S
         def loss_fn(params):
             if frozen is not None:
                 params = stop_frozen_gradients(params, frozen)
+            # The detector interface's training inputs: the padded targets, and an rng for
+            # queries made from them (denoising); DETR uses neither.
+            targets = {key: batch[key] for key in ("labels", "boxes", "valid")}
+            rngs = {"dropout": dropout_rng, "queries": jax.random.fold_in(dropout_rng, 1)}
             outputs = model.apply({"params": params, "frozen_bn": state.frozen_bn}, batch["image"],
-                                  batch["mask"], train=True, rngs={"dropout": dropout_rng})
+                                  batch["mask"], train=True, targets=targets, rngs=rngs)
             return criterion(outputs, batch)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -246,7 +251,7 @@ class Assembly:
     (the jitted train step) and mesh.
     """
 
-    model: DETR
+    model: nn.Module
     criterion: SetCriterion
     optimizer: optax.GradientTransformation
     lr: optax.Schedule
@@ -264,7 +269,7 @@ class Assembly:
 
 
 def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: int,
-             model: DETR | None = None) -> Assembly:
+             model: nn.Module | None = None) -> Assembly:
     """Builds model, criterion, optimizer, schedule, train step and abstract state.
 
     Args:
@@ -275,7 +280,8 @@ def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: i
     """
     t = config.train
     model = build_model(config.model) if model is None else model
-    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, mesh=mesh,
+                                         classes=build_class_convention(config))
     shapes = variable_shapes(model)
     optimizer, lr = make_optimizer(t, shapes["params"], updates_per_epoch)
     frozen = frozen_mask(shapes["params"], t.param_rules)

@@ -1,5 +1,7 @@
 """The set criterion against NumPy and Hugging Face re-computations; gradients; edge cases."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import scipy.optimize
 
 from detr_jax import matcher as matcher_lib
+from detr_jax.class_convention import SoftmaxNoObject
 from detr_jax.config import loss_config
 from detr_jax.losses import SetCriterion
 from detr_jax.matcher import HungarianMatcher
@@ -156,8 +159,11 @@ def test_from_config_equals_keywords():
     config = loss_config()
     config.eos_coef = 0.2
     config.aux_loss = False
+    classes = SoftmaxNoObject(eos_coef=0.2)  # the class convention owns eos_coef; the matcher asks it too
+    parts = criterion_parts()
+    parts["matcher"] = dataclasses.replace(parts["matcher"], classes=classes)
     assert SetCriterion.from_config(config, K) == SetCriterion(
-        num_classes=K, eos_coef=0.2, aux_loss=False, **criterion_parts()
+        num_classes=K, classes=classes, aux_loss=False, **parts
     )
 
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detr_jax.class_convention import SoftmaxNoObject
 from detr_jax.config import loss_config
 from detr_jax.losses import LossContext, SetCriterion, dice_loss, loss_masks, sigmoid_focal_loss
 from detr_jax.matcher import Matching
@@ -49,7 +50,7 @@ def mask_problem(rng, batch=2, queries=5, slots=4, h=3, w=4):
 def test_mask_losses_equal_official_loss_masks():
     pred_masks, target_masks, matching, pairs = mask_problem(np.random.default_rng(0))
     num_boxes = 6.0
-    ours = loss_masks({"pred_masks": pred_masks}, {"masks": target_masks}, matching, num_boxes, LossContext(3, 0.1))
+    ours = loss_masks({"pred_masks": pred_masks}, {"masks": target_masks}, matching, num_boxes, LossContext(3, SoftmaxNoObject(eos_coef=0.1)))
     focal, dice = official_loss_masks(pred_masks, target_masks, pairs, num_boxes)
     assert abs(float(ours["loss_mask"]) - focal) <= TOLERANCE * focal
     assert abs(float(ours["loss_dice"]) - dice) <= TOLERANCE * dice

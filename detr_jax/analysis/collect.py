@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from detr_jax.analysis.attention import forward_with_attention
 from detr_jax.config.errors import ConfigError
 from detr_jax.data import make_eval_iterator
-from detr_jax.postprocess import class_scores
+from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.models import build_class_convention
 from detr_jax.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
 
 
@@ -51,7 +52,7 @@ class SlotPredictions:
     """Every slot's prediction on each image (N images in source order, Q slots).
 
     Attributes:
-      scores: float32 [N, Q] probability of the best class other than "no object".
+      scores: float32 [N, Q] probability of the slot's best class (other than "no object").
       labels: int32 [N, Q] that class.
       boxes: float32 [N, Q, 4] normalized (cx, cy, w, h) of the unpadded image.
       source_index: int64 [N]; image_id: int64 [N] the dataset's ids.
@@ -66,9 +67,11 @@ class SlotPredictions:
     attention: list[AttentionSample]
 
 
-def make_analysis_fn(model, mesh, encoder_layer: int = -1, decoder_layer: int = -1):
+def make_analysis_fn(model, mesh, encoder_layer: int = -1, decoder_layer: int = -1,
+                     classes: ClassConvention = SoftmaxNoObject()):
     """Jitted fn(variables, image [B, H, W, 3], mask [B, H, W]) -> {scores [B, Q], labels
-    [B, Q], boxes [B, Q, 4] (last decoder layer), decoder_attention [B, Q, S] (cross-attention
+    [B, Q] (each query's best class as the class convention `classes` reads it), boxes
+    [B, Q, 4] (last decoder layer), decoder_attention [B, Q, S] (cross-attention
     of `decoder_layer`), encoder_attention [B, S, S] (self-attention of `encoder_layer`; absent
     without an encoder), feature_mask [B, h, w]}; attention averaged over heads."""
     batch, full = batch_sharded(mesh), replicated(mesh)
@@ -77,7 +80,7 @@ def make_analysis_fn(model, mesh, encoder_layer: int = -1, decoder_layer: int = 
         outputs, attention = forward_with_attention(
             model, variables, image, mask, encoder_layers=(encoder_layer,), decoder_layers=(decoder_layer,),
             average_heads=True)
-        scores, labels = class_scores(outputs["pred_logits"][-1])
+        scores, labels = classes.query_scores(outputs["pred_logits"][-1])
         result = {"scores": scores, "labels": labels, "boxes": outputs["pred_boxes"][-1],
                   "decoder_attention": attention["decoder_cross"][0], "feature_mask": outputs["memory_mask"]}
         if "encoder_self" in attention:
@@ -118,7 +121,7 @@ def collect_predictions(
     total = len(source) if max_images is None else min(int(max_images), len(source))
     if total < 1:
         raise ValueError("no images to analyze")
-    fn = make_analysis_fn(model, mesh, encoder_layer, decoder_layer)
+    fn = make_analysis_fn(model, mesh, encoder_layer, decoder_layer, build_class_convention(config))
     variables = jax.device_put(dict(variables), replicated(mesh))
     sharding = batch_sharded(mesh)
     batches = make_eval_iterator(config.data, batch_size, 0, 1, source=source)

@@ -20,7 +20,8 @@ from detr_jax.config.train_config import eval_config, train_config
 from detr_jax.data import config as data_defaults
 from detr_jax.losses import LOSSES
 from detr_jax.matcher import MATCHERS
-from detr_jax.models import BACKBONES, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES
+from detr_jax.class_convention import CLASS_CONVENTIONS
+from detr_jax.models import BACKBONES, DETECTORS, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES, class_convention_name
 from detr_jax.models.detr import DTYPES
 from detr_jax.optim import check_param_rules
 from detr_jax.sharding import PARAM_SHARDINGS
@@ -30,6 +31,11 @@ def model_config() -> ml_collections.ConfigDict:
     """The paper's DETR-R50 model (hidden 256, 8 heads, 6+6 layers, 100 queries)."""
     model = ml_collections.ConfigDict(
         dict(
+            # The detector, a name in detr_jax.models.DETECTORS ("detr": the paper's).
+            arch="detr",
+            # How class logits are read (detr_jax.class_convention.CLASS_CONVENTIONS:
+            # "softmax" with a "no object" class, "sigmoid_focal"); "": the detector's own.
+            class_convention="",
             backbone="resnet50",
             # Settings of the backbone's module, by field name, for backbones that have
             # them (a ViT's window_size, drop_path_rate, pos_grid, ...: detr_jax.models.vit).
@@ -81,8 +87,11 @@ def loss_config() -> ml_collections.ConfigDict:
             # Weights of the mask head's focal and DICE losses (term "masks").
             mask_coef=1.0,
             dice_coef=1.0,
-            # Weight of the "no object" class in the cross-entropy.
+            # Weight of the "no object" class in the cross-entropy (softmax class convention).
             eos_coef=0.1,
+            # The focal loss's and focal matching cost's settings (sigmoid_focal convention).
+            focal_alpha=0.25,
+            focal_gamma=2.0,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
             # Name in detr_jax.matcher.MATCHERS.
@@ -140,6 +149,9 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
         "cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef")})
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
+    if not 0.0 <= loss.focal_alpha <= 1.0:
+        raise ConfigError(f"loss.focal_alpha={loss.focal_alpha} must be in [0, 1]")
+    _check_range("loss", loss, {"focal_gamma": (0, False)})
     if loss.matcher not in MATCHERS:
         raise ConfigError(f"loss.matcher={loss.matcher!r}: expected one of {sorted(MATCHERS)}")
     unknown = [name for name in loss.losses if name not in LOSSES]
@@ -173,10 +185,16 @@ def validate_eval(eval_section: ml_collections.ConfigDict) -> None:
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
-    for key, registry in (("backbone", BACKBONES), ("backbone_norm", NORMS),
+    for key, registry in (("arch", DETECTORS), ("backbone", BACKBONES), ("backbone_norm", NORMS),
                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
         if m[key] not in registry:
             raise ConfigError(f"model.{key}={m[key]!r}: expected one of {tuple(sorted(registry))}")
+    if m.class_convention and m.class_convention not in CLASS_CONVENTIONS:
+        raise ConfigError(f"model.class_convention={m.class_convention!r}: expected \"\" (the detector's own) or one "
+                          f"of {tuple(sorted(CLASS_CONVENTIONS))}")
+    if m.masks and class_convention_name(m) != "softmax":
+        raise ConfigError(f"model.masks=True needs the softmax class convention (the panoptic post-processing reads "
+                          f"the \"no object\" class); model.arch={m.arch!r} uses {class_convention_name(m)!r}")
     if isinstance(m.backbone_args, ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict
         m.backbone_args = m.backbone_args.to_dict()
     if not isinstance(m.backbone_args, dict):

@@ -1,4 +1,5 @@
-"""DETR: backbone -> 1x1 input projection -> transformer -> class and box heads."""
+"""DETR: backbone -> 1x1 input projection -> transformer -> class and box heads; the `detr`
+entry of DETECTORS (`build_detr`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from flax import linen as nn
 
 from detr_jax.image_statistics import normalize
 from detr_jax.models.backbone import PointwiseConv
-from detr_jax.models.transformer import torch_dense, torch_linear_bias_init, torch_linear_kernel_init
+from detr_jax.models.backbones import BACKBONES
+from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.transformer import build_transformer, torch_dense, torch_linear_bias_init, torch_linear_kernel_init
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,7 +47,8 @@ class DETR(nn.Module):
       position_embedding: a module `mask [B, h, w] -> [B, h, w, hidden_dim]`.
       transformer: a module `(src [B, S, E], mask [B, S], query_embed [Q, E], pos [B, S, E],
         deterministic) -> (decoder states [L, B, Q, E], memory [B, S, E])`.
-      num_classes: max class id + 1; the class head has num_classes + 1 outputs.
+      num_logits: C, the class head's outputs (K + 1 with DETR's "no object" class for
+        K = max class id + 1; the class convention says, `class_convention.num_logits`).
       num_queries, hidden_dim: Q and E.
     The parts are submodules named after their fields ("backbone", "position_embedding",
     "transformer"), which fixes the parameter paths that checkpoints and conversion use.
@@ -56,20 +60,21 @@ class DETR(nn.Module):
     backbone: nn.Module
     position_embedding: nn.Module
     transformer: nn.Module
-    num_classes: int = 91
+    num_logits: int = 92
     num_queries: int = 100
     hidden_dim: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
-                 intermediates: bool = False) -> dict[str, Any]:
+                 intermediates: bool = False, targets: dict | None = None) -> dict[str, Any]:
         """images: [B, H, W, 3] uint8 pixels (normalized here with ImageNet statistics, as
         the pipeline delivers them), or floats already normalized; mask: [B, H, W] bool
-        (True = real pixel).
+        (True = real pixel); targets: the padded batch targets in training (the detector
+        interface's; DETR's queries do not depend on them).
 
         Returns float32 predictions of every decoder layer (index -1 is the last):
-          pred_logits [L, B, Q, num_classes + 1] (the last class is "no object"),
+          pred_logits [L, B, Q, num_logits] (DETR's convention: the last class is "no object"),
           pred_boxes  [L, B, Q, 4] normalized (cx, cy, w, h) relative to the unpadded image.
         With `intermediates=True` also what heads need (in the compute dtype):
           backbone_stages {name: [B, h_i, w_i, C_i]} (a ResNet's "res2".."res5"),
@@ -79,6 +84,7 @@ class DETR(nn.Module):
         Attention weights: apply with `mutable=["intermediates"]` (see
         `detr_jax.models.transformer.attention_maps`).
         """
+        del targets
         if jnp.issubdtype(images.dtype, jnp.integer):
             images = normalize(images)
         # Padded pixels are zero after normalization in the reference; zeroing them here
@@ -102,13 +108,27 @@ class DETR(nn.Module):
             pos.reshape(batch, h * w, self.hidden_dim),
             deterministic=not train,
         )
-        logits = torch_dense(self.num_classes + 1, self.hidden_dim, "class_embed", self.dtype)(hs)
+        logits = torch_dense(self.num_logits, self.hidden_dim, "class_embed", self.dtype)(hs)
         boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs)
         outputs = {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
         if intermediates:
             outputs.update(backbone_stages=backbone_out.stages, projected=src, pos=pos,
                            memory=memory.reshape(batch, h, w, -1), memory_mask=feature_mask, decoder_states=hs)
         return outputs
+
+
+def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
+    """DETR of the `model` config section computing in `dtype`, with `num_logits` class outputs."""
+    m = model_config
+    return DETR(
+        backbone=BACKBONES[m.backbone](m, dtype),
+        position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, dtype),
+        transformer=build_transformer(m, dtype),
+        num_logits=num_logits,
+        num_queries=m.num_queries,
+        hidden_dim=m.hidden_dim,
+        dtype=dtype,
+    )
 
 
 def init_variables(model: DETR, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:

@@ -135,8 +135,8 @@ class DETRSegm(nn.Module):
         self.mask_head = MaskHead(hidden, dtype)
 
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
-                 intermediates: bool = False) -> dict[str, Any]:
-        out = self.detr(images, mask, train, intermediates=True)
+                 intermediates: bool = False, targets: dict | None = None) -> dict[str, Any]:
+        out = self.detr(images, mask, train, intermediates=True, targets=targets)
         stages = out["backbone_stages"]
         missing = [name for name in ("res2", "res3", "res4") if name not in stages]
         if missing:
