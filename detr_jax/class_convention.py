@@ -183,10 +183,9 @@ class SigmoidFocal:
 
     @staticmethod
     def predicted_objects(logits: jax.Array) -> jax.Array:
-        """[..., Q, K] -> bool [..., Q]: some class is more likely than not. (The
-        references count `argmax != K - 1`, DETR's rule read on sigmoid logits, which
-        calls almost every query an object; cardinality is a metric, so we count what it
-        means.)"""
+        """[..., Q, K] -> bool [..., Q]: some class is more likely than not (sigmoid > 0.5,
+        as Hugging Face's Deformable DETR loss; official Deformable DETR counts
+        `argmax != K - 1`, DETR's rule read on sigmoid logits)."""
         return jnp.max(logits, axis=-1) > 0
 
     @staticmethod

@@ -1,6 +1,6 @@
-"""A variant is one module plus a switch: a new backbone, loss term and matcher, defined and
-registered in this file alone (no edit under detr_jax/), selected from a config, trained
-for two steps on two simulated devices, evaluated and used for prediction.
+"""A variant is one module plus a switch: a new backbone, loss term, matcher and detector,
+defined and registered in this file alone (no edit under detr_jax/), selected from a
+config, trained for two steps, evaluated, used for prediction and exported.
 
 This is the worked example of docs/EXTENDING.md.
 """
@@ -19,7 +19,8 @@ from flax import linen as nn
 from conftest import REPO, tiny_config
 from detr_jax.losses import LOSSES, LossTerm
 from detr_jax.matcher import MATCHERS, Matching, matching_cost
-from detr_jax.models import BACKBONES
+from detr_jax.image_statistics import normalize
+from detr_jax.models import BACKBONES, DETECTORS, Detector
 from detr_jax.models.backbone import BackboneOutput, downsample_mask
 
 # 1. A backbone: any module (images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput.
@@ -54,14 +55,15 @@ def loss_l2_boxes(outputs, targets, matching, num_boxes, ctx):
 LOSSES["l2_boxes"] = LossTerm(loss_l2_boxes, lambda loss_config: {"loss_l2": 3.0})
 
 
-# 3. A matcher: (pred_logits [L, B, Q, K+1], pred_boxes, labels, boxes, valid) -> Matching,
-# on one device's shard (the training assembly runs it per device under the mesh).
+# 3. A matcher: (pred_logits [L, B, Q, C], pred_boxes, labels, boxes, valid) -> Matching,
+# on one device's shard (the training assembly runs it per device under the mesh); built
+# from the loss config and the detector's class convention (which reads the logits).
 class GreedyMatcher:
     """Each target in slot order takes the cheapest query still free: on device, no callback."""
 
-    def __init__(self, loss_config):
+    def __init__(self, loss_config, classes):
         self.weights = dict(cost_class=loss_config.cost_class, cost_bbox=loss_config.cost_bbox,
-                            cost_giou=loss_config.cost_giou)
+                            cost_giou=loss_config.cost_giou, classes=classes)
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid):
         cost = matching_cost(pred_logits, pred_boxes, labels, boxes, **self.weights)  # [L, B, Q, M]
@@ -81,6 +83,49 @@ class GreedyMatcher:
 
 
 MATCHERS["greedy"] = GreedyMatcher
+
+
+# 4. A detector: a module called as (images, mask, train, intermediates, targets) that
+# returns pred_logits [L, B, Q, C] and pred_boxes [L, B, Q, 4] (and any other output
+# branch), plus a DETECTORS entry naming its builder and its class convention.
+class ToyDetector(nn.Module):
+    """Learned queries reading the masked mean of a backbone's features, refined twice by one
+    shared layer (two "decoder layers", both supervised), sigmoid classes. In training a
+    denoising branch: one query per target slot made from its noised box, matched to it by
+    construction."""
+
+    num_logits: int
+    num_queries: int = 5
+    width: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, mask, train=False, intermediates=False, targets=None):
+        images = normalize(images) if jnp.issubdtype(images.dtype, jnp.integer) else images
+        features = TwoConvBackbone(self.width, self.dtype, name="backbone")(images, mask, train)
+        weights = features.mask[..., None].astype(jnp.float32)
+        pooled = (features.features * weights).sum((1, 2)) / jnp.maximum(weights.sum((1, 2)), 1.0)  # [B, E]
+        refine = nn.Dense(self.width, name="refine")
+        class_head, box_head = nn.Dense(self.num_logits, name="class_head"), nn.Dense(4, name="box_head")
+
+        def decode(queries):  # [B, N, E] -> predictions of both layers, [2, B, N, ...]
+            states = [nn.relu(refine(queries + pooled[:, None]))]
+            states.append(nn.relu(refine(states[0] + pooled[:, None])))
+            hs = jnp.stack(states)
+            return {"pred_logits": class_head(hs), "pred_boxes": jax.nn.sigmoid(box_head(hs))}
+
+        queries = self.param("queries", nn.initializers.normal(1.0), (self.num_queries, self.width))
+        out = decode(jnp.broadcast_to(queries, (images.shape[0],) + queries.shape))
+        if targets is not None:
+            noise = jax.random.uniform(self.make_rng("queries"), targets["boxes"].shape, minval=-0.05, maxval=0.05)
+            boxes = jnp.where(targets["valid"][..., None], targets["boxes"], 0.5) + noise
+            out["dn"] = {**decode(nn.Dense(self.width, name="dn_embed")(boxes)),
+                         "target_to_query": jnp.broadcast_to(jnp.arange(boxes.shape[1]), targets["valid"].shape)}
+        return out
+
+
+DETECTORS["toy"] = Detector(build=lambda model_config, dtype, num_logits: ToyDetector(num_logits, dtype=dtype),
+                            class_convention="sigmoid_focal")
 
 
 # the variants, by name, on the shared tiny config; evaluation after the last step
@@ -151,3 +196,52 @@ def test_greedy_matcher_and_l2_term_are_what_the_criterion_runs():
     _, metrics = criterion({"pred_logits": logits, "pred_boxes": pred_boxes}, targets)
     np.testing.assert_allclose(metrics["loss_l2"], 0.1**2, rtol=1e-5)  # query 1 matched: (0.6 - 0.5)^2
     np.testing.assert_allclose(metrics["loss_bbox"], 0.1, rtol=1e-5)
+
+
+def test_new_detector_trains_evaluates_predicts_and_exports(tmp_path):
+    """The toy detector, selected by model.arch alone: its class convention (sigmoid focal)
+    and its denoising branch reach the loss; evaluation, the Predictor and an export rank
+    (query, class) pairs as its convention says."""
+    from detr_jax.evaluate import make_eval_fn
+    from detr_jax.export import ExportedDetector, export_detector
+    from detr_jax.inference import Predictor
+    from detr_jax.models import build_class_convention, build_model
+    from detr_jax.postprocess import make_predict_fn
+    from detr_jax.restore import load_checkpoint
+    from detr_jax.sharding import make_mesh
+    from detr_jax.train import train
+
+    config = tiny_config(**{"model.arch": "toy", "data.synthetic_train_examples": 8, "data.synthetic_eval_examples": 4,
+                            "train.num_steps": 2, "train.eval_every_epochs": 1, "eval.batch_size": 2,
+                            "eval.num_visualized": 0})
+    workdir = tmp_path / "run"
+    metrics = train(config, workdir, eval_fn=make_eval_fn(config, workdir), show_progress=False)
+    for key in ("loss_ce", "loss_ce_0", "loss_bbox_dn", "loss_giou_dn_0"):  # both layers of both branches
+        assert np.isfinite(metrics[key]) and metrics[key] > 0, key
+    assert 0.0 <= metrics["eval_AP50"] <= 1.0
+
+    variables, saved = load_checkpoint(workdir)
+    assert sorted(variables["params"]) == ["backbone", "box_head", "class_head", "dn_embed", "queries", "refine"]
+    predictor = Predictor.from_checkpoint(workdir, batch_size=2)
+    images = [np.full((64, 48, 3), 200, np.uint8), np.zeros((40, 64, 3), np.uint8)]
+    # 5 queries x 4 classes: 20 (query, class) pairs per image, all kept by the top-k
+    ranked = predictor.predict_queries(images)
+    assert [r["scores"].shape for r in ranked] == [(20,), (20,)]
+    assert all((np.diff(r["scores"]) <= 0).all() for r in ranked)  # best first
+    detections = predictor.predict(images, score_threshold=0.0, top_k=7)
+    assert [len(d) for d in detections] == [7, 7]
+    assert set(np.concatenate([d.queries for d in detections])) <= set(range(5))
+
+    exported = export_detector(saved, variables, tmp_path / "export", "stablehlo", batch=2, size=(64, 64))
+    served = ExportedDetector(exported)
+    image = np.zeros((2, 64, 64, 3), np.uint8)
+    image[:, :40, :48] = 200
+    mask = np.zeros((2, 64, 64), bool)
+    mask[:, :40, :48] = True
+    orig_size = np.array([[40, 48], [40, 48]], np.int32)
+    out = served(image, mask, orig_size)
+    assert out["scores"].shape == (2, 20) and out["boxes"].shape == (2, 20, 4)
+    reference = make_predict_fn(build_model(saved.model), make_mesh(jax.local_devices()[:1]),
+                                build_class_convention(saved))(variables, image, mask, orig_size)
+    np.testing.assert_allclose(out["scores"], reference["scores"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["boxes"], reference["boxes"], rtol=1e-4, atol=1e-3)

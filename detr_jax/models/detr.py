@@ -131,15 +131,20 @@ def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
     )
 
 
-def init_variables(model: DETR, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
+def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
     """Initial variables {"params": ..., "frozen_bn": ...} for a batch of one image.
 
-    "frozen_bn" is always present ({} without frozen BatchNorm), so code that
-    carries both collections need not ask which backbone it has.
+    The detector also sees targets (one padded slot) and a "queries" rng, as in training,
+    so parameters only training uses (a denoising embedding) are created too. "frozen_bn"
+    is always present ({} without frozen BatchNorm), so code that carries both
+    collections need not ask which backbone it has.
     """
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
     mask = jnp.ones((1, *image_size), bool)
-    variables = jax.jit(lambda r: model.init({"params": r}, images, mask, train=False))(rng)
+    targets = {"labels": jnp.zeros((1, 1), jnp.int32), "boxes": jnp.full((1, 1, 4), 0.5, jnp.float32),
+               "valid": jnp.zeros((1, 1), bool)}
+    variables = jax.jit(lambda r: model.init({"params": r, "queries": r}, images, mask, train=False,
+                                             targets=targets))(rng)
     return {"frozen_bn": {}, **variables}
 
 

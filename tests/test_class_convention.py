@@ -1,0 +1,132 @@
+"""The class conventions: the sigmoid focal one against Hugging Face's Deformable DETR loss,
+matcher and post-processing; output branches matched by their own rule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from detr_jax.class_convention import SigmoidFocal, SoftmaxNoObject
+from detr_jax.losses import SetCriterion
+from detr_jax.matcher import HungarianMatcher
+from detr_jax.postprocess import postprocess
+
+K = 5  # classes; the sigmoid convention's logits have K entries
+
+
+def random_batch(rng, layers=2, batch=4, queries=7, max_boxes=5, counts=(3, 0, 5, 1), num_logits=K):
+    """Predictions [L, B, Q, ...] and padded targets (image b has counts[b] valid slots, garbage elsewhere)."""
+    logits = rng.normal(size=(layers, batch, queries, num_logits)).astype(np.float32) * 2
+    pred_boxes = (1 / (1 + np.exp(-rng.normal(size=(layers, batch, queries, 4))))).astype(np.float32)
+    labels = rng.integers(0, K, size=(batch, max_boxes)).astype(np.int32)
+    boxes = rng.uniform(0.2, 0.8, size=(batch, max_boxes, 4)).astype(np.float32)
+    boxes[..., 2:] *= 0.5
+    valid = np.zeros((batch, max_boxes), bool)
+    for b, n in enumerate(counts):
+        valid[b, rng.choice(max_boxes, size=n, replace=False)] = True
+    labels[~valid] = 999
+    boxes[~valid] = np.nan
+    return {"pred_logits": logits, "pred_boxes": pred_boxes}, {"labels": labels, "boxes": boxes, "valid": valid}
+
+
+def sigmoid_criterion(classes=SigmoidFocal(), **kwargs):
+    return SetCriterion(num_classes=K, matcher=HungarianMatcher(classes=classes), classes=classes, **kwargs)
+
+
+def hugging_face_losses(outputs, targets, focal_alpha=0.25):
+    """transformers' Deformable DETR loss (DeformableDetrImageLoss with its focal matcher)."""
+    torch = pytest.importorskip("torch")
+    hf = pytest.importorskip("transformers.loss.loss_deformable_detr")
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    matcher = hf.DeformableDetrHungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
+    criterion = hf.DeformableDetrImageLoss(matcher, num_classes=K, focal_alpha=focal_alpha,
+                                           losses=["labels", "boxes", "cardinality"])
+    hf_targets = [{"class_labels": t(targets["labels"][b][v]).long(), "boxes": t(targets["boxes"][b][v])}
+                  for b, v in enumerate(targets["valid"])]
+    last = {"logits": t(outputs["pred_logits"][-1]), "pred_boxes": t(outputs["pred_boxes"][-1])}
+    aux = [{"logits": t(outputs["pred_logits"][l]), "pred_boxes": t(outputs["pred_boxes"][l])}
+           for l in range(len(outputs["pred_logits"]) - 1)]
+    want = criterion({**last, "auxiliary_outputs": aux}, hf_targets)
+    return {k: v.item() for k, v in want.items()}
+
+
+TERMS = ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error", "loss_ce_0", "loss_bbox_0", "loss_giou_0"]
+
+
+def test_sigmoid_focal_loss_equals_hugging_face_deformable_detr():
+    # Both float32 with sums in another order; the focal terms are O(1) sums over a few
+    # hundred elements: a few ulps, rtol 1e-5.
+    outputs, targets = random_batch(np.random.default_rng(0))
+    want = hugging_face_losses(outputs, targets)
+    _, metrics = jax.jit(sigmoid_criterion())(outputs, targets)
+    for key in TERMS:
+        np.testing.assert_allclose(metrics[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_swapped_focal_alpha_fails_the_parity():
+    """The parity test can fail: alpha 0.75 for 0.25 moves loss_ce far beyond its tolerance."""
+    outputs, targets = random_batch(np.random.default_rng(0))
+    want = hugging_face_losses(outputs, targets)
+    _, metrics = jax.jit(sigmoid_criterion(SigmoidFocal(alpha=0.75)))(outputs, targets)
+    assert abs(float(metrics["loss_ce"]) - want["loss_ce"]) > 1e-2 * abs(want["loss_ce"])
+
+
+def test_focal_matching_cost_equals_hugging_face():
+    torch = pytest.importorskip("torch")
+    hf = pytest.importorskip("transformers.loss.loss_deformable_detr")
+    outputs, targets = random_batch(np.random.default_rng(1), layers=1, counts=(5, 5, 5, 5))
+    hf_targets = [{"class_labels": torch.from_numpy(targets["labels"][b]).long(),
+                   "boxes": torch.from_numpy(targets["boxes"][b])} for b in range(4)]
+    matcher = hf.DeformableDetrHungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
+    want = matcher({"logits": torch.from_numpy(outputs["pred_logits"][0]),
+                    "pred_boxes": torch.from_numpy(outputs["pred_boxes"][0])}, hf_targets)
+    got = jax.jit(HungarianMatcher(classes=SigmoidFocal()))(
+        outputs["pred_logits"], outputs["pred_boxes"], targets["labels"], targets["boxes"], targets["valid"])
+    for b, (queries, slots) in enumerate(want):
+        np.testing.assert_array_equal(np.asarray(got.target_to_query[0, b])[slots.numpy()], queries.numpy())
+
+
+def test_sigmoid_postprocess_is_the_top_k_over_queries_and_classes():
+    """Official Deformable DETR's PostProcess: topk of the flattened sigmoid, query = index // K."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 30, K)).astype(np.float32)
+    boxes = rng.uniform(0.2, 0.6, size=(2, 30, 4)).astype(np.float32)
+    size = np.array([[480, 640], [200, 100]], np.int32)
+    got = postprocess(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(size), SigmoidFocal(num_select=100))
+    prob = torch.from_numpy(logits).sigmoid().view(2, -1)
+    values, index = torch.topk(prob, 100, dim=1)
+    np.testing.assert_allclose(got["scores"], values.numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(got["labels"], (index % K).numpy())
+    np.testing.assert_array_equal(got["queries"], (index // K).numpy())
+    cx, cy, w, h = np.moveaxis(np.take_along_axis(boxes, (index // K).numpy()[..., None], axis=1), -1, 0)
+    scale = np.stack([size[:, 1], size[:, 0]] * 2, -1)[:, None, :]
+    want_boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * scale
+    np.testing.assert_allclose(got["boxes"], want_boxes, rtol=1e-5, atol=1e-3)
+    # DETR's convention keeps every query in order, so it gives no query index
+    assert "queries" not in postprocess(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(size), SoftmaxNoObject())
+
+
+def test_branches_are_matched_by_their_own_rule_and_suffixed():
+    """A branch with a known assignment uses it; one without is matched by the matcher; each
+    branch's metrics and loss are those of the criterion on that branch alone."""
+    rng = np.random.default_rng(3)
+    outputs, targets = random_batch(rng)
+    enc, _ = random_batch(rng, layers=1)
+    dn, _ = random_batch(rng, layers=2, queries=5)  # one denoising query per target slot
+    dn["target_to_query"] = np.broadcast_to(np.arange(5, dtype=np.int32), (4, 5))
+    criterion = sigmoid_criterion()
+    loss, metrics = jax.jit(criterion)({**outputs, "enc": enc, "dn": dn}, targets)
+
+    main_loss, main_metrics = criterion(outputs, targets)
+    enc_loss, enc_metrics = criterion(enc, targets)
+    known = criterion.match(dn, targets)
+    assert (np.asarray(known.target_to_query) == np.where(targets["valid"], np.arange(5), -1)[None]).all()
+    dn_loss, dn_metrics = criterion.loss_for_matching(dn, targets, known)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+        np.testing.assert_allclose(metrics[key], main_metrics[key], rtol=1e-6)
+        np.testing.assert_allclose(metrics[f"{key}_dn"] if key[-2:] != "_0" else metrics["loss_ce_dn_0"],
+                                   dn_metrics[key], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss_bbox_enc"], enc_metrics["loss_bbox"], rtol=1e-6)
+    assert "loss_bbox_enc_0" not in metrics  # the enc branch has one layer
+    np.testing.assert_allclose(loss, main_loss + enc_loss + dn_loss, rtol=1e-6)
