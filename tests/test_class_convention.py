@@ -10,23 +10,14 @@ from detr_jax.class_convention import SigmoidFocal, SoftmaxNoObject
 from detr_jax.losses import SetCriterion
 from detr_jax.matcher import HungarianMatcher
 from detr_jax.postprocess import postprocess
+from test_losses import K  # classes; the sigmoid convention's logits have K entries
+from test_losses import random_batch as detr_random_batch
 
-K = 5  # classes; the sigmoid convention's logits have K entries
 
+def random_batch(rng, layers=2, **kwargs):
+    """test_losses' predictions and padded targets, with K logits and two layers by default."""
+    return detr_random_batch(rng, layers=layers, num_logits=K, **kwargs)
 
-def random_batch(rng, layers=2, batch=4, queries=7, max_boxes=5, counts=(3, 0, 5, 1), num_logits=K):
-    """Predictions [L, B, Q, ...] and padded targets (image b has counts[b] valid slots, garbage elsewhere)."""
-    logits = rng.normal(size=(layers, batch, queries, num_logits)).astype(np.float32) * 2
-    pred_boxes = (1 / (1 + np.exp(-rng.normal(size=(layers, batch, queries, 4))))).astype(np.float32)
-    labels = rng.integers(0, K, size=(batch, max_boxes)).astype(np.int32)
-    boxes = rng.uniform(0.2, 0.8, size=(batch, max_boxes, 4)).astype(np.float32)
-    boxes[..., 2:] *= 0.5
-    valid = np.zeros((batch, max_boxes), bool)
-    for b, n in enumerate(counts):
-        valid[b, rng.choice(max_boxes, size=n, replace=False)] = True
-    labels[~valid] = 999
-    boxes[~valid] = np.nan
-    return {"pred_logits": logits, "pred_boxes": pred_boxes}, {"labels": labels, "boxes": boxes, "valid": valid}
 
 
 def sigmoid_criterion(classes=SigmoidFocal(), **kwargs):

@@ -20,9 +20,9 @@ WEIGHTS = dict(
 )
 
 
-def random_batch(rng, layers=3, batch=4, queries=7, max_boxes=5, counts=(3, 0, 5, 1)):
+def random_batch(rng, layers=3, batch=4, queries=7, max_boxes=5, counts=(3, 0, 5, 1), num_logits=K + 1):
     """Predictions and padded targets; image b has counts[b] valid targets in random slots."""
-    logits = rng.normal(size=(layers, batch, queries, K + 1)).astype(np.float32) * 2
+    logits = rng.normal(size=(layers, batch, queries, num_logits)).astype(np.float32) * 2
     pred_boxes = 1 / (1 + np.exp(-rng.normal(size=(layers, batch, queries, 4)))).astype(np.float32)
     labels = rng.integers(0, K, size=(batch, max_boxes)).astype(np.int32)
     boxes = rng.uniform(0.2, 0.8, size=(batch, max_boxes, 4)).astype(np.float32)
