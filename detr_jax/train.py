@@ -44,6 +44,7 @@ from detr_jax.models import DETR, build_model, init_variables, variable_shapes
 from detr_jax.optim import frozen_mask, make_optimizer
 from detr_jax.restore import checkpoint_variables
 from detr_jax.stop_request import StopRequest
+from detr_jax.workdir_lock import held_by_run
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     `source`: the training source if already built from `config.data` (the command line
     builds it to resolve `model.num_classes="auto"` before building `eval_fn`).
 
+    The run holds the workdir (`detr_jax.workdir_lock`) from its first write to its end.
+
     The first SIGINT or SIGTERM finishes the current step, writes a checkpoint and raises
     TrainingInterrupted; a second one exits at once (`detr_jax.stop_request`). Every step
     that is evaluated is checkpointed first, so a failing evaluation loses no training.
@@ -377,6 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     Returns the final host metrics (last logged train metrics plus the last evaluation).
     Raises:
       DataError: the data does not fit the config (category ids beyond model.num_classes, ...).
+      WorkdirInUse: another run holds the workdir (nothing is written).
       TrainingError: a non-finite step (the last good checkpoint is kept).
       TrainingInterrupted: stopped by a signal, after writing a checkpoint.
     """
@@ -393,11 +397,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     resolve_num_classes(config, source)
     check_category_ids(source, config.model.num_classes)
     check_max_boxes(source, config.data.max_boxes)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with held_by_run(workdir):
+        return _train_in_held_workdir(config, workdir, eval_fn, show_progress, source)
+
+
+def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, eval_fn: Callable | None,
+                           show_progress: bool, source: DetectionSource) -> dict:
+    """`train`, in a workdir this run holds, with a checked config and its training source."""
+    t = config.train
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
     if t.retain_host_memory:
         retain_freed_memory()
     mesh = sharding.make_mesh()
