@@ -1,7 +1,8 @@
 """A run's config is its contract (detr_jax.config.run_contract): resuming with a config that
 changes what the checkpoints hold is refused naming each key and both values; one that
 changes what a step means is refused unless train.allow_config_change, and then recorded
-in config_history.json while config.json keeps the config the run started with.
+in config_history.json while config.json keeps the config the run started with. Also:
+rerunning a finished run prints its last numbers.
 
 One tiny training run (2 steps, both checkpointed, a stand-in evaluation) is copied for
 each case.
@@ -107,3 +108,10 @@ def test_another_batch_size_is_refused_then_accepted_with_the_switch_and_recorde
         assert json.loads((workdir / "config_history.json").read_text()) == [
             {"step": 2, "changed": {"train.batch_size": [4, 8]}}]
 
+
+def test_rerunning_a_finished_run_prints_its_last_numbers(workdir, capsys):
+    argv = ["train", "--config", "synthetic_tiny", "--workdir", str(workdir), "--no_progress",
+            *cli_overrides(**{**RUN, "train.eval_every_epochs": 0})]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("done: loss=") and ", eval_AP=0.25, eval_AP50=0.5; " in line, line
