@@ -40,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from detr_jax.config.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "meta")
@@ -170,13 +172,16 @@ def _newest_readable(read: Callable[[pathlib.Path], T], step_dirs: Sequence[path
     Each unreadable step folder before it is reported by a one-line warning naming it and the
     reason. Raises CheckpointError naming the step folder and the reason if `folder` is None
     (one step folder was asked for), else listing each step folder of `folder` and its reason
-    when none reads.
+    when none reads. A ConfigError of `read` (a config the checkpoint does not take) is no
+    damage: it is raised as it is.
     """
     _quiet_abandoned_reads()
     failures = []
     for step_dir in step_dirs:
         try:
             result = read(step_dir)
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001 -- orbax and TensorStore raise many types for damage
             failures.append((step_dir, unreadable_reason(e, step_dir)))
             continue
@@ -246,12 +251,15 @@ class Checkpointer:
                        metrics={self.best_metric: float(value)}, force=True)
         return True
 
-    def restore_latest(self, abstract_state) -> tuple[Any, dict, dict] | None:
+    def restore_latest(self, abstract_state, check_meta: Callable[[dict], Any] | None = None
+                       ) -> tuple[Any, dict, dict] | None:
         """(state, data_state, meta) of the newest readable checkpoint, or None if none exist.
 
         `abstract_state` is a pytree of jax.ShapeDtypeStruct (with shardings) describing
         the state. An unreadable newer checkpoint is skipped with a one-line warning; if
-        none is readable, CheckpointError lists each with its reason.
+        none is readable, CheckpointError lists each with its reason. `check_meta(meta)`
+        runs before the state is read, and the ConfigError it raises (the run's config
+        refuses the caller's) ends the restore.
         """
         directory = pathlib.Path(self.latest.directory)
 
@@ -259,6 +267,8 @@ class Checkpointer:
             # The JSON items first: they are small, and read here they fail with their file named.
             data_state, meta = read_json_item(step_dir, "data"), read_json_item(step_dir, "meta")
             check_state_item(step_dir)
+            if check_meta is not None:
+                check_meta(meta)
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             return self.latest.restore(int(step_dir.name), args=args)["state"], data_state, meta
 

@@ -65,6 +65,15 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def latest_values(path: str | pathlib.Path) -> dict:
+    """{key: its value in the last line of a metrics file that has it}: the last logged
+    training metrics and the last evaluation's."""
+    latest = {}
+    for record in read_metrics(path):
+        latest.update(record)
+    return latest
+
+
 def plot_curves(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path) -> pathlib.Path | None:
     """Training loss (and its terms) and validation AP (and PQ, mask AP) against step, as a PNG."""
     records = read_metrics(metrics_path)

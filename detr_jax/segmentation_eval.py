@@ -85,7 +85,11 @@ def segmentation_metrics(ground_truth, panoptic: list[dict], instances: list[dic
     masks = coco_evaluate(ground_truth, instances, image_ids, iou_type="segm")
     metrics = {**pq.metrics, **dict(zip(MASK_METRIC_NAMES, (float(v) for v in masks.stats)))}
     rows = [f"{'':8s}{'PQ':>7s}{'SQ':>7s}{'RQ':>7s}"]
-    for split, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+    for split, suffix, classes in (("All", "", "classes"), ("Things", "_th", "thing classes"),
+                                   ("Stuff", "_st", "stuff classes")):
+        if metrics[f"PQ{suffix}"] < 0:  # hotcoco's -1 (not a score): no category of the split has a segment
+            rows.append(f"{split:8s}  no {classes} with a segment")
+            continue
         values = [100 * metrics[f"{name}{suffix}"] for name in ("PQ", "SQ", "RQ")]
         rows.append(f"{split:8s}" + "".join(f"{v:7.1f}" for v in values))
     summary = "panoptic quality (x100):\n" + "\n".join(rows) + "\nmask AP:\n" + format_coco_summary(masks.stats)

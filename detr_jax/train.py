@@ -35,6 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detr_jax import sharding
 from detr_jax.checkpoint import Checkpointer, abstract_like, merge_variables
 from detr_jax.config.defaults import AUTO
+from detr_jax.config.run_contract import check_resume, record_run_config
 from detr_jax.data.checks import check_category_ids, check_max_boxes, describe
 from detr_jax.data.pipeline import make_source, make_train_iterator
 from detr_jax.data.records import DetectionSource
@@ -45,6 +46,7 @@ from detr_jax.models import build_class_convention, build_model, init_variables,
 from detr_jax.optim import frozen_mask, make_optimizer
 from detr_jax.restore import checkpoint_variables
 from detr_jax.stop_request import StopRequest
+from detr_jax.workdir_lock import held_by_run
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +378,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     `source`: the training source if already built from `config.data` (the command line
     builds it to resolve `model.num_classes="auto"` before building `eval_fn`).
 
+    The run holds the workdir (`detr_jax.workdir_lock`) from its first write to its end. A
+    resumed run's config must fit the checkpoint's (`detr_jax.config.run_contract`): the
+    workdir's config.json is the config the run started with, config_history.json the
+    changes accepted since.
+
     The first SIGINT or SIGTERM finishes the current step, writes a checkpoint and raises
     TrainingInterrupted; a second one exits at once (`detr_jax.stop_request`). Every step
     that is evaluated is checkpointed first, so a failing evaluation loses no training.
@@ -383,6 +390,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     Returns the final host metrics (last logged train metrics plus the last evaluation).
     Raises:
       DataError: the data does not fit the config (category ids beyond model.num_classes, ...).
+      WorkdirInUse: another run holds the workdir (nothing is written).
+      ResumeRefused: the config changes what the run's checkpoints hold or mean (see above).
       TrainingError: a non-finite step (the last good checkpoint is kept).
       TrainingInterrupted: stopped by a signal, after writing a checkpoint.
     """
@@ -399,11 +408,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     resolve_num_classes(config, source)
     check_category_ids(source, config.model.num_classes)
     check_max_boxes(source, config.data.max_boxes)
-    is_main = jax.process_index() == 0
-    if is_main:
+    if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    with held_by_run(workdir):
+        return _train_in_held_workdir(config, workdir, eval_fn, show_progress, source)
 
+
+def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, eval_fn: Callable | None,
+                           show_progress: bool, source: DetectionSource) -> dict:
+    """`train`, in a workdir this run holds, with a checked config and its training source."""
+    t = config.train
+    is_main = jax.process_index() == 0
     if t.retain_host_memory:
         retain_freed_memory()
     mesh = sharding.make_mesh()
@@ -414,7 +429,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     best_metric = "PQ" if "masks" in config.loss.losses else "AP"
     checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints, best_metric=best_metric)
     data_iter = make_train_iterator(config.data, t.batch_size, config.seed, source=source)
-    restored = checkpointer.restore_latest(run.abstract_state)
+    # A config the checkpoints cannot take or that changes their steps' meaning is refused
+    # before any state is read (orbax would report only shape errors, for every checkpoint).
+    restored = checkpointer.restore_latest(run.abstract_state,
+                                           check_meta=lambda meta: check_resume(meta["config"], config, str(workdir)))
+    if is_main:
+        record_run_config(workdir, config, None if restored is None else restored[2])
     if restored is None:
         state = run.initial_state(config)
         log.info("starting from scratch: %d steps (%d per epoch)", plan.total_steps, plan.steps_per_epoch)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from detr_jax.data import (
     CocoFolderSource,
+    CocoPanopticSource,
     DataError,
     DatasetFormatError,
     ImageLoadError,
@@ -151,6 +152,16 @@ def test_malformed_annotation_files_give_clear_errors(tmp_path, content, expecte
     with pytest.raises(DatasetFormatError) as info:
         CocoFolderSource(path, tmp_path)
     assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_an_annotation_file_that_is_not_utf8_is_named_with_the_byte(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b"\xff\xfe{")
+    expected = re.escape(f"{path}: not UTF-8 text (byte 0: b'\\xff', invalid start byte)")
+    with pytest.raises(DatasetFormatError, match=expected):
+        CocoFolderSource(path, tmp_path)
+    with pytest.raises(DatasetFormatError, match=expected):
+        CocoPanopticSource(path, tmp_path, tmp_path)
 
 
 def test_missing_annotation_file_and_dataset_without_images(tmp_path):

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 
 from detr_jax import coco_metrics
 from detr_jax.coco_metrics import PANOPTIC_METRIC_NAMES
+from detr_jax.segmentation_eval import segmentation_metrics
 
 TOL = 1e-9
 CATEGORIES = [
@@ -127,6 +128,19 @@ def test_panoptic_quality_of_a_subset_and_of_perfect_predictions():
         perfect += coco_metrics.to_panoptic_results(image_id, id_map, info)
     metrics = coco_metrics.panoptic_evaluate(ground_truth, perfect)
     assert metrics.metrics == pytest.approx(dict.fromkeys(PANOPTIC_METRIC_NAMES, 1.0), abs=TOL)
+
+
+def test_the_table_says_a_split_without_segments_has_none():
+    """Data without stuff classes: hotcoco's -1 for stuff is no score, and is not printed as one."""
+    ground_truth = panoptic_ground_truth()
+    ground_truth["categories"] = CATEGORIES[:2]
+    ground_truth["annotations"] = [a for a in ground_truth["annotations"] if a["category_id"] in (1, 2)]
+    id_map = np.zeros((H, W), np.int32)
+    id_map[PANOPTIC_SEGMENTS[0][2]] = 1
+    results = coco_metrics.to_panoptic_results(1, id_map, [{"id": 1, "category_id": 1}])
+    metrics, summary = segmentation_metrics(ground_truth, results, [], [1, 2])
+    assert metrics["PQ_st"] == -1.0 and metrics["PQ_th"] > 0
+    assert "Stuff     no stuff classes with a segment" in summary.splitlines() and "-100.0" not in summary
 
 
 def test_panoptic_quality_needs_isthing():

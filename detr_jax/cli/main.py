@@ -26,14 +26,15 @@ from detr_jax.config import ConfigError
 from detr_jax.convert import ConversionError
 from detr_jax.data.records import DataError
 from detr_jax.export import ExportError
+from detr_jax.workdir_lock import WorkdirInUse
 
 log = logging.getLogger(__name__)
 
 COMMANDS = {"train": train_command, "eval": eval_command, "predict": predict_command, "convert": convert_command,
             "analyze": analyze_command, "export": export_command}
 
-# Exceptions that mean bad input (a file, a checkpoint, a dataset), not a bug.
-USER_ERRORS = (CheckpointError, DataError, ConversionError, ExportError, FileNotFoundError)
+# Exceptions that mean bad input (a file, a checkpoint, a dataset, a workdir in use), not a bug.
+USER_ERRORS = (CheckpointError, DataError, ConversionError, ExportError, FileNotFoundError, WorkdirInUse)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:

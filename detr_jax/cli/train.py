@@ -10,6 +10,7 @@ import jax
 from detr_jax.config import config_from_args
 from detr_jax.data import make_source
 from detr_jax.evaluate import make_eval_fn
+from detr_jax.metrics_writer import METRICS_FILE, latest_values
 from detr_jax.train import TrainingError, TrainingInterrupted, distributed_init, resolve_num_classes, train
 
 DEFAULT_CONFIG = "synthetic_tiny"
@@ -50,6 +51,8 @@ def run(args, overrides: dict[str, str]) -> int:
         print(f"detr-jax train: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
+        if not metrics:  # the run was finished already: its numbers are those it logged last
+            metrics = latest_values(pathlib.Path(workdir) / METRICS_FILE)
         summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "eval_AP", "eval_AP50", "eval_PQ") if k in metrics)
-        print(f"done: {summary}; metrics, checkpoints and loss_curve.png in {workdir}")
+        print(f"done{': ' + summary if summary else ''}; metrics, checkpoints and loss_curve.png in {workdir}")
     return 0

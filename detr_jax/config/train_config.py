@@ -46,6 +46,10 @@ def train_config() -> ml_collections.ConfigDict:
             # split over the devices either way.
             param_sharding="replicated",
             fsdp_min_mib=4.0,  # big_vision's default: smaller arrays stay whole
+            # Resuming a run with settings that change what its steps mean (batch size, data,
+            # schedule, loss, ...) is refused unless this is True; the change is then recorded
+            # in the workdir's config_history.json (detr_jax.config.run_contract).
+            allow_config_change=False,
         )
     )
 

@@ -21,7 +21,13 @@ def read_coco_json(path: str, kind: str) -> dict:
         )
     if not file.is_file():
         raise DatasetFormatError(f"{path}: annotation file not found")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(
+            f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}, {e.reason}); "
+            "a COCO annotation file is UTF-8 JSON"
+        ) from None
     if not text.strip():
         raise DatasetFormatError(f"{path}: annotation file is empty")
     try:
