@@ -21,7 +21,8 @@ from detr_jax.data import config as data_defaults
 from detr_jax.losses import LOSSES
 from detr_jax.matcher import MATCHERS
 from detr_jax.class_convention import CLASS_CONVENTIONS
-from detr_jax.models import BACKBONES, DETECTORS, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES, class_convention_name
+from detr_jax.models import (BACKBONES, DETECTORS, NECKS, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES,
+                             class_convention_name)
 from detr_jax.models.detr import DTYPES
 from detr_jax.optim import check_param_rules
 from detr_jax.sharding import PARAM_SHARDINGS
@@ -40,6 +41,11 @@ def model_config() -> ml_collections.ConfigDict:
             # Settings of the backbone's module, by field name, for backbones that have
             # them (a ViT's window_size, drop_path_rate, pos_grid, ...: detr_jax.models.vit).
             backbone_args=ml_collections.FieldReference({}, field_type=object),
+            # The neck: backbone stages -> feature levels (detr_jax.models.neck.NECKS;
+            # "input_proj": DETR's 1x1 projection of the last stage, one level), and its
+            # module's settings by field name.
+            neck="input_proj",
+            neck_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
             # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
@@ -71,6 +77,7 @@ def model_config() -> ml_collections.ConfigDict:
     # Assigned, not given above: a dict given to the constructor becomes a ConfigDict
     # (which a saved config would then be merged into key by key), an assigned one stays a dict.
     model.backbone_args = {}
+    model.neck_args = {}
     return model
 
 
@@ -185,7 +192,7 @@ def validate_eval(eval_section: ml_collections.ConfigDict) -> None:
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
-    for key, registry in (("arch", DETECTORS), ("backbone", BACKBONES), ("backbone_norm", NORMS),
+    for key, registry in (("arch", DETECTORS), ("backbone", BACKBONES), ("backbone_norm", NORMS), ("neck", NECKS),
                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
         if m[key] not in registry:
             raise ConfigError(f"model.{key}={m[key]!r}: expected one of {tuple(sorted(registry))}")
@@ -195,14 +202,17 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     if m.masks and class_convention_name(m) != "softmax":
         raise ConfigError(f"model.masks=True needs the softmax class convention (the panoptic post-processing reads "
                           f"the \"no object\" class); model.arch={m.arch!r} uses {class_convention_name(m)!r}")
-    if isinstance(m.backbone_args, ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict
-        m.backbone_args = m.backbone_args.to_dict()
-    if not isinstance(m.backbone_args, dict):
-        raise ConfigError(f"model.backbone_args={m.backbone_args!r} must be a dict of field: value")
-    try:  # a module is a dataclass: building one checks its settings and computes nothing
-        BACKBONES[m.backbone](m, DTYPES[m.dtype])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.backbone_args for {m.backbone!r}: {e}") from None
+    for key, build in (("backbone", lambda: BACKBONES[m.backbone](m, DTYPES[m.dtype])),
+                       ("neck", lambda: NECKS[m.neck](m, DTYPES[m.dtype])(name=m.neck))):
+        args = f"{key}_args"
+        if isinstance(m[args], ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict
+            m[args] = m[args].to_dict()
+        if not isinstance(m[args], dict):
+            raise ConfigError(f"model.{args}={m[args]!r} must be a dict of field: value")
+        try:  # a module is a dataclass: building one checks its settings and computes nothing
+            build()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.{args} for {m[key]!r}: {e}") from None
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
             f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}"

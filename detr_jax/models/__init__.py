@@ -4,8 +4,9 @@
 convention (`build_class_convention(config)`, `class_convention.CLASS_CONVENTIONS`:
 the detector's own unless `model.class_convention` names one). Each part's file has a
 plain dict of named builders `(model_config, dtype) -> Module`: backbones
-(`backbones.BACKBONES`: model.backbone), `position_encoding.POSITION_EMBEDDINGS`
-(model.position_embedding), and `backbone.NORMS` (model.backbone_norm); model.masks wraps
+(`backbones.BACKBONES`: model.backbone), necks (`neck.NECKS`: model.neck),
+`position_encoding.POSITION_EMBEDDINGS` (model.position_embedding), and `backbone.NORMS`
+(model.backbone_norm); model.masks wraps
 the detector in `segmentation.DETRSegm`. A new variant is one module plus an entry in a
 dict (docs/EXTENDING.md).
 """
@@ -22,6 +23,7 @@ from detr_jax.models.backbone import NORMS, RESNET_BACKBONES
 from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.detectors import DETECTORS, Detector
 from detr_jax.models.detr import DETR, DTYPES, init_variables, variable_shapes
+from detr_jax.models.neck import NECKS
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
 from detr_jax.models.segmentation import DETRSegm
 
@@ -61,6 +63,6 @@ def build_model(model_config, dtype: str | Any | None = None) -> nn.Module:
     return DETRSegm(detector, num_heads=m.num_heads) if m.masks else detector
 
 
-__all__ = ["BACKBONES", "DETECTORS", "DETR", "DETRSegm", "Detector", "NORMS", "POSITION_EMBEDDINGS",
+__all__ = ["BACKBONES", "DETECTORS", "DETR", "DETRSegm", "Detector", "NECKS", "NORMS", "POSITION_EMBEDDINGS",
            "RESNET_BACKBONES", "build_class_convention", "build_model", "class_convention_name", "init_variables",
            "resolve_dtype", "variable_shapes"]

@@ -105,6 +105,16 @@ def group_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
 NORMS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": frozen_batch_norm, "group_norm": group_norm}
 
 
+def pointwise(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """A 1x1 convolution as a matrix product: x [B, H, W, C_in], kernel [1, 1, C_in, C_out]
+    -> [B, H, W, C_out] in `dtype`.
+
+    A matmul, the same dot_general as einsum("bhwc,co->bhwo"): ONNX converters map it to
+    MatMul, where an einsum becomes onnxruntime's slow Einsum.
+    """
+    return jnp.matmul(x.astype(dtype), kernel[0, 0].astype(dtype))
+
+
 class PointwiseConv(nn.Module):
     """A 1x1 convolution computed as a matrix product, with nn.Conv's parameter layout.
 
@@ -128,9 +138,7 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
         if self.stride > 1:
             x = x[:, :: self.stride, :: self.stride, :]
-        # A matmul, the same dot_general as einsum("bhwc,co->bhwo"): ONNX converters map it
-        # to MatMul, where an einsum becomes onnxruntime's slow Einsum.
-        y = jnp.matmul(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        y = pointwise(x, kernel, self.dtype)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y

@@ -3,6 +3,7 @@ entry of DETECTORS (`build_detr`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -10,10 +11,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from detr_jax.image_statistics import normalize
-from detr_jax.models.backbone import PointwiseConv
 from detr_jax.models.backbones import BACKBONES
+from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
-from detr_jax.models.transformer import build_transformer, torch_dense, torch_linear_bias_init, torch_linear_kernel_init
+from detr_jax.models.transformer import build_transformer, torch_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -45,13 +46,16 @@ class DETR(nn.Module):
       backbone: a module `(images, mask, train) -> BackboneOutput` (features [B, h, w, C],
         mask [B, h, w], named stages); see detr_jax.models.backbone.
       position_embedding: a module `mask [B, h, w] -> [B, h, w, hidden_dim]`.
+      neck: a constructor of the one-level neck (`neck.NECKS`; DETR's 1x1 projection),
+        instantiated as "input_proj": `(BackboneOutput) -> FeatureLevels`.
       transformer: a module `(src [B, S, E], mask [B, S], query_embed [Q, E], pos [B, S, E],
         deterministic) -> (decoder states [L, B, Q, E], memory [B, S, E])`.
       num_logits: C, the class head's outputs (K + 1 with DETR's "no object" class for
         K = max class id + 1; the class convention says, `class_convention.num_logits`).
       num_queries, hidden_dim: Q and E.
     The parts are submodules named after their fields ("backbone", "position_embedding",
-    "transformer"), which fixes the parameter paths that checkpoints and conversion use.
+    "transformer"; the neck "input_proj"), which fixes the parameter paths that
+    checkpoints and conversion use.
 
     Call: `model.apply({"params": ..., "frozen_bn": ...}, images, mask, train=..., rngs=...)`
     with `rngs={"dropout": key}` when `train=True`.
@@ -60,6 +64,7 @@ class DETR(nn.Module):
     backbone: nn.Module
     position_embedding: nn.Module
     transformer: nn.Module
+    neck: Callable[..., nn.Module]
     num_logits: int = 92
     num_queries: int = 100
     hidden_dim: int = 256
@@ -91,23 +96,14 @@ class DETR(nn.Module):
         # makes the output independent of whatever values the padding holds.
         images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
         backbone_out = self.backbone(images, mask, train)
-        features, feature_mask = backbone_out.features, backbone_out.mask
+        feature_mask = backbone_out.mask
         pos = self.position_embedding(feature_mask)
-
-        in_channels = features.shape[-1]
-        src = PointwiseConv(
-            self.hidden_dim, use_bias=True, kernel_init=torch_linear_kernel_init,
-            bias_init=torch_linear_bias_init(in_channels), dtype=self.dtype, name="input_proj",
-        )(features)
+        levels = self.neck(name="input_proj")(backbone_out)
+        src = levels.features[0]
         batch, h, w, _ = src.shape
+        flat = flatten_levels(levels, (pos,))
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
-        hs, memory = self.transformer(
-            src.reshape(batch, h * w, self.hidden_dim),
-            feature_mask.reshape(batch, h * w),
-            query_embed,
-            pos.reshape(batch, h * w, self.hidden_dim),
-            deterministic=not train,
-        )
+        hs, memory = self.transformer(flat.src, flat.mask, query_embed, flat.pos, deterministic=not train)
         logits = torch_dense(self.num_logits, self.hidden_dim, "class_embed", self.dtype)(hs)
         boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs)
         outputs = {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
@@ -124,6 +120,7 @@ def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
         backbone=BACKBONES[m.backbone](m, dtype),
         position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, dtype),
         transformer=build_transformer(m, dtype),
+        neck=NECKS[m.neck](m, dtype),
         num_logits=num_logits,
         num_queries=m.num_queries,
         hidden_dim=m.hidden_dim,
