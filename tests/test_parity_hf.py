@@ -46,6 +46,7 @@ from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noq
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d  # noqa: E402
 
 from detr_jax import convert  # noqa: E402
+from detr_jax.class_convention import SoftmaxNoObject  # noqa: E402
 from detr_jax.config import model_config  # noqa: E402
 from detr_jax.models.backbone import ResNet, ResNetSpec  # noqa: E402
 from detr_jax.matcher import HungarianMatcher  # noqa: E402
@@ -275,7 +276,8 @@ def our_set_loss(predictions, targets, num_classes: int, aux_loss: bool = True):
     losses = pytest.importorskip("detr_jax.losses", reason="detr_jax/losses.py (the set criterion) is not there yet")
     criterion = losses.SetCriterion(
         num_classes=num_classes, matcher=HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0),
-        weight_dict={"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, eos_coef=0.1, aux_loss=aux_loss,
+        weight_dict={"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, classes=SoftmaxNoObject(eos_coef=0.1),
+        aux_loss=aux_loss,
     )
     logits, boxes = predictions
     loss, metrics = jax.jit(criterion.__call__)({"pred_logits": logits, "pred_boxes": boxes}, targets)
