@@ -18,24 +18,73 @@ from detr_jax.models.transformer import build_transformer, torch_dense, torch_li
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class BoxHead(nn.Module):
-    """3-layer MLP (hidden, hidden, 4) with ReLU between layers, sigmoid at the end."""
+class MLP(nn.Module):
+    """Official DETR's MLP: `num_layers` Linear layers (PyTorch init), ReLU between them.
+    Parameters layers_0 .. layers_{num_layers - 1}."""
 
     hidden_dim: int
-    num_layers: int = 3
+    output_dim: int
+    num_layers: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: [..., E] -> [..., 4] normalized (cx, cy, w, h) in (0, 1), float32."""
+        """x: [..., C] -> [..., output_dim] in the compute dtype."""
         fan_in = x.shape[-1]
         for i in range(self.num_layers):
-            out = 4 if i == self.num_layers - 1 else self.hidden_dim
+            out = self.output_dim if i == self.num_layers - 1 else self.hidden_dim
             x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
             fan_in = out
             if i < self.num_layers - 1:
                 x = nn.relu(x)
-        return jax.nn.sigmoid(x.astype(jnp.float32))
+        return x
+
+
+class BoxHead(MLP):
+    """3-layer MLP (hidden, hidden, 4), sigmoid at the end; relative to reference boxes
+    when given (Conditional DETR and after)."""
+
+    output_dim: int = 4
+    num_layers: int = 3
+
+    def __call__(self, x: jnp.ndarray, reference: jnp.ndarray | None = None) -> jnp.ndarray:
+        """x: [..., E] -> [..., 4] normalized (cx, cy, w, h) in (0, 1), float32.
+
+        reference: [..., R] (R <= 4) the inverse sigmoid of reference coordinates ((cx, cy)
+        or a box), added to the first R outputs before the sigmoid: the head predicts
+        offsets from the reference.
+        """
+        x = super().__call__(x).astype(jnp.float32)
+        if reference is not None:
+            x = x.at[..., : reference.shape[-1]].add(reference.astype(jnp.float32))
+        return jax.nn.sigmoid(x)
+
+
+def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, position_embedding: nn.Module,
+                hidden_dim: int, dtype: Any, train: bool):
+    """DETR's one-level neck, inside a detector's compact call: normalized images through the
+    backbone, its last features through the 1x1 `input_proj` (a parameter of the calling
+    module), and their position encoding.
+
+    images: [B, H, W, 3] uint8 pixels (normalized here with ImageNet statistics, as the
+    pipeline delivers them) or floats already normalized; mask: [B, H, W] bool (True = real
+    pixel). Returns (backbone output, projected [B, h, w, hidden_dim] in `dtype`, pos
+    [B, h, w, hidden_dim], feature mask [B, h, w] bool).
+    """
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        images = normalize(images)
+    # Padded pixels are zero after normalization in the reference; zeroing them here
+    # makes the output independent of whatever values the padding holds.
+    images = jnp.where(mask[..., None], images, 0).astype(dtype)
+    backbone_out = backbone(images, mask, train)
+    features, feature_mask = backbone_out.features, backbone_out.mask
+    pos = position_embedding(feature_mask)
+    in_channels = features.shape[-1]
+    src = PointwiseConv(
+        hidden_dim, use_bias=True, kernel_init=torch_linear_kernel_init,
+        bias_init=torch_linear_bias_init(in_channels), dtype=dtype, name="input_proj",
+    )(features)
+    return backbone_out, src, pos, feature_mask
 
 
 class DETR(nn.Module):
@@ -85,20 +134,8 @@ class DETR(nn.Module):
         `detr_jax.models.transformer.attention_maps`).
         """
         del targets
-        if jnp.issubdtype(images.dtype, jnp.integer):
-            images = normalize(images)
-        # Padded pixels are zero after normalization in the reference; zeroing them here
-        # makes the output independent of whatever values the padding holds.
-        images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
-        backbone_out = self.backbone(images, mask, train)
-        features, feature_mask = backbone_out.features, backbone_out.mask
-        pos = self.position_embedding(feature_mask)
-
-        in_channels = features.shape[-1]
-        src = PointwiseConv(
-            self.hidden_dim, use_bias=True, kernel_init=torch_linear_kernel_init,
-            bias_init=torch_linear_bias_init(in_channels), dtype=self.dtype, name="input_proj",
-        )(features)
+        backbone_out, src, pos, feature_mask = embed_image(
+            images, mask, self.backbone, self.position_embedding, self.hidden_dim, self.dtype, train)
         batch, h, w, _ = src.shape
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
         hs, memory = self.transformer(

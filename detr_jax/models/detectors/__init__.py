@@ -26,6 +26,7 @@ from typing import Any
 
 from flax import linen as nn
 
+from detr_jax.models.detectors.conditional_detr import build_conditional_detr
 from detr_jax.models.detr import build_detr
 
 
@@ -46,4 +47,5 @@ class Detector:
 
 DETECTORS: dict[str, Detector] = {
     "detr": Detector(build=build_detr, class_convention="softmax"),
+    "conditional_detr": Detector(build=build_conditional_detr, class_convention="sigmoid_focal"),
 }

@@ -1,0 +1,136 @@
+"""Hugging Face transformers' DETR-family checkpoints: key names -> our parameter paths,
+and the model they describe. `detr_jax.convert` dispatches here (its layouts, resolvers,
+detection and inference) and does the tensor work (transposes, BatchNorm statistics, the
+checks against the target model).
+
+  huggingface_conditional_detr  `ConditionalDetrForObjectDetection`, in transformers 5's
+      names (`model.decoder.layers.{i}.self_attn.q_content_proj`, `encoder_attn.
+      q_pos_sine_proj`, `o_proj`, `mlp.fc1`) or the saved names of earlier versions and the
+      Hub (`sa_qcontent_proj`, `ca_qpos_sine_proj`, `self_attn.out_proj`, `fc1`). The
+      official Atten4Vis/ConditionalDETR layout (fused `in_proj_weight`, `transformer.*`)
+      is not read.
+
+The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) is left
+to `detr_jax.convert`'s ResNet rules (BACKBONE_KEY).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+Path = tuple[str, ...]
+Found = tuple[Path, str]  # (path under the collection, kind as detr_jax.convert.Module's)
+
+CONDITIONAL = "huggingface_conditional_detr"
+LAYOUTS = (CONDITIONAL,)
+# The ResNet body's keys; group 1 is the key inside the ResNet.
+BACKBONE_KEY = r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)"
+
+
+def detect_layout(keys: list[str]) -> str | None:
+    """One of LAYOUTS, or None when the keys are no DETR-family member's read here."""
+    if any(re.search(r"\.(?:encoder_attn\.q_pos_sine_proj|ca_qpos_sine_proj)\.", k) for k in keys):
+        return CONDITIONAL
+    return None
+
+
+def _first(rules: list[tuple[str, Callable[..., Found | None]]], name: str) -> Found | None:
+    for pattern, found in rules:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return found(*match.groups())
+    return None
+
+
+def _mlp(path: Path) -> Callable[[str], Found]:
+    """An MLP's `layers.{j}` -> our `layers_{j}`."""
+    return lambda j: (path + (f"layers_{j}",), "dense")
+
+
+# Earlier transformers' (and the Hub's) names of the conditional attentions' projections.
+_SAVED_PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_content", "kpos": "k_pos", "v": "v",
+                      "qpos_sine": "q_pos_sine"}
+
+
+def _encoder_layer(index: str, name: str) -> Found | None:
+    layer = (f"encoder_layer{index}",)
+    return _first([
+        (r"self_attn\.([qkv])_proj", lambda p: (layer + ("self_attn", f"{p}_proj"), "dense")),
+        (r"self_attn\.(?:o|out)_proj", lambda: (layer + ("self_attn", "out_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
+        (r"final_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
+    ], name)
+
+
+def _conditional_decoder_layer(index: str, name: str) -> Found | None:
+    layer = ("decoder", f"layer{index}")
+    attention = {"self_attn": "self_attn", "encoder_attn": "cross_attn", "sa": "self_attn", "ca": "cross_attn"}
+    return _first([
+        (r"(self_attn|encoder_attn)\.(q_content|q_pos|k_content|k_pos|v|q_pos_sine)_proj",
+         lambda a, p: (layer + (attention[a], f"{p}_proj"), "dense")),
+        (r"(self_attn|encoder_attn)\.(?:o|out)_proj", lambda a: (layer + (attention[a], "out_proj"), "dense")),
+        (r"(sa|ca)_(qcontent|qpos|kcontent|kpos|v|qpos_sine)_proj",
+         lambda a, p: (layer + (attention[a], f"{_SAVED_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
+        (r"encoder_attn_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
+        (r"final_layer_norm", lambda: (layer + ("norm3",), "layernorm")),
+    ], name)
+
+
+_POSITION = {"row": "row_embed", "column": "col_embed"}
+_COMMON_RULES = [
+    (r"model\.position_embedding\.(row|column)_embeddings", lambda rc: (("position_embedding", _POSITION[rc]),
+                                                                        "embedding")),
+    (r"model\.input_projection", lambda: (("input_proj",), "conv")),
+    (r"model\.encoder\.layers\.(\d+)\.(.+)", _encoder_layer),
+    (r"model\.decoder\.layernorm", lambda: (("decoder", "norm"), "layernorm")),
+    (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: _mlp(("decoder", m))(j)),
+    (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
+]
+
+_RULES = {
+    CONDITIONAL: [
+        *_COMMON_RULES,
+        (r"model\.query_position_embeddings", lambda: (("query_embed",), "embedding")),
+        (r"model\.decoder\.layers\.(\d+)\.(.+)", _conditional_decoder_layer),
+        (r"class_labels_classifier", lambda: (("class_embed",), "dense")),
+    ],
+}
+
+
+def module(layout: str, name: str) -> Found | None:
+    """The (path, kind) of the PyTorch module `name` of a `layout` checkpoint (the ResNet
+    body's excepted: BACKBONE_KEY), or None when no rule covers it."""
+    return _first(_RULES[layout], name)
+
+
+def _count(leaves: Mapping[Path, np.ndarray], pattern: str) -> int:
+    """How many distinct groups of `pattern` match the joined parameter paths."""
+    return len({m.groups() for p in leaves if (m := re.fullmatch(pattern, "/".join(p)))})
+
+
+def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict:
+    """The model config fields the tensors (our paths) determine, besides the backbone:
+    arch, num_queries, hidden_dim, num_classes (K: the sigmoid head's width),
+    num_encoder_layers, num_decoder_layers, dim_feedforward, position_embedding, and
+    pre_norm and masks (both False: the family members here have neither)."""
+    del layout  # one member so far
+    inferred = {"arch": "conditional_detr", "pre_norm": False, "masks": False}
+    query = leaves.get(("params", "query_embed"))
+    if query is not None and query.ndim == 2:
+        inferred["num_queries"], inferred["hidden_dim"] = query.shape
+    classes = leaves.get(("params", "class_embed", "kernel"))
+    if classes is not None:
+        inferred["num_classes"] = classes.shape[-1]
+    inferred["num_encoder_layers"] = _count(leaves, r"params/encoder_layer(\d+)/.*")
+    inferred["num_decoder_layers"] = _count(leaves, r"params/decoder/layer(\d+)/.*")
+    ffn = leaves.get(("params", "decoder", "layer0", "ffn", "linear1", "kernel"))
+    if ffn is not None:
+        inferred["dim_feedforward"] = ffn.shape[-1]
+    inferred["position_embedding"] = "learned" if ("params", "position_embedding", "row_embed") in leaves else "sine"
+    return inferred
