@@ -124,14 +124,15 @@ class ConditionalCrossAttention(nn.Module):
 
 
 class ConditionalDecoderLayer(nn.Module):
-    """Conditional self-attention, conditional cross-attention, FFN; each with dropout, a
-    residual and a post-norm (norm1, norm2, norm3)."""
+    """Conditional self-attention, conditional cross-attention, FFN (with a PReLU:
+    `prelu`); each with dropout, a residual and a post-norm (norm1, norm2, norm3)."""
 
     num_heads: int
     dim_feedforward: int
     dropout: float
     use_query_pos: bool
     dtype: Any = jnp.float32
+    prelu: bool = False
 
     @nn.compact
     def __call__(self, tgt, memory, pos, query_pos, query_sine_embed, memory_mask, deterministic: bool = True):
@@ -145,7 +146,7 @@ class ConditionalDecoderLayer(nn.Module):
                                                name="cross_attn")
         attended = cross_attn(tgt, memory, pos, query_pos, query_sine_embed, memory_mask, deterministic)
         tgt = layer_norm("norm2", self.dtype)(tgt + drop(attended, deterministic=deterministic))
-        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
+        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, self.prelu, name="ffn")
         return layer_norm("norm3", self.dtype)(tgt + drop(ffn(tgt, deterministic), deterministic=deterministic))
 
 

@@ -117,18 +117,25 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """linear1 -> ReLU -> dropout -> linear2."""
+    """linear1 -> ReLU -> dropout -> linear2; with `prelu`, PyTorch's nn.PReLU instead of
+    the ReLU (DAB-DETR's): one learned negative slope `prelu` [1], initially 0.25."""
 
     dim_feedforward: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    prelu: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         """x: [B, L, E] -> [B, L, E]."""
         embed = x.shape[-1]
         h = torch_dense(self.dim_feedforward, embed, "linear1", self.dtype, xavier_uniform)(x)
-        h = nn.Dropout(self.dropout)(nn.relu(h), deterministic=deterministic)
+        if self.prelu:
+            slope = self.param("prelu", nn.initializers.constant(0.25), (1,))
+            h = jnp.where(h >= 0, h, slope.astype(h.dtype) * h)
+        else:
+            h = nn.relu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return torch_dense(embed, self.dim_feedforward, "linear2", self.dtype, xavier_uniform)(h)
 
 
@@ -138,19 +145,20 @@ def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention + FFN, each with residual, dropout and LayerNorm."""
+    """Self-attention + FFN (with a PReLU: `prelu`), each with residual, dropout and LayerNorm."""
 
     num_heads: int
     dim_feedforward: int
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    prelu: bool = False
 
     @nn.compact
     def __call__(self, src, pos, key_mask, deterministic: bool = True):
         """src, pos: [B, S, E]; key_mask: [B, S] bool (True = real). Returns [B, S, E]."""
         attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
-        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
+        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, self.prelu, name="ffn")
         norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
         drop = nn.Dropout(self.dropout)
         if self.pre_norm:
