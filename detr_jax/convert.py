@@ -327,11 +327,14 @@ MODULE_RESOLVERS = {
 
 
 def _hf_family_resolver(layout: str) -> Callable[[str], Module | None]:
-    """A Hugging Face DETR-family member's names (`convert_hf_detr_family`), its ResNet ours."""
+    """A Hugging Face DETR-family member's names (`convert_hf_detr_family`; kind "ignored":
+    IGNORED), its ResNet ours."""
     def resolve(name: str) -> Module | None:
         backbone = re.fullmatch(hf_family.BACKBONE_KEY, name)
-        found = _resnet_body_module(backbone[1]) if backbone else hf_family.module(layout, name)
-        return found if found is None or isinstance(found, Module) else Module(*found)
+        if backbone:
+            return _resnet_body_module(backbone[1])
+        found = hf_family.module(layout, name)
+        return None if found is None else IGNORED if Module(*found) == IGNORED else Module(*found)
     return resolve
 
 

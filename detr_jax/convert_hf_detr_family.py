@@ -23,6 +23,7 @@ import numpy as np
 
 Path = tuple[str, ...]
 Found = tuple[Path, str]  # (path under the collection, kind as detr_jax.convert.Module's)
+IGNORED: Found = ((), "ignored")  # a tensor dropped on purpose (a tied copy of another)
 
 CONDITIONAL = "huggingface_conditional_detr"
 LAYOUTS = (CONDITIONAL,)
