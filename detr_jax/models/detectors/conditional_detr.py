@@ -32,11 +32,12 @@ def class_head(num_logits: int, dtype: Any, prior_prob: float = PRIOR_PROB) -> n
 
 
 class ConditionalDETR(nn.Module):
-    """The Conditional DETR detector from its parts.
+    """The Conditional DETR detector from its parts; the skeleton of its descendants, which
+    override `encode` and `decode` (DAB-DETR).
 
     Fields:
       backbone, position_embedding: as DETR's (a BACKBONES and a POSITION_EMBEDDINGS module).
-      decoder: a `ConditionalDecoder`.
+      decoder: a `ConditionalDecoder` (or the descendant's).
       num_logits: C = K, the sigmoid class head's outputs.
       num_queries, hidden_dim, num_heads, num_encoder_layers, dim_feedforward, dropout: Q,
         E and DETR's post-norm encoder (`EncoderLayer`).
@@ -66,51 +67,58 @@ class ConditionalDETR(nn.Module):
           pred_logits [L, B, Q, K] sigmoid logits, pred_boxes [L, B, Q, 4] normalized cxcywh.
         With `intermediates=True` also (in the compute dtype): backbone_stages, projected
         [B, h, w, E], pos [B, h, w, E], memory [B, h, w, E], memory_mask [B, h, w] bool,
-        decoder_states [L, B, Q, E] (after the final norm), reference_points [B, Q, 2]
-        (normalized (x, y), float32, the same for every layer).
+        decoder_states [L, B, Q, E] (after the final norm), and the decoder's references
+        (`decode`).
         """
         del targets
         deterministic = not train
         backbone_out, src, pos, feature_mask = embed_image(
             images, mask, self.backbone, self.position_embedding, self.hidden_dim, self.dtype, train)
         batch, h, w, _ = src.shape
-        memory = src.reshape(batch, h * w, self.hidden_dim)
         pos = pos.reshape(batch, h * w, self.hidden_dim).astype(self.dtype)
         memory_mask = feature_mask.reshape(batch, h * w)
-        for i in range(self.num_encoder_layers):
-            memory = EncoderLayer(self.num_heads, self.dim_feedforward, self.dropout, dtype=self.dtype,
-                                  name=f"encoder_layer{i}")(memory, pos, memory_mask, deterministic)
-
-        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
-        query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (batch,) + query_embed.shape)
-        hs, reference = self.decoder(memory, pos, memory_mask, query_pos, deterministic)
+        memory = self.encode(src.reshape(batch, h * w, self.hidden_dim), pos, memory_mask, deterministic)
+        hs, boxes, references = self.decode(memory, pos, memory_mask, deterministic)
         logits = class_head(self.num_logits, self.dtype)(hs)
-        boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs, reference=inverse_sigmoid(reference))
         outputs = {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
         if intermediates:
             outputs.update(backbone_stages=backbone_out.stages, projected=src, pos=pos.reshape(batch, h, w, -1),
                            memory=memory.reshape(batch, h, w, -1), memory_mask=feature_mask, decoder_states=hs,
-                           reference_points=reference)
+                           **references)
         return outputs
 
+    def encode(self, src, pos, memory_mask, deterministic):
+        """DETR's encoder: src, pos [B, S, E], memory_mask [B, S] bool -> memory [B, S, E]."""
+        for i in range(self.num_encoder_layers):
+            src = EncoderLayer(self.num_heads, self.dim_feedforward, self.dropout, dtype=self.dtype,
+                               name=f"encoder_layer{i}")(src, pos, memory_mask, deterministic)
+        return src
 
-def check_post_norm(model_config, arch: str) -> None:
-    """ValueError for model.pre_norm: the member's references have no pre-norm variant."""
-    if model_config.pre_norm:
-        raise ValueError(f"model.pre_norm=True: {arch} is post-norm only (as its reference)")
+    def decode(self, memory, pos, memory_mask, deterministic):
+        """The learned queries through the decoder and the box head: memory, pos [B, S, E],
+        memory_mask [B, S] -> (states [L, B, Q, E], boxes [L, B, Q, 4] float32,
+        {"reference_points": [B, Q, 2] normalized (x, y), float32, the same for every layer})."""
+        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
+        query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (memory.shape[0],) + query_embed.shape)
+        hs, reference = self.decoder(memory, pos, memory_mask, query_pos, deterministic)
+        boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs, reference=inverse_sigmoid(reference))
+        return hs, boxes, {"reference_points": reference}
 
 
-def build_conditional_detr(model_config, dtype: Any, num_logits: int) -> ConditionalDETR:
-    """Conditional DETR of the `model` config section computing in `dtype`, with
-    `num_logits` (K) sigmoid class outputs."""
+def build_conditional_family(detector: type, decoder: type, position_embedding: nn.Module, model_config,
+                             dtype: Any, num_logits: int) -> nn.Module:
+    """A `detector` (ConditionalDETR or a descendant) with its `decoder` class (fields
+    num_layers, num_heads, dim_feedforward, dropout, dtype) of the `model` config section,
+    computing in `dtype` with `num_logits` (K) sigmoid class outputs; post-norm only (as the
+    references: model.pre_norm=True is a ValueError)."""
     m = model_config
-    check_post_norm(m, "conditional_detr")
-    decoder = ConditionalDecoder(num_layers=m.num_decoder_layers, num_heads=m.num_heads,
-                                 dim_feedforward=m.dim_feedforward, dropout=m.dropout, dtype=dtype)
-    return ConditionalDETR(
+    if m.pre_norm:
+        raise ValueError(f"model.pre_norm=True: {detector.__name__} is post-norm only (as its reference)")
+    return detector(
         backbone=BACKBONES[m.backbone](m, dtype),
-        position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, dtype),
-        decoder=decoder,
+        position_embedding=position_embedding,
+        decoder=decoder(num_layers=m.num_decoder_layers, num_heads=m.num_heads, dim_feedforward=m.dim_feedforward,
+                        dropout=m.dropout, dtype=dtype),
         num_logits=num_logits,
         num_queries=m.num_queries,
         hidden_dim=m.hidden_dim,
@@ -120,3 +128,11 @@ def build_conditional_detr(model_config, dtype: Any, num_logits: int) -> Conditi
         dropout=m.dropout,
         dtype=dtype,
     )
+
+
+def build_conditional_detr(model_config, dtype: Any, num_logits: int) -> ConditionalDETR:
+    """Conditional DETR of the `model` config section computing in `dtype`, with
+    `num_logits` (K) sigmoid class outputs."""
+    position_embedding = POSITION_EMBEDDINGS[model_config.position_embedding](model_config, dtype)
+    return build_conditional_family(ConditionalDETR, ConditionalDecoder, position_embedding, model_config, dtype,
+                                    num_logits)
