@@ -9,6 +9,10 @@ checks against the target model).
       Hub (`sa_qcontent_proj`, `ca_qpos_sine_proj`, `self_attn.out_proj`, `fc1`). The
       official Atten4Vis/ConditionalDETR layout (fused `in_proj_weight`, `transformer.*`)
       is not read.
+  huggingface_dab_detr  `DabDetrForObjectDetection` (`model.query_refpoint_embeddings`,
+      `self_attn.self_attn_query_content_proj`, `cross_attn.cross_attn_query_pos_sine_proj`,
+      `mlp.activation_fn` (PReLU), ...); `model.decoder.bbox_embed`, tied to
+      `bbox_predictor`, is ignored. The official IDEA-Research/DAB-DETR layout is not read.
 
 The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) is left
 to `detr_jax.convert`'s ResNet rules (BACKBONE_KEY).
@@ -26,7 +30,10 @@ Found = tuple[Path, str]  # (path under the collection, kind as detr_jax.convert
 IGNORED: Found = ((), "ignored")  # a tensor dropped on purpose (a tied copy of another)
 
 CONDITIONAL = "huggingface_conditional_detr"
-LAYOUTS = (CONDITIONAL,)
+DAB = "huggingface_dab_detr"
+LAYOUTS = (CONDITIONAL, DAB)
+ARCHS = {CONDITIONAL: "conditional_detr", DAB: "dab_detr"}
+QUERIES = {CONDITIONAL: "query_embed", DAB: "refpoint_embed"}  # [Q, E] or [Q, 4]: the queries' parameter
 # The ResNet body's keys; group 1 is the key inside the ResNet.
 BACKBONE_KEY = r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)"
 
@@ -35,6 +42,8 @@ def detect_layout(keys: list[str]) -> str | None:
     """One of LAYOUTS, or None when the keys are no DETR-family member's read here."""
     if any(re.search(r"\.(?:encoder_attn\.q_pos_sine_proj|ca_qpos_sine_proj)\.", k) for k in keys):
         return CONDITIONAL
+    if any(".cross_attn.cross_attn_query_pos_sine_proj." in k for k in keys):
+        return DAB
     return None
 
 
@@ -64,6 +73,7 @@ def _encoder_layer(index: str, name: str) -> Found | None:
         (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
         (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
         (r"final_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
+        (r"activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
     ], name)
 
 
@@ -83,6 +93,23 @@ def _conditional_decoder_layer(index: str, name: str) -> Found | None:
     ], name)
 
 
+_DAB_PROJECTIONS = {"query_content": "q_content", "query_pos": "q_pos", "key_content": "k_content",
+                    "key_pos": "k_pos", "value": "v", "query_pos_sine": "q_pos_sine"}
+
+
+def _dab_decoder_layer(index: str, name: str) -> Found | None:
+    layer = ("decoder", f"layer{index}")
+    norm = {"self_attn.self_attn": "norm1", "cross_attn.cross_attn": "norm2", "mlp.final": "norm3"}
+    return _first([
+        (r"(self_attn|cross_attn)\.\1_(query_content|query_pos|key_content|key_pos|value|query_pos_sine)_proj",
+         lambda a, p: (layer + (a, f"{_DAB_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(self_attn|cross_attn)\.\1\.output_proj", lambda a: (layer + (a, "out_proj"), "dense")),
+        (r"(self_attn\.self_attn|cross_attn\.cross_attn|mlp\.final)_layer_norm", lambda n: (layer + (norm[n],), "layernorm")),
+        (r"mlp\.fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"mlp\.activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
+    ], name)
+
+
 _POSITION = {"row": "row_embed", "column": "col_embed"}
 _COMMON_RULES = [
     (r"model\.position_embedding\.(row|column)_embeddings", lambda rc: (("position_embedding", _POSITION[rc]),
@@ -91,7 +118,6 @@ _COMMON_RULES = [
     (r"model\.encoder\.layers\.(\d+)\.(.+)", _encoder_layer),
     (r"model\.decoder\.layernorm", lambda: (("decoder", "norm"), "layernorm")),
     (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: _mlp(("decoder", m))(j)),
-    (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
 ]
 
 _RULES = {
@@ -100,6 +126,17 @@ _RULES = {
         (r"model\.query_position_embeddings", lambda: (("query_embed",), "embedding")),
         (r"model\.decoder\.layers\.(\d+)\.(.+)", _conditional_decoder_layer),
         (r"class_labels_classifier", lambda: (("class_embed",), "dense")),
+        (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
+    ],
+    DAB: [
+        *_COMMON_RULES,
+        (r"model\.query_refpoint_embeddings", lambda: (("refpoint_embed",), "embedding")),
+        (r"model\.encoder\.query_scale\.layers\.(\d+)", _mlp(("encoder_query_scale",))),
+        (r"model\.decoder\.layers\.(\d+)\.(.+)", _dab_decoder_layer),
+        (r"model\.decoder\.ref_anchor_head\.layers\.(\d+)", _mlp(("decoder", "ref_anchor_head"))),
+        (r"model\.decoder\.bbox_embed\.layers\.\d+", lambda: IGNORED),
+        (r"class_embed", lambda: (("class_embed",), "dense")),
+        (r"bbox_predictor\.layers\.(\d+)", _mlp(("decoder", "bbox_embed"))),
     ],
 }
 
@@ -120,14 +157,13 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict:
     arch, num_queries, hidden_dim, num_classes (K: the sigmoid head's width),
     num_encoder_layers, num_decoder_layers, dim_feedforward, position_embedding, and
     pre_norm and masks (both False: the family members here have neither)."""
-    del layout  # one member so far
-    inferred = {"arch": "conditional_detr", "pre_norm": False, "masks": False}
-    query = leaves.get(("params", "query_embed"))
+    inferred = {"arch": ARCHS[layout], "pre_norm": False, "masks": False}
+    query = leaves.get(("params", QUERIES[layout]))
     if query is not None and query.ndim == 2:
-        inferred["num_queries"], inferred["hidden_dim"] = query.shape
+        inferred["num_queries"] = query.shape[0]
     classes = leaves.get(("params", "class_embed", "kernel"))
-    if classes is not None:
-        inferred["num_classes"] = classes.shape[-1]
+    if classes is not None and classes.ndim == 2:
+        inferred["hidden_dim"], inferred["num_classes"] = classes.shape
     inferred["num_encoder_layers"] = _count(leaves, r"params/encoder_layer(\d+)/.*")
     inferred["num_decoder_layers"] = _count(leaves, r"params/decoder/layer(\d+)/.*")
     ffn = leaves.get(("params", "decoder", "layer0", "ffn", "linear1", "kernel"))

@@ -106,17 +106,25 @@ def run_model(config, variables, images, mask):
     return np.asarray(out["pred_logits"]), np.asarray(out["pred_boxes"])
 
 
-@functools.lru_cache(maxsize=None)
-def comparison():
-    """(HF model, our config, our variables, our predictions, HF's predictions)."""
-    model = build_hf_conditional()
+def compare(model, config_file, predictions, randomize_more=lambda model: None):
+    """Randomizes the HF `model` (randomize_hf_detr_, then `randomize_more(model)`), takes
+    its per-layer `predictions(model, pixel_values, pixel_mask)`, converts it for the
+    member's config and runs ours. Returns (HF model, our config, our variables, our
+    predictions, HF's predictions)."""
     images, noisy, mask = padded_batch(sizes=SIZES)
     pixel_values, pixel_mask = to_hf_inputs(images, mask)
     randomize_hf_detr_(model, pixel_values, pixel_mask)
-    reference = hf_conditional_predictions(model, pixel_values, pixel_mask)
-    config = member_config(CONFIG, model.config)
+    randomize_more(model)
+    reference = predictions(model, pixel_values, pixel_mask)
+    config = member_config(config_file, model.config)
     variables, _ = convert.convert_state_dict(hf_state_dict_numpy(model), config.model)
     return model, config, variables, run_model(config, variables, noisy, mask), reference
+
+
+@functools.lru_cache(maxsize=None)
+def comparison():
+    """compare() of the tiny Conditional DETR."""
+    return compare(build_hf_conditional(), CONFIG, hf_conditional_predictions)
 
 
 def test_every_decoder_layer_matches_hf():
@@ -188,21 +196,29 @@ def test_set_loss_matches_transformers_every_layer():
     check_loss(model, config, ours, reference)
 
 
-def test_convert_file_infers_the_model_and_round_trips(tmp_path):
+def check_convert_file(comparison_result, layout: str, arch: str, tmp_path) -> dict:
+    """`convert_file` on the HF model saved as safetensors infers the member's model (arch
+    and sizes) and gives the variables that reproduce our predictions. Returns the metadata."""
     from safetensors.torch import save_file
 
-    model, config, _, ours, _ = comparison()
+    model, config, _, ours, _ = comparison_result
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    # Copies: safetensors refuses tensors that share storage (tied weights).
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(path))
     variables, metadata = convert.convert_file(path, overrides={"model.num_heads": 2})
-    assert metadata["layout"] == "huggingface_conditional_detr"
+    assert metadata["layout"] == layout
     inferred = metadata["inferred_model"]
     assert {k: inferred[k] for k in ("arch", "backbone", "hidden_dim", "num_classes", "num_queries",
                                      "num_encoder_layers", "num_decoder_layers", "dim_feedforward")} == dict(
-        arch="conditional_detr", backbone="resnet_tiny", hidden_dim=32, num_classes=5, num_queries=7,
+        arch=arch, backbone="resnet_tiny", hidden_dim=32, num_classes=5, num_queries=7,
         num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64)
     _, noisy, mask = padded_batch(sizes=SIZES)
     np.testing.assert_array_equal(run_model(config, variables, noisy, mask)[1], ours[1])
+    return metadata
+
+
+def test_convert_file_infers_the_model_and_round_trips(tmp_path):
+    check_convert_file(comparison(), "huggingface_conditional_detr", "conditional_detr", tmp_path)
 
 
 def train_two_steps(config_file, tmp_path) -> dict:
