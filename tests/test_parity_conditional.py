@@ -198,8 +198,12 @@ def test_set_loss_matches_transformers_every_layer():
 
 def check_convert_file(comparison_result, layout: str, arch: str, tmp_path) -> dict:
     """`convert_file` on the HF model saved as safetensors infers the member's model (arch
-    and sizes) and gives the variables that reproduce our predictions. Returns the metadata."""
+    and sizes) and gives the variables that reproduce our predictions; `detr-jax convert`
+    writes a checkpoint of that model. Returns the metadata."""
     from safetensors.torch import save_file
+
+    from detr_jax.checkpoint import load_metadata, load_variables
+    from detr_jax.cli.convert import convert_main
 
     model, config, _, ours, _ = comparison_result
     path = tmp_path / "model.safetensors"
@@ -214,6 +218,10 @@ def check_convert_file(comparison_result, layout: str, arch: str, tmp_path) -> d
         num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64)
     _, noisy, mask = padded_batch(sizes=SIZES)
     np.testing.assert_array_equal(run_model(config, variables, noisy, mask)[1], ours[1])
+    convert_main(path, tmp_path / "converted", overrides={"model.num_heads": 2})
+    assert load_metadata(tmp_path / "converted")["model"]["arch"] == arch
+    saved = load_variables(tmp_path / "converted")
+    np.testing.assert_array_equal(saved["params"]["class_embed"]["kernel"], variables["params"]["class_embed"]["kernel"])
     return metadata
 
 
