@@ -20,20 +20,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class MLP(nn.Module):
     """Official DETR's MLP: `num_layers` Linear layers (PyTorch init), ReLU between them.
-    Parameters layers_0 .. layers_{num_layers - 1}."""
+    Parameters layers_0 .. layers_{num_layers - 1}. `zero_last`: the last layer starts at
+    zero (kernel and bias), as the box heads of Conditional DETR and after, whose boxes then
+    start at their references."""
 
     hidden_dim: int
     output_dim: int
     num_layers: int
     dtype: Any = jnp.float32
+    zero_last: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x: [..., C] -> [..., output_dim] in the compute dtype."""
         fan_in = x.shape[-1]
         for i in range(self.num_layers):
-            out = self.output_dim if i == self.num_layers - 1 else self.hidden_dim
-            x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
+            last = i == self.num_layers - 1
+            out = self.output_dim if last else self.hidden_dim
+            if last and self.zero_last:
+                x = nn.Dense(out, kernel_init=nn.initializers.zeros, dtype=self.dtype, name=f"layers_{i}")(x)
+            else:
+                x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
             fan_in = out
             if i < self.num_layers - 1:
                 x = nn.relu(x)

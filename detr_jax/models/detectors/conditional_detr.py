@@ -101,7 +101,8 @@ class ConditionalDETR(nn.Module):
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
         query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (memory.shape[0],) + query_embed.shape)
         hs, reference = self.decoder(memory, pos, memory_mask, query_pos, deterministic)
-        boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs, reference=inverse_sigmoid(reference))
+        box_head = BoxHead(self.hidden_dim, dtype=self.dtype, zero_last=True, name="bbox_embed")
+        boxes = box_head(hs, reference=inverse_sigmoid(reference))
         return hs, boxes, {"reference_points": reference}
 
 

@@ -64,7 +64,7 @@ class DABDecoder(ConditionalDecoder):
         query_scale = MLP(embed, embed, 2, self.dtype, name="query_scale")
         ref_point_head = MLP(embed, embed, 2, self.dtype, name="ref_point_head")
         ref_anchor_head = MLP(embed, 2, 2, self.dtype, name="ref_anchor_head")
-        bbox_embed = BoxHead(embed, dtype=self.dtype, name="bbox_embed")
+        bbox_embed = BoxHead(embed, dtype=self.dtype, zero_last=True, name="bbox_embed")
         norm = layer_norm("norm", self.dtype)
         tgt = jnp.zeros(anchors.shape[:-1] + (embed,), self.dtype)
         reference = anchors
