@@ -1,6 +1,6 @@
 """PyTorch checkpoints -> Flax variables of `detr_jax.models.detr.DETR`.
 
-Five layouts are recognized from the key names:
+These layouts are recognized from the key names:
   official     facebookresearch/detr (`detr-r50-e632da11.pth`, ...): {"model": state dict} with
                `backbone.0.body.*`, `transformer.*` (fused attention `in_proj_weight`),
                `class_embed`, `bbox_embed`, `query_embed`, `input_proj`, and for the learned
@@ -23,6 +23,9 @@ Five layouts are recognized from the key names:
                `patch_embed.proj`, `blocks.{i}.attn.qkv` (fused q/k/v), `norm`; `head`,
                `head_dist` ignored; layer scale, qk-norm, fc_norm and norm_pre are refused
                (the ViT has none). Backbone subtree only.
+  huggingface_<member>  transformers' DETR-family members (ConditionalDetrForObjectDetection,
+               ...): the layouts of `detr_jax.convert_hf_detr_family`, which names their
+               modules and infers their model (model.arch included).
 
 Tensors are mapped one by one: conv kernels OIHW -> HWIO, linear weights [out, in] ->
 [in, out], the fused attention in_proj (timm: qkv) split into q/k/v, BatchNorm weight/bias/
@@ -53,6 +56,7 @@ import numpy as np
 from flax import traverse_util
 
 import detr_jax
+from detr_jax import convert_hf_detr_family as hf_family
 from detr_jax.checkpoint import compare_trees
 from detr_jax.config import config_from_dict, load_config
 from detr_jax.class_convention import CLASS_CONVENTIONS
@@ -61,7 +65,7 @@ from detr_jax.models.backbone import RESNETS
 from detr_jax.models.transformer import torch_dense
 from detr_jax.models.vit import VITS, ViT
 
-LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit")
+LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit", *hf_family.LAYOUTS)
 # Layouts that hold only an ImageNet backbone: converted to the backbone subtree.
 BACKBONE_LAYOUTS = ("torchvision", "huggingface_vit", "timm_vit")
 VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
@@ -320,6 +324,21 @@ MODULE_RESOLVERS = {
     "huggingface_vit": _huggingface_vit_module,
     "timm_vit": _timm_vit_module,
 }
+
+
+def _hf_family_resolver(layout: str) -> Callable[[str], Module | None]:
+    """A Hugging Face DETR-family member's names (`convert_hf_detr_family`; kind "ignored":
+    IGNORED), its ResNet ours."""
+    def resolve(name: str) -> Module | None:
+        backbone = re.fullmatch(hf_family.BACKBONE_KEY, name)
+        if backbone:
+            return _resnet_body_module(backbone[1])
+        found = hf_family.module(layout, name)
+        return None if found is None else IGNORED if Module(*found) == IGNORED else Module(*found)
+    return resolve
+
+
+MODULE_RESOLVERS.update({layout: _hf_family_resolver(layout) for layout in hf_family.LAYOUTS})
 # Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
 PARAMETER_RESOLVERS = {
     "huggingface_vit": _huggingface_vit_parameter,
@@ -332,6 +351,8 @@ def detect_layout(keys: list[str]) -> str | None:
     keys = [k.removeprefix("detr.") for k in keys]  # a segmentation model's detector
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in keys):
         return "official"
+    if hf_family.detect_layout(keys):
+        return hf_family.detect_layout(keys)
     if any(k.startswith(("model.backbone.", "model.encoder.", "model.decoder.", "class_labels_classifier."))
            for k in keys):
         return "huggingface"
@@ -572,6 +593,8 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
     inferred: dict[str, Any] = {"backbone": backbone}
     if layout == "torchvision":
         return inferred
+    if layout in hf_family.LAYOUTS:
+        return {**inferred, **hf_family.infer_model(leaves, layout)}
     query = _shape(leaves, "params", "query_embed")
     if query is not None and len(query) == 2:
         inferred["num_queries"], inferred["hidden_dim"] = query

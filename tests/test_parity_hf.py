@@ -43,7 +43,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
-from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d  # noqa: E402
 
 from detr_jax import convert  # noqa: E402
 from detr_jax.class_convention import SoftmaxNoObject  # noqa: E402
@@ -128,7 +127,8 @@ def randomize_hf_detr_(model: torch.nn.Module, pixel_values, pixel_mask, seed: i
         bn.weight.copy_(torch.empty(n).uniform_(low, high, generator=gen))
         bn.bias.copy_(0.3 * torch.randn(n, generator=gen))
 
-    bns = [m for m in model.modules() if isinstance(m, DetrFrozenBatchNorm2d)]
+    # DETR's, or a family member's own copy of it (ConditionalDetrFrozenBatchNorm2d, ...)
+    bns = [m for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d")]
     assert bns, "HF backbone has no frozen BatchNorm: the randomization would miss its statistics"
     hooks = [bn.register_forward_pre_hook(calibrate) for bn in bns]
     try:
@@ -138,17 +138,17 @@ def randomize_hf_detr_(model: torch.nn.Module, pixel_values, pixel_mask, seed: i
             hook.remove()
 
 
-def padded_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Two images of IMAGE_SIZES padded bottom/right into 200x240.
+def padded_batch(seed: int = 0, sizes=IMAGE_SIZES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two images of `sizes` (IMAGE_SIZES) padded bottom/right into the largest (200x240).
 
-    Returns (images [2, 200, 240, 3] zero-padded, images with noise in the padding, mask
-    [2, 200, 240] bool True = real pixel). Ours gets the noisy padding: it must ignore it.
+    Returns (images [2, H, W, 3] zero-padded, images with noise in the padding, mask
+    [2, H, W] bool True = real pixel). Ours gets the noisy padding: it must ignore it.
     """
     rng = np.random.default_rng(seed)
-    canvas = tuple(max(s) for s in zip(*IMAGE_SIZES))
-    images = np.zeros((len(IMAGE_SIZES), *canvas, 3), np.float32)
-    mask = np.zeros((len(IMAGE_SIZES), *canvas), bool)
-    for i, (h, w) in enumerate(IMAGE_SIZES):
+    canvas = tuple(max(s) for s in zip(*sizes))
+    images = np.zeros((len(sizes), *canvas, 3), np.float32)
+    mask = np.zeros((len(sizes), *canvas), bool)
+    for i, (h, w) in enumerate(sizes):
         images[i, :h, :w] = rng.normal(size=(h, w, 3))
         mask[i, :h, :w] = True
     noisy = np.where(mask[..., None], images, 10 * rng.normal(size=images.shape)).astype(np.float32)
@@ -160,13 +160,9 @@ def to_hf_inputs(images: np.ndarray, mask: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(mask.astype(np.int64))
 
 
-@torch.no_grad()
-def hf_per_layer_predictions(model: DetrForObjectDetection, pixel_values, pixel_mask) -> tuple[np.ndarray, np.ndarray]:
-    """Official-DETR per-layer predictions from HF modules: logits [L, B, Q, K+1], boxes [L, B, Q, 4].
-
-    Each decoder layer's raw output (forward hook) goes through HF's decoder LayerNorm, class
-    head and box MLP, as official DETR's `return_intermediate` (see the module docstring).
-    """
+def hf_decoder_layer_outputs(model, pixel_values, pixel_mask):
+    """(Each decoder layer's raw output stacked [L, B, Q, E], HF's own output) of an HF
+    DETR-family model's forward pass (forward hooks on `model.model.decoder.layers`)."""
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in model.model.decoder.layers]
     try:
@@ -174,7 +170,18 @@ def hf_per_layer_predictions(model: DetrForObjectDetection, pixel_values, pixel_
     finally:
         for hook in hooks:
             hook.remove()
-    hidden = model.model.decoder.layernorm(torch.stack(outputs))
+    return torch.stack(outputs), final
+
+
+@torch.no_grad()
+def hf_per_layer_predictions(model: DetrForObjectDetection, pixel_values, pixel_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Official-DETR per-layer predictions from HF modules: logits [L, B, Q, K+1], boxes [L, B, Q, 4].
+
+    Each decoder layer's raw output (forward hook) goes through HF's decoder LayerNorm, class
+    head and box MLP, as official DETR's `return_intermediate` (see the module docstring).
+    """
+    raw, final = hf_decoder_layer_outputs(model, pixel_values, pixel_mask)
+    hidden = model.model.decoder.layernorm(raw)
     logits = model.class_labels_classifier(hidden)
     boxes = model.bbox_predictor(hidden).sigmoid()
     # The last layer must be exactly what HF itself returns.

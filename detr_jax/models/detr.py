@@ -19,24 +19,74 @@ from detr_jax.models.transformer import build_transformer, torch_dense
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class BoxHead(nn.Module):
-    """3-layer MLP (hidden, hidden, 4) with ReLU between layers, sigmoid at the end."""
+class MLP(nn.Module):
+    """Official DETR's MLP: `num_layers` Linear layers (PyTorch init), ReLU between them.
+    Parameters layers_0 .. layers_{num_layers - 1}. `zero_last`: the last layer starts at
+    zero (kernel and bias), as the box heads of Conditional DETR and after, whose boxes then
+    start at their references."""
 
     hidden_dim: int
-    num_layers: int = 3
+    output_dim: int
+    num_layers: int
     dtype: Any = jnp.float32
+    zero_last: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: [..., E] -> [..., 4] normalized (cx, cy, w, h) in (0, 1), float32."""
+        """x: [..., C] -> [..., output_dim] in the compute dtype."""
         fan_in = x.shape[-1]
         for i in range(self.num_layers):
-            out = 4 if i == self.num_layers - 1 else self.hidden_dim
-            x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
+            last = i == self.num_layers - 1
+            out = self.output_dim if last else self.hidden_dim
+            if last and self.zero_last:
+                x = nn.Dense(out, kernel_init=nn.initializers.zeros, dtype=self.dtype, name=f"layers_{i}")(x)
+            else:
+                x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
             fan_in = out
             if i < self.num_layers - 1:
                 x = nn.relu(x)
-        return jax.nn.sigmoid(x.astype(jnp.float32))
+        return x
+
+
+class BoxHead(MLP):
+    """3-layer MLP (hidden, hidden, 4), sigmoid at the end; relative to reference boxes
+    when given (Conditional DETR and after)."""
+
+    output_dim: int = 4
+    num_layers: int = 3
+
+    def __call__(self, x: jnp.ndarray, reference: jnp.ndarray | None = None) -> jnp.ndarray:
+        """x: [..., E] -> [..., 4] normalized (cx, cy, w, h) in (0, 1), float32.
+
+        reference: [..., R] (R <= 4) the inverse sigmoid of reference coordinates ((cx, cy)
+        or a box), added to the first R outputs before the sigmoid: the head predicts
+        offsets from the reference.
+        """
+        x = super().__call__(x).astype(jnp.float32)
+        if reference is not None:
+            x = x.at[..., : reference.shape[-1]].add(reference.astype(jnp.float32))
+        return jax.nn.sigmoid(x)
+
+
+def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, position_embedding: nn.Module,
+                neck: Callable[..., nn.Module], dtype: Any, train: bool):
+    """The detectors' front, inside a detector's compact call: normalized images through the
+    backbone, its output through the neck (instantiated as "input_proj", a submodule of the
+    calling module: DETR's parameter path), and each level's position encoding.
+
+    images: [B, H, W, 3] uint8 pixels (normalized here with ImageNet statistics, as the
+    pipeline delivers them) or floats already normalized; mask: [B, H, W] bool (True = real
+    pixel). Returns (backbone output, FeatureLevels ([B, h_l, w_l, E] in `dtype` and their
+    masks), the position encoding of each level [B, h_l, w_l, E]).
+    """
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        images = normalize(images)
+    # Padded pixels are zero after normalization in the reference; zeroing them here
+    # makes the output independent of whatever values the padding holds.
+    images = jnp.where(mask[..., None], images, 0).astype(dtype)
+    backbone_out = backbone(images, mask, train)
+    levels = neck(name="input_proj")(backbone_out)
+    return backbone_out, levels, tuple(position_embedding(level_mask) for level_mask in levels.masks)
 
 
 class DETR(nn.Module):
@@ -90,25 +140,18 @@ class DETR(nn.Module):
         `detr_jax.models.transformer.attention_maps`).
         """
         del targets
-        if jnp.issubdtype(images.dtype, jnp.integer):
-            images = normalize(images)
-        # Padded pixels are zero after normalization in the reference; zeroing them here
-        # makes the output independent of whatever values the padding holds.
-        images = jnp.where(mask[..., None], images, 0).astype(self.dtype)
-        backbone_out = self.backbone(images, mask, train)
-        feature_mask = backbone_out.mask
-        pos = self.position_embedding(feature_mask)
-        levels = self.neck(name="input_proj")(backbone_out)
-        src = levels.features[0]
+        backbone_out, levels, pos = embed_image(images, mask, self.backbone, self.position_embedding, self.neck,
+                                                self.dtype, train)
+        src, feature_mask = levels.features[0], levels.masks[0]
         batch, h, w, _ = src.shape
-        flat = flatten_levels(levels, (pos,))
+        flat = flatten_levels(levels, pos)
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
         hs, memory = self.transformer(flat.src, flat.mask, query_embed, flat.pos, deterministic=not train)
         logits = torch_dense(self.num_logits, self.hidden_dim, "class_embed", self.dtype)(hs)
         boxes = BoxHead(self.hidden_dim, dtype=self.dtype, name="bbox_embed")(hs)
         outputs = {"pred_logits": logits.astype(jnp.float32), "pred_boxes": boxes}
         if intermediates:
-            outputs.update(backbone_stages=backbone_out.stages, projected=src, pos=pos,
+            outputs.update(backbone_stages=backbone_out.stages, projected=src, pos=pos[0],
                            memory=memory.reshape(batch, h, w, -1), memory_mask=feature_mask, decoder_states=hs)
         return outputs
 

@@ -14,6 +14,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
+def sin_cos(p: jnp.ndarray) -> jnp.ndarray:
+    """[..., F] angles -> [..., F]: the sine of the even channels and the cosine of the odd
+    ones, interleaved (sin p0, cos p1, sin p2, ...), as the references write it."""
+    return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(p.shape)
+
+
 class SinePositionEmbedding(nn.Module):
     """The sine/cosine encoding of "Attention is all you need", generalized to images.
 
@@ -42,11 +48,7 @@ class SinePositionEmbedding(nn.Module):
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t
         pos_y = y_embed[..., None] / dim_t
-
-        def interleave(p):  # [..., F] -> sin of even channels, cos of odd, interleaved
-            return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(p.shape)
-
-        return jnp.concatenate([interleave(pos_y), interleave(pos_x)], axis=-1)
+        return jnp.concatenate([sin_cos(pos_y), sin_cos(pos_x)], axis=-1)
 
 
 class LearnedPositionEmbedding(nn.Module):

@@ -56,6 +56,24 @@ def torch_dense(features: int, fan_in: int, name: str, dtype: Any, kernel_init: 
     )
 
 
+def attend(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray | None,
+           dropout: float, deterministic: bool) -> jnp.ndarray:
+    """Attention of projected, scaled, head-split queries over keys, inside `module`'s compact
+    call: q [B, Lq, H, Dk], k [B, Lk, H, Dk], v [B, Lk, H, Dv], key_mask [B, Lk] bool (True =
+    attend) -> [B, Lq, H * Dv]. The weights [B, H, Lq, Lk] are sown into `module`'s
+    "intermediates" (ATTENTION_WEIGHTS) and dropped out with rate `dropout` in training."""
+    # The dot_general jnp.einsum("bqhd,bkhd->bhqk") lowers to, written out: ONNX
+    # converters map it to MatMul, where an einsum becomes onnxruntime's slow Einsum.
+    logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2)))).astype(jnp.float32)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    module.sow("intermediates", ATTENTION_WEIGHTS, weights)  # masked keys 0
+    weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return out.reshape(out.shape[:-2] + (-1,))
+
+
 class MultiHeadAttention(nn.Module):
     """PyTorch-style multi-head attention with dropout on the attention weights.
 
@@ -94,54 +112,54 @@ class MultiHeadAttention(nn.Module):
         v = split_heads(proj("v_proj", value, fused_qkv_xavier_uniform))
         # Scale q before the product, as PyTorch does (bitwise-closer to the reference).
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        # The dot_general jnp.einsum("bqhd,bkhd->bhqk") lowers to, written out: ONNX
-        # converters map it to MatMul, where an einsum becomes onnxruntime's slow Einsum.
-        logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2)))).astype(jnp.float32)
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        self.sow("intermediates", ATTENTION_WEIGHTS, weights)  # [B, H, Lq, Lk], masked keys 0
-        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-        out = out.reshape(out.shape[:-2] + (embed,))
+        out = attend(self, q, k, v, key_mask, self.dropout, deterministic)
         return proj("out_proj", out, xavier_uniform)
 
 
 class FeedForward(nn.Module):
-    """linear1 -> ReLU -> dropout -> linear2."""
+    """linear1 -> ReLU -> dropout -> linear2; with `prelu`, PyTorch's nn.PReLU instead of
+    the ReLU (DAB-DETR's): one learned negative slope `prelu` [1], initially 0.25."""
 
     dim_feedforward: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    prelu: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         """x: [B, L, E] -> [B, L, E]."""
         embed = x.shape[-1]
         h = torch_dense(self.dim_feedforward, embed, "linear1", self.dtype, xavier_uniform)(x)
-        h = nn.Dropout(self.dropout)(nn.relu(h), deterministic=deterministic)
+        if self.prelu:
+            slope = self.param("prelu", nn.initializers.constant(0.25), (1,))
+            h = jnp.where(h >= 0, h, slope.astype(h.dtype) * h)
+        else:
+            h = nn.relu(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return torch_dense(embed, self.dim_feedforward, "linear2", self.dtype, xavier_uniform)(h)
 
 
-def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+    """PyTorch's nn.LayerNorm (eps 1e-5) computing in `dtype`."""
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention + FFN, each with residual, dropout and LayerNorm."""
+    """Self-attention + FFN (with a PReLU: `prelu`), each with residual, dropout and LayerNorm."""
 
     num_heads: int
     dim_feedforward: int
     dropout: float
     pre_norm: bool = False
     dtype: Any = jnp.float32
+    prelu: bool = False
 
     @nn.compact
     def __call__(self, src, pos, key_mask, deterministic: bool = True):
         """src, pos: [B, S, E]; key_mask: [B, S] bool (True = real). Returns [B, S, E]."""
         attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
-        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
-        norm1, norm2 = _layer_norm("norm1", self.dtype), _layer_norm("norm2", self.dtype)
+        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, self.prelu, name="ffn")
+        norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
         drop = nn.Dropout(self.dropout)
         if self.pre_norm:
             x = norm1(src)
@@ -171,7 +189,7 @@ class DecoderLayer(nn.Module):
         self_attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
         cross_attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="cross_attn")
         ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
-        norm1, norm2, norm3 = (_layer_norm(f"norm{i}", self.dtype) for i in (1, 2, 3))
+        norm1, norm2, norm3 = (layer_norm(f"norm{i}", self.dtype) for i in (1, 2, 3))
         drop = nn.Dropout(self.dropout)
         keys = memory + pos
         if self.pre_norm:
@@ -215,12 +233,12 @@ class Transformer(nn.Module):
         for i in range(self.num_encoder_layers):
             memory = EncoderLayer(**layer_args, name=f"encoder_layer{i}")(memory, pos, mask, deterministic)
         if self.pre_norm:
-            memory = _layer_norm("encoder_norm", self.dtype)(memory)
+            memory = layer_norm("encoder_norm", self.dtype)(memory)
 
         batch = src.shape[0]
         query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (batch,) + query_embed.shape)
         tgt = jnp.zeros_like(query_pos)
-        decoder_norm = _layer_norm("decoder_norm", self.dtype)
+        decoder_norm = layer_norm("decoder_norm", self.dtype)
         intermediate = []
         for i in range(self.num_decoder_layers):
             tgt = DecoderLayer(**layer_args, name=f"decoder_layer{i}")(

@@ -26,6 +26,8 @@ from typing import Any
 
 from flax import linen as nn
 
+from detr_jax.models.detectors.conditional_detr import build_conditional_detr
+from detr_jax.models.detectors.dab_detr import build_dab_detr
 from detr_jax.models.detr import build_detr
 
 
@@ -46,4 +48,6 @@ class Detector:
 
 DETECTORS: dict[str, Detector] = {
     "detr": Detector(build=build_detr, class_convention="softmax"),
+    "conditional_detr": Detector(build=build_conditional_detr, class_convention="sigmoid_focal"),
+    "dab_detr": Detector(build=build_dab_detr, class_convention="sigmoid_focal"),
 }

@@ -1,0 +1,173 @@
+"""Hugging Face transformers' DETR-family checkpoints: key names -> our parameter paths,
+and the model they describe. `detr_jax.convert` dispatches here (its layouts, resolvers,
+detection and inference) and does the tensor work (transposes, BatchNorm statistics, the
+checks against the target model).
+
+  huggingface_conditional_detr  `ConditionalDetrForObjectDetection`, in transformers 5's
+      names (`model.decoder.layers.{i}.self_attn.q_content_proj`, `encoder_attn.
+      q_pos_sine_proj`, `o_proj`, `mlp.fc1`) or the saved names of earlier versions and the
+      Hub (`sa_qcontent_proj`, `ca_qpos_sine_proj`, `self_attn.out_proj`, `fc1`). The
+      official Atten4Vis/ConditionalDETR layout (fused `in_proj_weight`, `transformer.*`)
+      is not read.
+  huggingface_dab_detr  `DabDetrForObjectDetection` (`model.query_refpoint_embeddings`,
+      `self_attn.self_attn_query_content_proj`, `cross_attn.cross_attn_query_pos_sine_proj`,
+      `mlp.activation_fn` (PReLU), ...); `model.decoder.bbox_embed`, tied to
+      `bbox_predictor`, is ignored. The official IDEA-Research/DAB-DETR layout is not read.
+
+The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) is left
+to `detr_jax.convert`'s ResNet rules (BACKBONE_KEY).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+Path = tuple[str, ...]
+Found = tuple[Path, str]  # (path under the collection, kind as detr_jax.convert.Module's)
+IGNORED: Found = ((), "ignored")  # a tensor dropped on purpose (a tied copy of another)
+
+CONDITIONAL = "huggingface_conditional_detr"
+DAB = "huggingface_dab_detr"
+LAYOUTS = (CONDITIONAL, DAB)
+ARCHS = {CONDITIONAL: "conditional_detr", DAB: "dab_detr"}
+QUERIES = {CONDITIONAL: "query_embed", DAB: "refpoint_embed"}  # [Q, E] or [Q, 4]: the queries' parameter
+# The ResNet body's keys; group 1 is the key inside the ResNet.
+BACKBONE_KEY = r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)"
+
+
+def detect_layout(keys: list[str]) -> str | None:
+    """One of LAYOUTS, or None when the keys are no DETR-family member's read here."""
+    if any(re.search(r"\.(?:encoder_attn\.q_pos_sine_proj|ca_qpos_sine_proj)\.", k) for k in keys):
+        return CONDITIONAL
+    if any(".cross_attn.cross_attn_query_pos_sine_proj." in k for k in keys):
+        return DAB
+    return None
+
+
+def _first(rules: list[tuple[str, Callable[..., Found | None]]], name: str) -> Found | None:
+    for pattern, found in rules:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return found(*match.groups())
+    return None
+
+
+def _mlp(path: Path) -> Callable[[str], Found]:
+    """An MLP's `layers.{j}` -> our `layers_{j}`."""
+    return lambda j: (path + (f"layers_{j}",), "dense")
+
+
+# Earlier transformers' (and the Hub's) names of the conditional attentions' projections.
+_SAVED_PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_content", "kpos": "k_pos", "v": "v",
+                      "qpos_sine": "q_pos_sine"}
+
+
+def _encoder_layer(index: str, name: str) -> Found | None:
+    layer = (f"encoder_layer{index}",)
+    return _first([
+        (r"self_attn\.([qkv])_proj", lambda p: (layer + ("self_attn", f"{p}_proj"), "dense")),
+        (r"self_attn\.(?:o|out)_proj", lambda: (layer + ("self_attn", "out_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
+        (r"final_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
+        (r"activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
+    ], name)
+
+
+def _conditional_decoder_layer(index: str, name: str) -> Found | None:
+    layer = ("decoder", f"layer{index}")
+    attention = {"self_attn": "self_attn", "encoder_attn": "cross_attn", "sa": "self_attn", "ca": "cross_attn"}
+    return _first([
+        (r"(self_attn|encoder_attn)\.(q_content|q_pos|k_content|k_pos|v|q_pos_sine)_proj",
+         lambda a, p: (layer + (attention[a], f"{p}_proj"), "dense")),
+        (r"(self_attn|encoder_attn)\.(?:o|out)_proj", lambda a: (layer + (attention[a], "out_proj"), "dense")),
+        (r"(sa|ca)_(qcontent|qpos|kcontent|kpos|v|qpos_sine)_proj",
+         lambda a, p: (layer + (attention[a], f"{_SAVED_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
+        (r"encoder_attn_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
+        (r"final_layer_norm", lambda: (layer + ("norm3",), "layernorm")),
+    ], name)
+
+
+_DAB_PROJECTIONS = {"query_content": "q_content", "query_pos": "q_pos", "key_content": "k_content",
+                    "key_pos": "k_pos", "value": "v", "query_pos_sine": "q_pos_sine"}
+
+
+def _dab_decoder_layer(index: str, name: str) -> Found | None:
+    layer = ("decoder", f"layer{index}")
+    norm = {"self_attn.self_attn": "norm1", "cross_attn.cross_attn": "norm2", "mlp.final": "norm3"}
+    return _first([
+        (r"(self_attn|cross_attn)\.\1_(query_content|query_pos|key_content|key_pos|value|query_pos_sine)_proj",
+         lambda a, p: (layer + (a, f"{_DAB_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(self_attn|cross_attn)\.\1\.output_proj", lambda a: (layer + (a, "out_proj"), "dense")),
+        (r"(self_attn\.self_attn|cross_attn\.cross_attn|mlp\.final)_layer_norm", lambda n: (layer + (norm[n],), "layernorm")),
+        (r"mlp\.fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
+        (r"mlp\.activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
+    ], name)
+
+
+_POSITION = {"row": "row_embed", "column": "col_embed"}
+_COMMON_RULES = [
+    (r"model\.position_embedding\.(row|column)_embeddings", lambda rc: (("position_embedding", _POSITION[rc]),
+                                                                        "embedding")),
+    (r"model\.input_projection", lambda: (("input_proj",), "conv")),
+    (r"model\.encoder\.layers\.(\d+)\.(.+)", _encoder_layer),
+    (r"model\.decoder\.layernorm", lambda: (("decoder", "norm"), "layernorm")),
+    (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: _mlp(("decoder", m))(j)),
+]
+
+_RULES = {
+    CONDITIONAL: [
+        *_COMMON_RULES,
+        (r"model\.query_position_embeddings", lambda: (("query_embed",), "embedding")),
+        (r"model\.decoder\.layers\.(\d+)\.(.+)", _conditional_decoder_layer),
+        (r"class_labels_classifier", lambda: (("class_embed",), "dense")),
+        (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
+    ],
+    DAB: [
+        *_COMMON_RULES,
+        (r"model\.query_refpoint_embeddings", lambda: (("refpoint_embed",), "embedding")),
+        (r"model\.encoder\.query_scale\.layers\.(\d+)", _mlp(("encoder_query_scale",))),
+        (r"model\.decoder\.layers\.(\d+)\.(.+)", _dab_decoder_layer),
+        (r"model\.decoder\.ref_anchor_head\.layers\.(\d+)", _mlp(("decoder", "ref_anchor_head"))),
+        (r"model\.decoder\.bbox_embed\.layers\.\d+", lambda: IGNORED),
+        (r"class_embed", lambda: (("class_embed",), "dense")),
+        (r"bbox_predictor\.layers\.(\d+)", _mlp(("decoder", "bbox_embed"))),
+    ],
+}
+
+
+def module(layout: str, name: str) -> Found | None:
+    """The (path, kind) of the PyTorch module `name` of a `layout` checkpoint (the ResNet
+    body's excepted: BACKBONE_KEY), or None when no rule covers it."""
+    return _first(_RULES[layout], name)
+
+
+def _count(leaves: Mapping[Path, np.ndarray], pattern: str) -> int:
+    """How many distinct groups of `pattern` match the joined parameter paths."""
+    return len({m.groups() for p in leaves if (m := re.fullmatch(pattern, "/".join(p)))})
+
+
+def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict:
+    """The model config fields the tensors (our paths) determine, besides the backbone:
+    arch, num_queries, hidden_dim, num_classes (K: the sigmoid head's width),
+    num_encoder_layers, num_decoder_layers, dim_feedforward, position_embedding, and
+    pre_norm and masks (both False: the family members here have neither)."""
+    inferred = {"arch": ARCHS[layout], "pre_norm": False, "masks": False}
+    query = leaves.get(("params", QUERIES[layout]))
+    if query is not None and query.ndim == 2:
+        inferred["num_queries"] = query.shape[0]
+    classes = leaves.get(("params", "class_embed", "kernel"))
+    if classes is not None and classes.ndim == 2:
+        inferred["hidden_dim"], inferred["num_classes"] = classes.shape
+    inferred["num_encoder_layers"] = _count(leaves, r"params/encoder_layer(\d+)/.*")
+    inferred["num_decoder_layers"] = _count(leaves, r"params/decoder/layer(\d+)/.*")
+    ffn = leaves.get(("params", "decoder", "layer0", "ffn", "linear1", "kernel"))
+    if ffn is not None:
+        inferred["dim_feedforward"] = ffn.shape[-1]
+    inferred["position_embedding"] = "learned" if ("params", "position_embedding", "row_embed") in leaves else "sine"
+    return inferred
