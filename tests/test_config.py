@@ -82,6 +82,11 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     ("train.clip_max_norm", "-0.1", "train.clip_max_norm"),
     ("train.init_exclude", "('class_embed/(',)", "train.init_exclude"),
     ("eval.batch_size", "0", "eval.batch_size"),
+    ("model.arch", "yolo", "model.arch"),
+    ("model.class_convention", "softmaxx", "model.class_convention"),
+    ("model.neck", "fpn", "model.neck"),
+    ("model.neck_args", "{'width': 3}", "model.neck_args for 'input_proj'"),
+    ("loss.focal_alpha", "1.5", "loss.focal_alpha"),
 ])
 def test_bad_values_are_errors(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,3 +130,11 @@ def test_split_overrides():
                                        "--config.seed", "3"])
     assert rest == ["train", "--workdir", "w"]
     assert overrides == {"model.num_queries": "5", "seed": "3"}
+
+
+def test_a_detector_s_own_constraints_are_config_errors():
+    """Building the detector at load time surfaces what only the member knows."""
+    with pytest.raises(ConfigError, match="model.arch='conditional_detr': .*post-norm only"):
+        config_from_args("synthetic_conditional_tiny", {"model.pre_norm": "true"})
+    with pytest.raises(ConfigError, match="model.masks=True needs the softmax class convention"):
+        config_from_args("synthetic_tiny", {"model.masks": "true", "model.class_convention": "sigmoid_focal"})

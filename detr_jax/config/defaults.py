@@ -213,6 +213,10 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
             build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.{args} for {m[key]!r}: {e}") from None
+    try:  # the detector's own constraints (a post-norm-only member's model.pre_norm, ...)
+        DETECTORS[m.arch].build(m, DTYPES[m.dtype], 2)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.arch={m.arch!r}: {e}") from None
     if m.hidden_dim % m.num_heads:
         raise ConfigError(
             f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}"
