@@ -53,6 +53,15 @@ class ClassConvention(Protocol):
         query of each detection [B, N] int32, or None where detection i is query i)."""
 
 
+def _label_index(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The index of each target's class in the logits, for a gather along their last axis:
+    logits [L, B, Q, C], labels [B, M] -> [L, B, Q, M] int32. Padded slots hold arbitrary
+    labels: clipped so the gather stays in range."""
+    num_layers, batch, num_queries, num_logits = logits.shape
+    index = jnp.clip(labels.astype(jnp.int32), 0, num_logits - 1)
+    return jnp.broadcast_to(index[None, :, None, :], (num_layers, batch, num_queries, labels.shape[-1]))
+
+
 def _sum_layers(x: jax.Array, axis_name) -> jax.Array:
     """[L, ...] -> [L]: the sum over everything but the first axis, and over the devices
     of `axis_name` when called per device."""
@@ -88,11 +97,7 @@ class SoftmaxNoObject:
         float32; a query with a NaN or +Inf logit is NaN in every column (reported as a
         non-finite cost whatever the labels are, as a softmax would spread it)."""
         logits = logits.astype(jnp.float32)
-        num_layers, batch, num_queries, num_logits = logits.shape
-        # Padded slots hold arbitrary labels: clip so the gather stays in range.
-        label_index = jnp.clip(labels.astype(jnp.int32), 0, num_logits - 1)
-        label_index = jnp.broadcast_to(label_index[None, :, None, :],
-                                       (num_layers, batch, num_queries, labels.shape[-1]))
+        label_index = _label_index(logits, labels)
         # softmax(logits)[label] as exp(logit[label] - logsumexp(logits)): gathering from the
         # logits instead of from a softmax output kept XLA CPU ~3x faster next to the callback.
         log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -161,10 +166,7 @@ class SigmoidFocal:
         logits [L, B, Q, K], labels [B, M] -> [L, B, Q, M] float32; a query with a
         non-finite logit is NaN in every column."""
         logits = logits.astype(jnp.float32)
-        num_layers, batch, num_queries, num_logits = logits.shape
-        label_index = jnp.clip(labels.astype(jnp.int32), 0, num_logits - 1)
-        label_index = jnp.broadcast_to(label_index[None, :, None, :],
-                                       (num_layers, batch, num_queries, labels.shape[-1]))
+        label_index = _label_index(logits, labels)
         prob = jax.nn.sigmoid(jnp.take_along_axis(logits, label_index, axis=-1))
         negative = (1 - self.alpha) * prob**self.gamma * -jnp.log(1 - prob + 1e-8)
         positive = self.alpha * (1 - prob) ** self.gamma * -jnp.log(prob + 1e-8)
