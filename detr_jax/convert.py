@@ -57,11 +57,11 @@ from flax import traverse_util
 
 import detr_jax
 from detr_jax import convert_hf_detr_family as hf_family
-from detr_jax.checkpoint import compare_trees
+from detr_jax.checkpoints.checkpointer import compare_trees
 from detr_jax.config import config_from_dict, load_config
-from detr_jax.class_convention import CLASS_CONVENTIONS
+from detr_jax.criterion.class_convention import CLASS_CONVENTIONS
 from detr_jax.models import BACKBONES, build_model, class_convention_name, variable_shapes
-from detr_jax.models.backbone import RESNETS
+from detr_jax.models.resnet import RESNETS
 from detr_jax.models.transformer import torch_dense
 from detr_jax.models.vit import VITS, ViT
 

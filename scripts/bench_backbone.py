@@ -32,7 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from detr_jax.host_memory import retain_freed_memory
+    from detr_jax.runtime.host_memory import retain_freed_memory
 
     retain_freed_memory()
     import jax
@@ -42,8 +42,8 @@ def main() -> int:
     import bench_vs_torch as bench
     from detr_jax.convert import convert_state_dict
     from detr_jax.models import build_model
-    from detr_jax.optim import frozen_mask
-    from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS, stop_frozen_gradients
+    from detr_jax.train.optim import frozen_mask
+    from detr_jax.train.trainer import CPU_TRAIN_COMPILER_OPTIONS, stop_frozen_gradients
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     case = bench.CASES["train_b2_512x512"]

@@ -64,7 +64,7 @@ def bucket_shapes(sizes: list[tuple[int, int]], data) -> dict[str, list[tuple[in
 
 def compile_shapes(shapes: list[tuple[int, int]], batch: int, cache_dir: str) -> list[dict]:
     """In this process: each shape's predict function compiled ahead of time (seconds)."""
-    from detr_jax import compilation_cache
+    from detr_jax.runtime import compilation_cache
 
     compilation_cache.configure(cache_dir)
     import jax
@@ -72,8 +72,8 @@ def compile_shapes(shapes: list[tuple[int, int]], batch: int, cache_dir: str) ->
 
     from detr_jax.config import base_config
     from detr_jax.models import build_model, variable_shapes
-    from detr_jax.postprocess import make_predict_fn
-    from detr_jax.sharding import make_mesh
+    from detr_jax.evaluation.postprocess import make_predict_fn
+    from detr_jax.runtime.sharding import make_mesh
 
     config = base_config()
     model = build_model(config.model)

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from detr_jax.train import CPU_TRAIN_COMPILER_OPTIONS  # noqa: E402
+from detr_jax.train.trainer import CPU_TRAIN_COMPILER_OPTIONS  # noqa: E402
 
 # (batch, input side, channels, stride): the 3x3 convs of layers 2-4 at 2 x 512 x 512.
 SHAPES = [(2, 64, 128, 1), (2, 32, 256, 1), (2, 16, 512, 1), (2, 128, 128, 2), (2, 64, 256, 2), (2, 32, 512, 2)]

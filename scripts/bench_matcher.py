@@ -6,7 +6,7 @@ image (random valid counts; DETR-R50's COCO shapes). Median over --reps after wa
 functions timed in turn within each repetition (`interleaved_medians`):
   scipy:    a NumPy loop of scipy.optimize.linear_sum_assignment over the (layer, image)
             cost matrices, restricted to the valid targets, on host (the floor);
-  assign:   the jitted `detr_jax.matcher.assign` (the one pure_callback) on the same
+  assign:   the jitted `detr_jax.criterion.matcher.assign` (the one pure_callback) on the same
             cost matrices, already on device; overhead = median over repetitions of
             (assign - scipy);
   matching: the jitted `HungarianMatcher` (cost on device + the callback) from predictions;
@@ -16,7 +16,7 @@ Both matchers are exact, so their total matched cost per (layer, image) must agr
 may give other assignments): the largest |difference| is printed.
 
 In the training step, for each batch size: the default config's (`detr-jax train`'s,
---config) jitted train step from `detr_jax.train.assemble`, once with
+--config) jitted train step from `detr_jax.train.trainer.assemble`, once with
 loss.matcher="hungarian" and once with "hungarian_device", on one fixed batch from the
 config's own input pipeline (`make_train_iterator`, `sharding.global_batch`), the two timed
 in turn from the model's initial weights; and the criterion's own matcher (per device, as
@@ -25,9 +25,9 @@ that batch. share = that matching time / the step time; the step-time difference
 (device - host) is printed too, with each step's minor page faults, as the matcher changes
 more than the matching: on CPU a program with a host callback runs synchronously in the
 calling thread, one without runs on a worker thread, whose malloc arena
-`detr_jax.host_memory.retain_freed_memory` does not reach (MALLOC_ARENA_MAX=1 does).
+`detr_jax.runtime.host_memory.retain_freed_memory` does not reach (MALLOC_ARENA_MAX=1 does).
 --xla-defaults compiles the steps without the train step's CPU compiler options
-(`detr_jax.train.CPU_TRAIN_COMPILER_OPTIONS`).
+(`detr_jax.train.trainer.CPU_TRAIN_COMPILER_OPTIONS`).
 
   python scripts/bench_matcher.py [--batch-sizes 8 32 128] [--reps 50] [--step-reps N]
                                   [--config synthetic_tiny] [--xla-defaults] [--out PATH]
@@ -52,11 +52,12 @@ import numpy as np
 import scipy
 import scipy.optimize
 
-from detr_jax import sharding, train
+from detr_jax.runtime import sharding
+from detr_jax.train.trainer import trainer as train
 from detr_jax.config import config_from_args
 from detr_jax.data.pipeline import make_source, make_train_iterator, steps_per_epoch
-from detr_jax.host_memory import retain_freed_memory
-from detr_jax.matcher import HungarianMatcher, assign, assign_on_device, matching_cost
+from detr_jax.runtime.host_memory import retain_freed_memory
+from detr_jax.criterion.matcher import HungarianMatcher, assign, assign_on_device, matching_cost
 
 LAYERS, QUERIES, MAX_TARGETS, NUM_CLASSES = 6, 100, 50, 91
 MATCHER_NAMES = {"host": "hungarian", "device": "hungarian_device"}

@@ -1,6 +1,6 @@
 """Where the memory of the DETR-R50 training step goes: XLA's accounting against the process.
 
-For each `--sizes` (batch `--batch`), the train step as `detr_jax.train.assemble` builds it
+For each `--sizes` (batch `--batch`), the train step as `detr_jax.train.trainer.assemble` builds it
 (DETR-R50, the default config: official parameter rules, AdamW, Hungarian matching on host):
 
   ours      XLA's `compiled.memory_analysis()` of the step: arguments (train state + batch),
@@ -9,7 +9,7 @@ For each `--sizes` (batch `--batch`), the train step as `detr_jax.train.assemble
             generated code; and the worker's resident set: after imports ("base"), with the
             state and batch built ("state"), its peak through compiling the step ("compile"),
             after the compiler's freed memory is given back as the training loop does
-            (`detr_jax.train.compile_step`: "released"), its peak through `--steps` steps,
+            (`detr_jax.train.trainer.compile_step`: "released"), its peak through `--steps` steps,
             measured from a reset of the kernel's high-water mark ("steps"), the whole
             process's peak ("peak"), and the median step time.
   hf-torch  Hugging Face transformers' DetrForObjectDetection (R50, native ResNet, random
@@ -84,7 +84,7 @@ def ours(size: tuple[int, int], batch: int, steps: int, cores, retain_host_memor
     import jax
 
     from detr_jax.models import build_model, init_variables
-    from detr_jax.train import compile_step
+    from detr_jax.train.trainer import compile_step
 
     base = status_mib("VmRSS")
     config = bench_vs_torch.r50_config()
@@ -116,8 +116,8 @@ def ours_sharded(size: tuple[int, int], batch: int, devices: int, param_sharding
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     import numpy as np
 
-    from detr_jax import sharding
-    from detr_jax.train import assemble
+    from detr_jax.runtime import sharding
+    from detr_jax.train.trainer import assemble
 
     config = bench_vs_torch.r50_config()
     config.train.param_sharding, config.train.fsdp_min_mib = param_sharding, fsdp_min_mib
@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument("--no_peer", action="store_true", help="skip Hugging Face's PyTorch DETR")
     parser.add_argument("--threads", type=int, default=None, help="cores to pin every worker to (default: all)")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
-                        help="retain: keep freed host memory (detr_jax.host_memory, what `detr-jax train` does)")
+                        help="retain: keep freed host memory (detr_jax.runtime.host_memory, what `detr-jax train` does)")
     parser.add_argument("--out", default="bench_results/bench_memory.json")
     args = parser.parse_args()
     if args.steps < 1 or args.batch < 1:

@@ -23,7 +23,7 @@ peak resident set.
 Each row runs in its own process (spawned, so each peak RSS is its own), pinned to the
 same cores (`--threads`: the first N of this process's cores; XLA's thread pool sees
 only those), with freed host memory retained as `detr-jax train` does
-(detr_jax.host_memory). Defaults to JAX_PLATFORMS=cpu.
+(detr_jax.runtime.host_memory). Defaults to JAX_PLATFORMS=cpu.
 
     python scripts/bench_model_cost.py                         # 800x1216, all rows
     python scripts/bench_model_cost.py --size 160x224 --reps 1  # a quick check
@@ -109,7 +109,7 @@ def measure(row: str, size: tuple[int, int], reps: int, cores, retain_host_memor
     os.sched_setaffinity(0, cores)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if retain_host_memory:
-        from detr_jax.host_memory import retain_freed_memory
+        from detr_jax.runtime.host_memory import retain_freed_memory
 
         retain_freed_memory()
     import jax
@@ -184,7 +184,7 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--threads", type=int, default=None, help="cores to pin every row's worker to (default: all)")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
-                        help="retain: keep freed host memory (detr_jax.host_memory, what `detr-jax train` does)")
+                        help="retain: keep freed host memory (detr_jax.runtime.host_memory, what `detr-jax train` does)")
     parser.add_argument("--out", default="bench_results/bench_model_cost.json")
     args = parser.parse_args()
     if args.reps < 1:

@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 from detr_jax.config import config_from_args
-from detr_jax.host_memory import retain_freed_memory
-from detr_jax.sharding import global_batch, make_mesh
-from detr_jax.train import assemble
+from detr_jax.runtime.host_memory import retain_freed_memory
+from detr_jax.runtime.sharding import global_batch, make_mesh
+from detr_jax.train.trainer import assemble
 
 
 def random_batch(batch: int, size: int, num_classes: int, max_boxes: int, seed: int = 0) -> dict:

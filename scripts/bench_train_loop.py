@@ -5,7 +5,7 @@ Runs the real input pipeline and train step of a config (default `synthetic_tiny
   ahead       dispatch the next step before the current one finishes (JAX's asynchronous
               dispatch; what the loop does on accelerators)
   wait        block until each step has finished (what the loop does on CPU, see
-              detr_jax.train.dispatch_ahead)
+              detr_jax.train.trainer.dispatch_ahead)
 and prints the time per step, the minor page faults and the kernel (system) CPU time per
 step of each, plus the input pipeline alone. Freed host memory is retained as in
 `detr-jax train`. Prints a table and writes JSON.
@@ -46,7 +46,7 @@ def main() -> int:
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from detr_jax.config import config_from_args
-    from detr_jax.host_memory import retain_freed_memory
+    from detr_jax.runtime.host_memory import retain_freed_memory
 
     config = config_from_args(args.config, {})
     if config.train.retain_host_memory:
@@ -55,7 +55,7 @@ def main() -> int:
     from bench_scaling import config_train_step
 
     from detr_jax.data.pipeline import make_train_iterator
-    from detr_jax.sharding import global_batch
+    from detr_jax.runtime.sharding import global_batch
 
     mesh, step, state = config_train_step(config)
     holder = {"state": state}

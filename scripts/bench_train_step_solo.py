@@ -34,13 +34,13 @@ def main() -> int:
                         help="set FTZ/DAZ before JAX creates its threads (which inherit it)")
     parser.add_argument("--idle", type=float, default=0.0, help="seconds to sleep before each timed step")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
-                        help="retain: keep freed host memory, as `detr-jax train` does (detr_jax.host_memory)")
+                        help="retain: keep freed host memory, as `detr-jax train` does (detr_jax.runtime.host_memory)")
     parser.add_argument("--reps", type=int, default=4)
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.host_malloc == "retain":
-        from detr_jax.host_memory import retain_freed_memory
+        from detr_jax.runtime.host_memory import retain_freed_memory
 
         retain_freed_memory()
     import torch

@@ -30,7 +30,7 @@ waiting. Weights are the same: the HF model is built with random weights (no dow
 and ours are converted from it.
 Our compile time (first call) is reported separately and not in the medians. By default
 every worker (ours and the peer's alike) keeps freed host memory, as `detr-jax train`
-does (detr_jax.host_memory); `--host_malloc default` leaves glibc's malloc as it is.
+does (detr_jax.runtime.host_memory); `--host_malloc default` leaves glibc's malloc as it is.
 
     python scripts/bench_vs_torch.py                 # CPU, all cores
     python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
@@ -104,7 +104,7 @@ def _setup_worker(cores, retain_host_memory: bool):
     """Pins the worker to `cores`; optionally keeps freed host memory (both frameworks alike)."""
     os.sched_setaffinity(0, cores)
     if retain_host_memory:
-        from detr_jax.host_memory import retain_freed_memory
+        from detr_jax.runtime.host_memory import retain_freed_memory
 
         retain_freed_memory()
 
@@ -189,7 +189,7 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
         def run():
             return jax.block_until_ready(apply(variables, x, m))
     else:
-        from detr_jax.train import compile_step
+        from detr_jax.train.trainer import compile_step
 
         step, state, batch = jax_train_step(config, model, variables, case)
         del variables  # the state holds the parameters
@@ -213,7 +213,7 @@ def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, ret
     import torch
 
     from detr_jax.convert import convert_state_dict
-    from detr_jax.export import ExportedDetector, export_detector
+    from detr_jax.serving.export import ExportedDetector, export_detector
 
     case = CASES[case_name]
     config = r50_config()
@@ -239,8 +239,8 @@ def jax_train_step(config, model, variables: dict, case: dict):
     import jax
     import numpy as np
 
-    from detr_jax.sharding import global_batch, make_mesh
-    from detr_jax.train import assemble, train_state_from_variables
+    from detr_jax.runtime.sharding import global_batch, make_mesh
+    from detr_jax.train.trainer import assemble, train_state_from_variables
 
     images, mask, labels, boxes = inputs(case)
     mesh = make_mesh()
@@ -396,7 +396,7 @@ def main() -> int:
     parser.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no_onnx", action="store_true", help="skip our ONNX export in onnxruntime")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
-                        help="retain: every worker keeps freed host memory (detr_jax.host_memory, what "
+                        help="retain: every worker keeps freed host memory (detr_jax.runtime.host_memory, what "
                              "`detr-jax train` does); default: glibc's own behaviour")
     parser.add_argument("--rewarm", action="store_true",
                         help="one untimed call before each timed call of a worker's turn: times each framework "

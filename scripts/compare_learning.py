@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detr_jax.metrics_writer import read_metrics  # noqa: E402
+from detr_jax.runtime.metrics_writer import read_metrics  # noqa: E402
 
 
 def run_table(workdir: pathlib.Path, start: float) -> dict:

@@ -24,12 +24,12 @@ import jax
 import numpy as np
 
 from detr_jax import models
-from detr_jax import train as training
+from detr_jax.train.trainer import trainer as training
 from detr_jax.config import config_from_args
 from detr_jax.data import make_source
 from detr_jax.data.pipeline import make_train_iterator
-from detr_jax.postprocess import make_predict_fn
-from detr_jax.sharding import make_mesh
+from detr_jax.evaluation.postprocess import make_predict_fn
+from detr_jax.runtime.sharding import make_mesh
 
 METRICS = ("loss", "grad_norm", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 BATCH_KEYS = ("image", "mask", "labels", "boxes", "valid")

@@ -115,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from detr_jax.host_memory import retain_freed_memory
+    from detr_jax.runtime.host_memory import retain_freed_memory
 
     retain_freed_memory()
     import jax

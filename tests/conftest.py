@@ -20,9 +20,9 @@ import tempfile
 import numpy as np
 import pytest
 
-from detr_jax.compilation_cache import ENV_VAR
+from detr_jax.runtime.compilation_cache import ENV_VAR
 from detr_jax.config import load_config
-from detr_jax.optim import OFFICIAL_PARAM_RULES
+from detr_jax.train.optim import OFFICIAL_PARAM_RULES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def record_host_matching() -> list[list[int]]:
     """From now on every host Hungarian callback (`matcher.assign_on_host`) appends the
     shape of its cost array to the returned list: one entry per device per step when the
     matching runs per device."""
-    from detr_jax import matcher  # pylint: disable=import-outside-toplevel
+    from detr_jax.criterion import matcher  # pylint: disable=import-outside-toplevel
 
     shapes, original = [], matcher.assign_on_host
 

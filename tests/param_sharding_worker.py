@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from conftest import record_host_matching, tiny_config  # noqa: E402
-from detr_jax.checkpoint import Checkpointer  # noqa: E402
-from detr_jax.sharding import DATA_AXIS, global_batch  # noqa: E402
-from detr_jax.train import assemble  # noqa: E402
+from detr_jax.checkpoints.checkpointer import Checkpointer  # noqa: E402
+from detr_jax.runtime.sharding import DATA_AXIS, global_batch  # noqa: E402
+from detr_jax.train.trainer import assemble  # noqa: E402
 from test_train import fixed_batch  # noqa: E402
 
 callback_shapes = record_host_matching()

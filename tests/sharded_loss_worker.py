@@ -18,10 +18,10 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from conftest import record_host_matching  # noqa: E402
-from detr_jax import matcher as matcher_lib  # noqa: E402
-from detr_jax.losses import SetCriterion  # noqa: E402
-from detr_jax.matcher import HungarianMatcher  # noqa: E402
-from detr_jax.matcher import per_device as matcher_per_device  # noqa: E402
+from detr_jax.criterion import matcher as matcher_lib  # noqa: E402
+from detr_jax.criterion.losses import SetCriterion  # noqa: E402
+from detr_jax.criterion.matcher import HungarianMatcher  # noqa: E402
+from detr_jax.criterion.matcher import per_device as matcher_per_device  # noqa: E402
 
 L, B, Q, K, M = 3, 16, 6, 5, 4
 

@@ -25,7 +25,7 @@ from conftest import tiny_config
 from detr_jax.analysis import forward_with_attention, mutual_information_bits, slot_statistics
 from detr_jax.analysis.slots import box_sizes, location_cells
 from detr_jax.cli.main import main
-from detr_jax.inference import Predictor
+from detr_jax.serving.predictor import Predictor
 from detr_jax.models import build_model, init_variables
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax import box_ops
+from detr_jax.ops import box_ops
 
 # float32 arithmetic on O(1) values: a few ulps (~1e-7 each) of error.
 TOL = dict(rtol=1e-6, atol=1e-6)

@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from detr_jax.checkpoint import CheckpointError
-from detr_jax.inference import Predictor
+from detr_jax.checkpoints.checkpointer import CheckpointError
+from detr_jax.serving.predictor import Predictor
 from detr_jax.models import build_model
-from detr_jax.restore import load_checkpoint
+from detr_jax.checkpoints.restore import load_checkpoint
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "pre_composable"
 
@@ -42,8 +42,8 @@ def test_old_training_run_predicts(reference):
 def test_resuming_an_old_run_names_the_checkpoint(tmp_path):
     """An old run's optimizer state has the old group names: resuming it is refused with an
     error that names the checkpoint, never by silently starting from scratch."""
-    from detr_jax.restore import checkpoint_config
-    from detr_jax.train import train
+    from detr_jax.checkpoints.restore import checkpoint_config
+    from detr_jax.train.trainer import train
 
     workdir = tmp_path / "run"
     shutil.copytree(FIXTURE / "train_run", workdir)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from detr_jax.checkpoint import (
+from detr_jax.checkpoints.checkpointer import (
     Checkpointer,
     CheckpointError,
     load_variables,
@@ -29,9 +29,9 @@ from detr_jax.checkpoint import (
 )
 from detr_jax.cli import eval as eval_command
 from detr_jax.cli.main import build_parser, split_overrides
-from detr_jax.inference import Predictor
-from detr_jax.restore import load_checkpoint
-from detr_jax.train import train
+from detr_jax.serving.predictor import Predictor
+from detr_jax.checkpoints.restore import load_checkpoint
+from detr_jax.train.trainer import train
 
 RUN = {"train.num_steps": 2, "train.checkpoint_every_steps": 1, "train.eval_every_epochs": 0,
        "train.keep_checkpoints": 5}
@@ -254,10 +254,10 @@ def test_abandoned_reads_print_nothing(workdir):
                 f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     script = textwrap.dedent(f"""
         import gc, logging, time
-        from detr_jax.checkpoint import Checkpointer
-        from detr_jax.restore import load_checkpoint
-        from detr_jax.sharding import make_mesh
-        from detr_jax.train import assemble
+        from detr_jax.checkpoints.checkpointer import Checkpointer
+        from detr_jax.checkpoints.restore import load_checkpoint
+        from detr_jax.runtime.sharding import make_mesh
+        from detr_jax.train.trainer import assemble
         logging.basicConfig(level=logging.WARNING)
         _, config = load_checkpoint({str(workdir)!r})
         Checkpointer({str(workdir)!r}).restore_latest(assemble(config, make_mesh(), 1).abstract_state)
@@ -270,5 +270,5 @@ def test_abandoned_reads_print_nothing(workdir):
     assert "Event loop is closed" not in result.stderr
     lines = result.stderr.splitlines()
     warned = [line.split(" is unreadable")[0].rsplit("/", 1)[1] for line in lines
-              if line.startswith("WARNING:detr_jax.checkpoint:checkpoint ")]
+              if line.startswith("WARNING:detr_jax.checkpoints.checkpointer:checkpoint ")]
     assert warned == ["3", "2", "3", "2"] and len(lines) == 4, result.stderr[:5000]

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax.class_convention import SigmoidFocal, SoftmaxNoObject
-from detr_jax.losses import SetCriterion
-from detr_jax.matcher import HungarianMatcher
-from detr_jax.postprocess import postprocess
+from detr_jax.criterion.class_convention import SigmoidFocal, SoftmaxNoObject
+from detr_jax.criterion.losses import SetCriterion
+from detr_jax.criterion.matcher import HungarianMatcher
+from detr_jax.evaluation.postprocess import postprocess
 from test_losses import K  # classes; the sigmoid convention's logits have K entries
 from test_losses import random_batch as detr_random_batch
 

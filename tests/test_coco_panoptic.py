@@ -10,7 +10,7 @@ from PIL import Image
 
 from detr_jax.data.checks import check_image_files
 from detr_jax.data.coco_panoptic import CocoPanopticSource, masks_to_boxes
-from detr_jax.panoptic_png import id_to_rgb, rgb_to_id
+from detr_jax.data.panoptic_png import id_to_rgb, rgb_to_id
 from detr_jax.data.records import DataError, DatasetFormatError, DetectionSource, ImageLoadError
 from detr_jax.data.transforms import clean_record
 

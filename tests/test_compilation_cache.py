@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_config
 from test_inference import random_variables
 
-from detr_jax.checkpoint import save_variables
-from detr_jax.compilation_cache import ENV_VAR
+from detr_jax.checkpoints.checkpointer import save_variables
+from detr_jax.runtime.compilation_cache import ENV_VAR
 from detr_jax.models import build_model
 
 COUNTS = re.compile(r"compilation cache (\S+): (\d+) program\(s\) read, (\d+) compiled")

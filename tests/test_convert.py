@@ -38,13 +38,13 @@ from test_parity_hf import (  # noqa: E402  (tests/ is on sys.path under pytest)
 )
 
 from detr_jax import convert  # noqa: E402
-from detr_jax.checkpoint import CheckpointError, load_metadata, load_variables, merge_variables, save_variables  # noqa: E402
+from detr_jax.checkpoints.checkpointer import CheckpointError, load_metadata, load_variables, merge_variables, save_variables  # noqa: E402
 from detr_jax.cli.convert import convert_main  # noqa: E402
 from detr_jax.cli.main import main  # noqa: E402
 from detr_jax.config import load_config, resolve_config_path  # noqa: E402
 from detr_jax.data import SyntheticShapesSource, make_source, write_coco_folder  # noqa: E402
 from detr_jax.models import build_model, init_variables  # noqa: E402
-from detr_jax.train import initial_variables, resolve_num_classes  # noqa: E402
+from detr_jax.train.trainer import initial_variables, resolve_num_classes  # noqa: E402
 
 TINY_MODEL = dict(backbone="resnet_tiny", hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=3,
                   dim_feedforward=64, num_queries=7, num_classes=5)

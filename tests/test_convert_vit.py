@@ -27,11 +27,11 @@ transformers = pytest.importorskip("transformers")
 from conftest import tiny_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from detr_jax import convert  # noqa: E402
-from detr_jax.checkpoint import load_variables  # noqa: E402
+from detr_jax.checkpoints.checkpointer import load_variables  # noqa: E402
 from detr_jax.cli.convert import convert_main  # noqa: E402
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from detr_jax.ops.image_statistics import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from detr_jax.models import BACKBONES, build_model  # noqa: E402
-from detr_jax.train import initial_variables  # noqa: E402
+from detr_jax.train.trainer import initial_variables  # noqa: E402
 
 # float32 on both sides; the only differences are summation orders (attention, LayerNorm,
 # the bicubic resampling as a matrix product): a few 1e-6 on O(1) features, so 1e-4 leaves

@@ -26,7 +26,7 @@ from detr_jax.data import (
 from detr_jax.data import batching
 from detr_jax.data import transforms as T
 from detr_jax.data.coco_panoptic import masks_to_boxes
-from detr_jax.panoptic_png import id_to_rgb
+from detr_jax.data.panoptic_png import id_to_rgb
 from detr_jax.data.config import data_config
 
 

@@ -21,15 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax import coco_metrics, evaluate
+from detr_jax.evaluation import coco_metrics
+from detr_jax.evaluation import evaluator as evaluate
 from detr_jax.config import ConfigError, load_config
 from detr_jax.data import SyntheticShapesSource, to_coco_dict
 from detr_jax.data.transforms import to_normalized_cxcywh
 from detr_jax.cli.eval import eval_main
-from detr_jax.coco_metrics import METRIC_NAMES
-from detr_jax.evaluate import Evaluator
-from detr_jax.postprocess import postprocess, select_detections
-from detr_jax.sharding import make_mesh
+from detr_jax.evaluation.coco_metrics import METRIC_NAMES
+from detr_jax.evaluation.evaluator import Evaluator
+from detr_jax.evaluation.postprocess import postprocess, select_detections
+from detr_jax.runtime.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 300
@@ -330,7 +331,7 @@ def test_training_eval_fn_returns_metrics_and_saves_samples(tmp_path):
 
 
 def test_eval_main_prints_the_table_and_writes_metrics_and_samples(tmp_path, capsys):
-    from detr_jax.checkpoint import save_variables
+    from detr_jax.checkpoints.checkpointer import save_variables
     from detr_jax.models import build_model
     from test_inference import random_variables
 

@@ -18,12 +18,12 @@ from PIL import Image
 from conftest import tiny_config
 from test_inference import random_variables
 
-from detr_jax.checkpoint import save_variables
+from detr_jax.checkpoints.checkpointer import save_variables
 from detr_jax.cli.main import main
-from detr_jax.export import METADATA_FILE, ExportError, ExportedDetector, export_detector, serving_function
-from detr_jax.inference import Predictor
+from detr_jax.serving.export import METADATA_FILE, ExportError, ExportedDetector, export_detector, serving_function
+from detr_jax.serving.predictor import Predictor
 from detr_jax.models import build_model
-from detr_jax.models.backbone import PointwiseConv
+from detr_jax.models.resnet import PointwiseConv
 from detr_jax.models.transformer import MultiHeadAttention
 
 TOLERANCE = 1e-4

@@ -17,11 +17,11 @@ import numpy as np
 from flax import linen as nn
 
 from conftest import REPO, tiny_config
-from detr_jax.losses import LOSSES, LossTerm
-from detr_jax.matcher import MATCHERS, Matching, matching_cost
-from detr_jax.image_statistics import normalize
+from detr_jax.criterion.losses import LOSSES, LossTerm
+from detr_jax.criterion.matcher import MATCHERS, Matching, matching_cost
+from detr_jax.ops.image_statistics import normalize
 from detr_jax.models import BACKBONES, DETECTORS, Detector
-from detr_jax.models.backbone import BackboneOutput, downsample_mask
+from detr_jax.models.resnet import BackboneOutput, downsample_mask
 
 # 1. A backbone: any module (images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput.
 class TwoConvBackbone(nn.Module):
@@ -139,11 +139,11 @@ VARIANT = {
 
 def run_variant(workdir: str) -> dict:
     """Trains, evaluates and predicts with the variants above (called in a 2-device process)."""
-    from detr_jax.evaluate import Evaluator, make_eval_fn
-    from detr_jax.inference import Predictor
+    from detr_jax.evaluation.evaluator import Evaluator, make_eval_fn
+    from detr_jax.serving.predictor import Predictor
     from detr_jax.models import build_model
-    from detr_jax.restore import load_checkpoint
-    from detr_jax.train import train
+    from detr_jax.checkpoints.restore import load_checkpoint
+    from detr_jax.train.trainer import train
 
     assert jax.device_count() == 2, jax.devices()
     config = tiny_config(**VARIANT)
@@ -183,7 +183,7 @@ def test_new_backbone_loss_and_matcher_from_config(tmp_path):
 
 def test_greedy_matcher_and_l2_term_are_what_the_criterion_runs():
     """The registered matcher and term are the ones used: the loss equals a hand computation."""
-    from detr_jax.losses import SetCriterion
+    from detr_jax.criterion.losses import SetCriterion
 
     config = tiny_config(**VARIANT)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes)
@@ -202,14 +202,14 @@ def test_new_detector_trains_evaluates_predicts_and_exports(tmp_path):
     """The toy detector, selected by model.arch alone: its class convention (sigmoid focal)
     and its denoising branch reach the loss; evaluation, the Predictor and an export rank
     (query, class) pairs as its convention says."""
-    from detr_jax.evaluate import make_eval_fn
-    from detr_jax.export import ExportedDetector, export_detector
-    from detr_jax.inference import Predictor
+    from detr_jax.evaluation.evaluator import make_eval_fn
+    from detr_jax.serving.export import ExportedDetector, export_detector
+    from detr_jax.serving.predictor import Predictor
     from detr_jax.models import build_class_convention, build_model
-    from detr_jax.postprocess import make_predict_fn
-    from detr_jax.restore import load_checkpoint
-    from detr_jax.sharding import make_mesh
-    from detr_jax.train import train
+    from detr_jax.evaluation.postprocess import make_predict_fn
+    from detr_jax.checkpoints.restore import load_checkpoint
+    from detr_jax.runtime.sharding import make_mesh
+    from detr_jax.train.trainer import train
 
     config = tiny_config(**{"model.arch": "toy", "data.synthetic_train_examples": 8, "data.synthetic_eval_examples": 4,
                             "train.num_steps": 2, "train.eval_every_epochs": 1, "eval.batch_size": 2,

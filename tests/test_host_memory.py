@@ -1,4 +1,4 @@
-"""detr_jax.host_memory: freed blocks stay in the process and are reused without page faults,
+"""detr_jax.runtime.host_memory: freed blocks stay in the process and are reused without page faults,
 and go back to the kernel when released."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 # by default the second round faults every page in again.
 PROBE = """
 import ctypes, json, resource, sys
-from detr_jax.host_memory import retain_freed_memory
+from detr_jax.runtime.host_memory import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -52,7 +52,7 @@ def test_retained_memory_is_reused_without_page_faults():
 # resident set (MiB) after the free and after the release.
 RELEASE_PROBE = """
 import ctypes, json
-from detr_jax.host_memory import release_freed_memory, retain_freed_memory
+from detr_jax.runtime.host_memory import release_freed_memory, retain_freed_memory
 def rss_mib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax import inference, restore
-from detr_jax.checkpoint import CheckpointError, save_variables
+from detr_jax.serving import predictor as inference
+from detr_jax.checkpoints import restore
+from detr_jax.checkpoints.checkpointer import CheckpointError, save_variables
 from detr_jax.cli.predict import predict_main
 from detr_jax.config import load_config
 from detr_jax.data import batching

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from detr_jax import matcher as matcher_lib
-from detr_jax.class_convention import SoftmaxNoObject
+from detr_jax.criterion import matcher as matcher_lib
+from detr_jax.criterion.class_convention import SoftmaxNoObject
 from detr_jax.config import loss_config
-from detr_jax.losses import SetCriterion
-from detr_jax.matcher import HungarianMatcher
+from detr_jax.criterion.losses import SetCriterion
+from detr_jax.criterion.matcher import HungarianMatcher
 
 K = 5  # num_classes; logits have K + 1 entries
 WEIGHTS = dict(

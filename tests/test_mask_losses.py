@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax.class_convention import SoftmaxNoObject
+from detr_jax.criterion.class_convention import SoftmaxNoObject
 from detr_jax.config import loss_config
-from detr_jax.losses import LossContext, SetCriterion, dice_loss, loss_masks, sigmoid_focal_loss
-from detr_jax.matcher import Matching
+from detr_jax.criterion.losses import LossContext, SetCriterion, dice_loss, loss_masks, sigmoid_focal_loss
+from detr_jax.criterion.matcher import Matching
 
 torch = pytest.importorskip("torch")
 

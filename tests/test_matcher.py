@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from detr_jax import matcher as matcher_lib
+from detr_jax.criterion import matcher as matcher_lib
 from detr_jax.config import loss_config
-from detr_jax.matcher import HungarianMatcher, assign, assign_on_host, matching_cost
+from detr_jax.criterion.matcher import HungarianMatcher, assign, assign_on_host, matching_cost
 
 
 def random_problem(rng, layers=2, batch=3, queries=6, num_classes=5, max_boxes=4, valid=None):

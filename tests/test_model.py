@@ -7,10 +7,10 @@ import optax
 import pytest
 
 from detr_jax.config import model_config
-from detr_jax.image_statistics import normalize
+from detr_jax.ops.image_statistics import normalize
 from detr_jax.models import BACKBONES, build_model, init_variables
-from detr_jax.models.backbone import RESNETS, downsample_mask
-from detr_jax.nearest import nearest_indices
+from detr_jax.models.resnet import RESNETS, downsample_mask
+from detr_jax.ops.nearest import nearest_indices
 from detr_jax.models.position_encoding import LearnedPositionEmbedding, SinePositionEmbedding
 from detr_jax.models.transformer import Transformer
 
@@ -201,7 +201,7 @@ def test_group_norm_backbone_is_trainable_and_has_no_frozen_statistics():
 
 
 def test_group_norm_groups():
-    from detr_jax.models.backbone import group_norm_groups
+    from detr_jax.models.resnet import group_norm_groups
 
     assert [group_norm_groups(c) for c in (8, 16, 32, 64, 128, 256, 2048, 12)] == [2, 4, 8, 16, 32, 32, 32, 3]
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax.models.backbone import BackboneOutput
+from detr_jax.models.resnet import BackboneOutput
 from detr_jax.models.neck import FeatureLevels, InputProjection, flatten_levels
 
 

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import run_worker, tiny_config
 from detr_jax.config import ConfigError
-from detr_jax.sharding import fsdp_spec
+from detr_jax.runtime.sharding import fsdp_spec
 
 WORKER = pathlib.Path(__file__).with_name("param_sharding_worker.py")
 TIMEOUT_S = 400

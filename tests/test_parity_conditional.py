@@ -53,7 +53,7 @@ from transformers.models.conditional_detr.modeling_conditional_detr import inver
 
 from detr_jax import convert  # noqa: E402
 from detr_jax.config import load_config  # noqa: E402
-from detr_jax.losses import SetCriterion  # noqa: E402
+from detr_jax.criterion.losses import SetCriterion  # noqa: E402
 from detr_jax.models import build_class_convention, build_model  # noqa: E402
 from detr_jax.models import conditional_decoder  # noqa: E402
 
@@ -202,7 +202,7 @@ def check_convert_file(comparison_result, layout: str, arch: str, tmp_path) -> d
     writes a checkpoint of that model. Returns the metadata."""
     from safetensors.torch import save_file
 
-    from detr_jax.checkpoint import load_metadata, load_variables
+    from detr_jax.checkpoints.checkpointer import load_metadata, load_variables
     from detr_jax.cli.convert import convert_main
 
     model, config, _, ours, _ = comparison_result
@@ -230,9 +230,9 @@ def test_convert_file_infers_the_model_and_round_trips(tmp_path):
 
 
 def train_two_steps(config_file, tmp_path) -> dict:
-    """`detr_jax.train.train` for 2 steps of a member's config (tiny overrides), then an evaluation."""
-    from detr_jax.evaluate import make_eval_fn
-    from detr_jax.train import train
+    """`detr_jax.train.trainer.train` for 2 steps of a member's config (tiny overrides), then an evaluation."""
+    from detr_jax.evaluation.evaluator import make_eval_fn
+    from detr_jax.train.trainer import train
 
     config = load_config(config_file, {**TINY_OVERRIDES, "data.synthetic_train_examples": 8,
                                        "data.synthetic_eval_examples": 4, "train.num_steps": 2,

@@ -43,7 +43,7 @@ from transformers import DabDetrConfig, DabDetrForObjectDetection, ResNetConfig 
 from transformers.models.dab_detr.modeling_dab_detr import inverse_sigmoid  # noqa: E402
 
 from conftest import REPO  # noqa: E402
-from detr_jax.losses import SetCriterion  # noqa: E402
+from detr_jax.criterion.losses import SetCriterion  # noqa: E402
 from detr_jax.models import build_class_convention, build_model  # noqa: E402
 from detr_jax.models.detectors import dab_detr  # noqa: E402
 

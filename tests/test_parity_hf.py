@@ -45,10 +45,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
 
 from detr_jax import convert  # noqa: E402
-from detr_jax.class_convention import SoftmaxNoObject  # noqa: E402
+from detr_jax.criterion.class_convention import SoftmaxNoObject  # noqa: E402
 from detr_jax.config import model_config  # noqa: E402
-from detr_jax.models.backbone import ResNet, ResNetSpec  # noqa: E402
-from detr_jax.matcher import HungarianMatcher  # noqa: E402
+from detr_jax.models.resnet import ResNet, ResNetSpec  # noqa: E402
+from detr_jax.criterion.matcher import HungarianMatcher  # noqa: E402
 from detr_jax.models import DETR, build_model  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -280,7 +280,7 @@ def hf_set_loss(model, predictions, hf_labels, aux_loss: bool = True):
 
 
 def our_set_loss(predictions, targets, num_classes: int, aux_loss: bool = True):
-    losses = pytest.importorskip("detr_jax.losses", reason="detr_jax/losses.py (the set criterion) is not there yet")
+    losses = pytest.importorskip("detr_jax.criterion.losses", reason="detr_jax/criterion/losses.py (the set criterion) is not there yet")
     criterion = losses.SetCriterion(
         num_classes=num_classes, matcher=HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0),
         weight_dict={"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, classes=SoftmaxNoObject(eos_coef=0.1),

@@ -18,7 +18,7 @@ from conftest import cli_overrides, tiny_config
 from detr_jax.cli.main import main
 from detr_jax.config import base_config
 from detr_jax.config.run_contract import FREE, MEANING, STATE, ResumeRefused, config_changes, kind_of
-from detr_jax.train import train
+from detr_jax.train.trainer import train
 
 RUN = {"train.num_steps": 2, "train.checkpoint_every_steps": 1, "train.eval_every_epochs": 1,
        "train.keep_checkpoints": 5}

@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_config
 from detr_jax.data import DataError, SyntheticShapesSource, make_source, write_coco_folder
 from detr_jax.data.checks import check_max_boxes
-from detr_jax.evaluate import make_eval_fn
-from detr_jax.restore import load_checkpoint
-from detr_jax.train import train
+from detr_jax.evaluation.evaluator import make_eval_fn
+from detr_jax.checkpoints.restore import load_checkpoint
+from detr_jax.train.trainer import train
 
 
 @pytest.fixture()

@@ -26,7 +26,7 @@ from conftest import tiny_config  # noqa: E402
 from detr_jax import convert  # noqa: E402
 from detr_jax.config import ConfigError  # noqa: E402
 from detr_jax.models import DETRSegm, build_model  # noqa: E402
-from detr_jax.checkpoint import load_variables  # noqa: E402
+from detr_jax.checkpoints.checkpointer import load_variables  # noqa: E402
 from detr_jax.cli.convert import convert_main  # noqa: E402
 from detr_jax.config import load_config  # noqa: E402
 from test_convert import official_state_dict, write_config  # noqa: E402
@@ -156,7 +156,7 @@ def test_masks_config_errors_name_the_problem():
 
 
 def test_training_a_mask_head_without_the_masks_loss_is_refused(tmp_path):
-    from detr_jax.train import TrainingError, train
+    from detr_jax.train.trainer import TrainingError, train
 
     with pytest.raises(TrainingError, match=r"model.masks=True: add 'masks' to loss.losses"):
         train(tiny_config(**{"model.num_heads": 8, "model.masks": True}), tmp_path)

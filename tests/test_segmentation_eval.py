@@ -9,21 +9,21 @@ from conftest import tiny_config
 from flax import traverse_util
 from PIL import Image
 
-from detr_jax import segmentation_eval
-from detr_jax.checkpoint import load_train_checkpoint
+from detr_jax.evaluation import segmentation_eval
+from detr_jax.checkpoints.checkpointer import load_train_checkpoint
 from detr_jax.cli.predict import predict_main
 from detr_jax.data import make_source, to_coco_dict
-from detr_jax.evaluate import make_eval_fn
-from detr_jax.inference import category_isthing_for
+from detr_jax.evaluation.evaluator import make_eval_fn
+from detr_jax.serving.predictor import category_isthing_for
 from detr_jax.models import build_model
-from detr_jax.panoptic_png import rgb_to_id
-from detr_jax.segmentation_eval import (
+from detr_jax.data.panoptic_png import rgb_to_id
+from detr_jax.evaluation.segmentation_eval import (
     SEGMENTATION_METRIC_NAMES,
     SegmentationResults,
     panoptic_id_map,
     segmentation_metrics,
 )
-from detr_jax.train import initial_variables, train
+from detr_jax.train.trainer import initial_variables, train
 
 # A mask head needs hidden_dim + heads divisible by 8 (its first GroupNorm).
 PANOPTIC = {

@@ -1,4 +1,4 @@
-"""Mask AP and panoptic quality (detr_jax.coco_metrics) on hand-built cases.
+"""Mask AP and panoptic quality (detr_jax.evaluation.coco_metrics) on hand-built cases.
 
 PQ: a 12x12 image whose expected per-class TP / FP / FN and IoUs are worked out by hand in
 the comments, then turned into PQ, SQ, RQ by panopticapi's formula (`reference_pq`). Mask
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from detr_jax import coco_metrics
-from detr_jax.coco_metrics import PANOPTIC_METRIC_NAMES
-from detr_jax.segmentation_eval import segmentation_metrics
+from detr_jax.evaluation import coco_metrics
+from detr_jax.evaluation.coco_metrics import PANOPTIC_METRIC_NAMES
+from detr_jax.evaluation.segmentation_eval import segmentation_metrics
 
 TOL = 1e-9
 CATEGORIES = [

@@ -1,4 +1,4 @@
-"""Segmentation post-processing (detr_jax.segmentation_postprocess) against its references:
+"""Segmentation post-processing (detr_jax.evaluation.segmentation_postprocess) against its references:
 official DETR's PostProcessSegm and PostProcessPanoptic (transcribed in torch below, on
 unpadded inputs where our padding handling changes nothing) and Hugging Face's
 `DetrImageProcessor.post_process_panoptic_segmentation`; the padding independence of ours.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax import segmentation_postprocess as sp
+from detr_jax.evaluation import segmentation_postprocess as sp
 
 # Categories 0..4 (+ "no object" = 5): 0-2 things, 3-4 stuff.
 ISTHING = {0: True, 1: True, 2: True, 3: False, 4: False}

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_overrides, tiny_config
-from detr_jax.checkpoint import latest_step_dir, read_state_as_numpy
+from detr_jax.checkpoints.checkpointer import latest_step_dir, read_state_as_numpy
 from detr_jax.models import build_model, variable_shapes
-from detr_jax.optim import OFFICIAL_PARAM_RULES, lr_schedule, param_groups
-from detr_jax.sharding import global_batch, make_mesh
-from detr_jax.train import assemble, make_train_step
+from detr_jax.train.optim import OFFICIAL_PARAM_RULES, lr_schedule, param_groups
+from detr_jax.runtime.sharding import global_batch, make_mesh
+from detr_jax.train.trainer import assemble, make_train_step
 
 
 # Optimizer groups of the official rules: the backbone (and a learned position embedding)
@@ -142,7 +142,7 @@ def test_non_finite_step_keeps_the_state(one_step):
 
 def test_train_step_is_compiled_with_the_cpu_options(one_step, monkeypatch):
     """The CPU options reach XLA: an invalid value makes compiling the step fail."""
-    import detr_jax.train as train_module
+    import detr_jax.train.trainer as train_module
 
     assert train_module.train_compiler_options(one_step["mesh"]) == train_module.CPU_TRAIN_COMPILER_OPTIONS
     monkeypatch.setattr(train_module, "CPU_TRAIN_COMPILER_OPTIONS",
@@ -160,7 +160,7 @@ def test_cpu_options_do_not_change_the_step(one_step, monkeypatch):
     parameters to 2 * lr, because Adam's first update is ~lr * sign(g), which flips where a
     gradient entry is ~0.
     """
-    import detr_jax.train as train_module
+    import detr_jax.train.trainer as train_module
 
     monkeypatch.setattr(train_module, "train_compiler_options", lambda mesh: None)
     step = make_train_step(one_step["model"], one_step["criterion"], one_step["optimizer"], one_step["lr"],
@@ -203,8 +203,8 @@ from jax.sharding import Mesh
 import sys; sys.path.insert(0, "tests")
 from conftest import tiny_config
 from test_train import fixed_batch
-from detr_jax.sharding import global_batch
-from detr_jax.train import assemble
+from detr_jax.runtime.sharding import global_batch
+from detr_jax.train.trainer import assemble
 assert jax.device_count() == 8, jax.devices()
 config = tiny_config()
 batch = fixed_batch(batch_size=8)
@@ -374,7 +374,7 @@ def test_sigint_and_sigterm_stop_after_a_checkpoint_and_resume_to_identical_para
 def test_a_second_signal_exits_at_once():
     """The second Ctrl-C does not wait for the step: the process exits with status 130."""
     script = ("import os, signal, time\n"
-              "from detr_jax.stop_request import StopRequest\n"
+              "from detr_jax.runtime.stop_request import StopRequest\n"
               "with StopRequest() as stop:\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    time.sleep(0.2)\n"
@@ -391,7 +391,7 @@ def test_a_second_signal_exits_at_once():
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     """A diverging run (absurd lr) stops with a clear error; its finished checkpoint stays readable."""
-    from detr_jax.train import TrainingError, train
+    from detr_jax.train.trainer import TrainingError, train
 
     config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every_steps": 1, "train.lr": 1e30,
                             "train.eval_every_epochs": 0, "train.log_every_steps": 10})
@@ -408,7 +408,7 @@ def test_training_loop_waits_for_each_step_on_cpu(tmp_path, monkeypatch):
     host's cores are the device's); on accelerators it dispatches ahead."""
     import types
 
-    import detr_jax.train as train_module
+    import detr_jax.train.trainer as train_module
 
     assert not train_module.dispatch_ahead(make_mesh())
     gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
@@ -430,8 +430,8 @@ def test_training_loop_waits_for_each_step_on_cpu(tmp_path, monkeypatch):
 
 def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
     """train.init_from lays a (converted, backbone-only) checkpoint over fresh variables."""
-    from detr_jax.checkpoint import save_variables
-    from detr_jax.train import initial_variables
+    from detr_jax.checkpoints.checkpointer import save_variables
+    from detr_jax.train.trainer import initial_variables
 
     state0 = one_step["state0"]
     pretrained = {"params": {"backbone": jax.tree.map(lambda x: x + 1.0, state0.params["backbone"])},
@@ -445,7 +445,7 @@ def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
 
 
 def test_gradient_accumulation_updates_every_k_steps(one_step):
-    from detr_jax.train import train_state_from_variables
+    from detr_jax.train.trainer import train_state_from_variables
 
     config = tiny_config(**{"train.grad_accum_steps": 2})
     state0 = one_step["state0"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_jax import visualize
+from detr_jax.evaluation import visualize
 
 GREY = (128, 128, 128)
 

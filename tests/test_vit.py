@@ -18,7 +18,7 @@ from detr_jax.config import ConfigError, base_config
 from detr_jax.models import BACKBONES, build_model, init_variables
 from detr_jax.models.vit import (VITS, bicubic_resize_matrix, default_global_blocks, layer_decay_rules, resample_grid,
                                  sincos_grid_init)
-from detr_jax.optim import lr_multipliers
+from detr_jax.train.optim import lr_multipliers
 
 # A ViT small enough for CPU tests: 2 blocks of width 32 on a 4x4 pretraining grid.
 SMALL = {"width": 32, "depth": 2, "num_heads": 2, "pos_grid": (4, 4)}
@@ -186,8 +186,8 @@ sys.path.insert(0, "tests")
 from conftest import tiny_config
 from test_train import fixed_batch
 from test_vit import SMALL
-from detr_jax.sharding import global_batch
-from detr_jax.train import assemble
+from detr_jax.runtime.sharding import global_batch
+from detr_jax.train.trainer import assemble
 assert jax.device_count() == 2, jax.devices()
 config = tiny_config(**{"model.backbone": "vit_ti16", "train.param_rules": (),
                         "model.backbone_args": {**SMALL, "window_size": 2, "drop_path_rate": 0.2}})

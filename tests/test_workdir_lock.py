@@ -1,4 +1,4 @@
-"""One owner per workdir (detr_jax.workdir_lock): a second run is refused at once naming the
+"""One owner per workdir (detr_jax.runtime.workdir_lock): a second run is refused at once naming the
 holder, touching nothing, and the first one finishes intact; the kernel frees the lock
 when its holder is killed, even while a forked child of it lives on."""
 
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import REPO, cli_overrides
-from detr_jax.workdir_lock import LOCK_FILE, WorkdirInUse, WorkdirLock, held_by_run
+from detr_jax.runtime.workdir_lock import LOCK_FILE, WorkdirInUse, WorkdirLock, held_by_run
 
 
 def refusal_pattern(workdir, pid: int) -> str:
@@ -36,7 +36,7 @@ def test_a_second_hold_is_refused_naming_the_holder_until_the_first_ends(tmp_pat
 
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from detr_jax.workdir_lock import WorkdirLock
+    from detr_jax.runtime.workdir_lock import WorkdirLock
     WorkdirLock(sys.argv[1]).acquire()
     if os.fork() == 0:  # a child that outlives its parent (as a forked worker would)
         time.sleep(60)
@@ -69,7 +69,7 @@ FIRST = textwrap.dedent("""
     import pathlib, sys, time
     sys.path.insert(0, "tests")
     from conftest import tiny_config
-    from detr_jax.train import train
+    from detr_jax.train.trainer import train
     workdir = pathlib.Path(sys.argv[1])
     def evaluate(variables, step):
         (workdir.parent / f"evaluating_{step}").touch()

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from detr_jax.analysis.attention import forward_with_attention
 from detr_jax.config.errors import ConfigError
 from detr_jax.data import make_eval_iterator
-from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.criterion.class_convention import ClassConvention, SoftmaxNoObject
 from detr_jax.models import build_class_convention
-from detr_jax.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
+from detr_jax.runtime.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
 
 
 @dataclasses.dataclass

@@ -14,10 +14,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from detr_jax import visualize
+from detr_jax.evaluation import visualize
 from detr_jax.analysis.collect import AttentionSample
 from detr_jax.analysis.slots import box_sizes
-from detr_jax.postprocess import class_name
+from detr_jax.evaluation.postprocess import class_name
 
 SIZE_COLORMAP = "viridis"
 ATTENTION_COLORMAP = "inferno"

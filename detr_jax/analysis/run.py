@@ -29,7 +29,7 @@ from detr_jax.analysis.report import write_report
 from detr_jax.analysis.slots import SlotStatistics, csv_rows, slot_statistics
 from detr_jax.config.errors import ConfigError
 from detr_jax.data import make_source
-from detr_jax.inference import category_names_for
+from detr_jax.serving.predictor import category_names_for
 from detr_jax.models import build_model
 
 log = logging.getLogger(__name__)

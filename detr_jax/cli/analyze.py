@@ -7,7 +7,7 @@ import pathlib
 
 from detr_jax.analysis import analyze
 from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, nonnegative_int, positive_int, probability
-from detr_jax.restore import load_checkpoint
+from detr_jax.checkpoints.restore import load_checkpoint
 
 
 def add_parser(sub) -> None:

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from detr_jax.checkpoint import save_variables
+from detr_jax.checkpoints.checkpointer import save_variables
 from detr_jax.config import config_from_args
 from detr_jax.convert import convert_file
 
@@ -46,7 +46,7 @@ def convert_main(
 
     Converts the PyTorch checkpoint SRC (`detr_jax.convert.convert_file`: the arguments are
     its) and writes a params-only checkpoint to the new directory DST
-    (`detr_jax.checkpoint.save_variables`). Prints a summary.
+    (`detr_jax.checkpoints.checkpointer.save_variables`). Prints a summary.
 
     Returns:
       The metadata written.

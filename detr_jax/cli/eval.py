@@ -11,10 +11,10 @@ import jax
 import ml_collections
 
 from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, positive_int
-from detr_jax.coco_metrics import format_per_class_ap, to_coco_results
-from detr_jax.evaluate import Evaluator, save_eval_samples
+from detr_jax.evaluation.coco_metrics import format_per_class_ap, to_coco_results
+from detr_jax.evaluation.evaluator import Evaluator, save_eval_samples
 from detr_jax.models import build_model
-from detr_jax.restore import load_checkpoint
+from detr_jax.checkpoints.restore import load_checkpoint
 
 
 def add_parser(sub) -> None:

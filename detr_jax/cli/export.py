@@ -1,12 +1,12 @@
 """`detr-jax export`: a checkpoint -> a servable StableHLO, TF SavedModel or ONNX model
-(`detr_jax.export.export_detector`)."""
+(`detr_jax.serving.export.export_detector`)."""
 
 from __future__ import annotations
 
 from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config
-from detr_jax.export import FORMATS, export_detector, parse_batch, parse_size, read_metadata
-from detr_jax.inference import category_names_for
-from detr_jax.restore import load_checkpoint
+from detr_jax.serving.export import FORMATS, export_detector, parse_batch, parse_size, read_metadata
+from detr_jax.serving.predictor import category_names_for
+from detr_jax.checkpoints.restore import load_checkpoint
 
 
 def add_parser(sub) -> None:

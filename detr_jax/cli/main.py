@@ -14,8 +14,8 @@ import sys
 
 from absl import logging as absl_logging
 
-from detr_jax import compilation_cache
-from detr_jax.checkpoint import CheckpointError
+from detr_jax.runtime import compilation_cache
+from detr_jax.checkpoints.checkpointer import CheckpointError
 from detr_jax.cli import analyze as analyze_command
 from detr_jax.cli import convert as convert_command
 from detr_jax.cli import eval as eval_command
@@ -25,8 +25,8 @@ from detr_jax.cli import train as train_command
 from detr_jax.config import ConfigError
 from detr_jax.convert import ConversionError
 from detr_jax.data.records import DataError
-from detr_jax.export import ExportError
-from detr_jax.workdir_lock import WorkdirInUse
+from detr_jax.serving.export import ExportError
+from detr_jax.runtime.workdir_lock import WorkdirInUse
 
 log = logging.getLogger(__name__)
 

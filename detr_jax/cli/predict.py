@@ -13,11 +13,11 @@ from typing import Any
 import ml_collections
 from tqdm.auto import tqdm
 
-from detr_jax import visualize
+from detr_jax.evaluation import visualize
 from detr_jax.cli.common import DTYPE_CHOICES, checkpoint_command_config, positive_int, probability
 from detr_jax.data.records import ImageLoadError
-from detr_jax.inference import IMAGE_EXTENSIONS, Predictor, find_images, load_image
-from detr_jax.segmentation_postprocess import to_coco_panoptic
+from detr_jax.serving.predictor import IMAGE_EXTENSIONS, Predictor, find_images, load_image
+from detr_jax.evaluation.segmentation_postprocess import to_coco_panoptic
 
 
 def add_parser(sub) -> None:

@@ -9,9 +9,9 @@ import jax
 
 from detr_jax.config import config_from_args
 from detr_jax.data import make_source
-from detr_jax.evaluate import make_eval_fn
-from detr_jax.metrics_writer import METRICS_FILE, latest_values
-from detr_jax.train import TrainingError, TrainingInterrupted, distributed_init, resolve_num_classes, train
+from detr_jax.evaluation.evaluator import make_eval_fn
+from detr_jax.runtime.metrics_writer import METRICS_FILE, latest_values
+from detr_jax.train.trainer import TrainingError, TrainingInterrupted, distributed_init, resolve_num_classes, train
 
 DEFAULT_CONFIG = "synthetic_tiny"
 

@@ -18,14 +18,14 @@ from detr_jax.config.train_config import eval_config, train_config
 # data.config imports ConfigError from this package, and a module binding lets either
 # package be imported first (its names are read only when a config is built or checked).
 from detr_jax.data import config as data_defaults
-from detr_jax.losses import LOSSES
-from detr_jax.matcher import MATCHERS
-from detr_jax.class_convention import CLASS_CONVENTIONS
+from detr_jax.criterion.losses import LOSSES
+from detr_jax.criterion.matcher import MATCHERS
+from detr_jax.criterion.class_convention import CLASS_CONVENTIONS
 from detr_jax.models import (BACKBONES, DETECTORS, NECKS, NORMS, POSITION_EMBEDDINGS, RESNET_BACKBONES,
                              class_convention_name)
 from detr_jax.models.detr import DTYPES
-from detr_jax.optim import check_param_rules
-from detr_jax.sharding import PARAM_SHARDINGS
+from detr_jax.train.optim import check_param_rules
+from detr_jax.runtime.sharding import PARAM_SHARDINGS
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def model_config() -> ml_collections.ConfigDict:
         dict(
             # The detector, a name in detr_jax.models.DETECTORS ("detr": the paper's).
             arch="detr",
-            # How class logits are read (detr_jax.class_convention.CLASS_CONVENTIONS:
+            # How class logits are read (detr_jax.criterion.class_convention.CLASS_CONVENTIONS:
             # "softmax" with a "no object" class, "sigmoid_focal"); "": the detector's own.
             class_convention="",
             backbone="resnet50",
@@ -101,9 +101,9 @@ def loss_config() -> ml_collections.ConfigDict:
             focal_gamma=2.0,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
-            # Name in detr_jax.matcher.MATCHERS.
+            # Name in detr_jax.criterion.matcher.MATCHERS.
             matcher="hungarian",
-            # Terms of the set criterion, names in detr_jax.losses.LOSSES ("masks" trains
+            # Terms of the set criterion, names in detr_jax.criterion.losses.LOSSES ("masks" trains
             # the mask head: needs model.masks and data.masks).
             losses=("labels", "boxes", "cardinality"),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from detr_jax.optim import OFFICIAL_PARAM_RULES
+from detr_jax.train.optim import OFFICIAL_PARAM_RULES
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -14,7 +14,7 @@ def train_config() -> ml_collections.ConfigDict:
         dict(
             lr=1e-4,
             # (regex on the parameter path, lr multiplier or None = frozen), first full match
-            # wins, unmatched parameters train at lr (detr_jax.optim). Default: official DETR.
+            # wins, unmatched parameters train at lr (detr_jax.train.optim). Default: official DETR.
             param_rules=OFFICIAL_PARAM_RULES,
             weight_decay=1e-4,
             clip_max_norm=0.1,
@@ -35,10 +35,10 @@ def train_config() -> ml_collections.ConfigDict:
             # their fresh initialization: r"class_embed/.*" for a new set of classes).
             init_from="",
             init_exclude=(),
-            # Keep freed host memory in the process (glibc malloc, see detr_jax.host_memory):
+            # Keep freed host memory in the process (glibc malloc, see detr_jax.runtime.host_memory):
             # on CPU each step then reuses its buffers instead of faulting fresh pages in.
             retain_host_memory=True,
-            # How parameters and optimizer state lie over the devices (detr_jax.sharding.
+            # How parameters and optimizer state lie over the devices (detr_jax.runtime.sharding.
             # PARAM_SHARDINGS): "replicated" (whole on every device) or "fsdp" (each array of
             # at least fsdp_min_mib MiB split along its largest dimension the device count
             # divides, as big_vision's fsdp rule; XLA gathers the parameters where the step

@@ -42,7 +42,7 @@ import numpy as np
 from detr_jax.data.coco_json import as_list, parse_categories, parse_images, read_coco_json
 from detr_jax.data.images import decode_image
 from detr_jax.data.records import DatasetFormatError, Record
-from detr_jax.panoptic_png import MAX_SEGMENT_ID, rgb_to_id
+from detr_jax.data.panoptic_png import MAX_SEGMENT_ID, rgb_to_id
 
 log = logging.getLogger(__name__)
 

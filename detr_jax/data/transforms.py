@@ -9,7 +9,7 @@ Sizes use the official rule (`resized_size`; the longer side is clamped where th
 overshoots max_size), images are resized with PIL's bilinear filter
 (as torchvision on PIL images). Boxes stay absolute (x0, y0, x1, y1) pixels until
 `to_normalized_cxcywh`. Images stay uint8 all the way to the device; the model normalizes
-them (`detr_jax.image_statistics.normalize`).
+them (`detr_jax.ops.image_statistics.normalize`).
 
 Instance masks (bool [N, H, W], one per box) are optional everywhere: every transform takes
 them as a last argument `masks` and, when given, returns them transformed as a last
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from detr_jax.data.records import DatasetFormatError, Record
-from detr_jax.nearest import nearest_indices
+from detr_jax.ops.nearest import nearest_indices
 
 COCO_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 

@@ -18,8 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from detr_jax.class_convention import CLASS_CONVENTIONS, ClassConvention
-from detr_jax.models.backbone import NORMS, RESNET_BACKBONES
+from detr_jax.criterion.class_convention import CLASS_CONVENTIONS, ClassConvention
+from detr_jax.models.resnet import NORMS, RESNET_BACKBONES
 from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.detectors import DETECTORS, Detector
 from detr_jax.models.detr import DETR, DTYPES, init_variables, variable_shapes

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from detr_jax.image_statistics import normalize
+from detr_jax.ops.image_statistics import normalize
 from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
@@ -94,7 +94,7 @@ class DETR(nn.Module):
 
     Fields:
       backbone: a module `(images, mask, train) -> BackboneOutput` (features [B, h, w, C],
-        mask [B, h, w], named stages); see detr_jax.models.backbone.
+        mask [B, h, w], named stages); see detr_jax.models.resnet.
       position_embedding: a module `mask [B, h, w] -> [B, h, w, hidden_dim]`.
       neck: a constructor of the one-level neck (`neck.NECKS`; DETR's 1x1 projection),
         instantiated as "input_proj": `(BackboneOutput) -> FeatureLevels`.

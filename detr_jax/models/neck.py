@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from flax import linen as nn
 
-from detr_jax.models.backbone import BackboneOutput, pointwise
+from detr_jax.models.resnet import BackboneOutput, pointwise
 from detr_jax.models.transformer import torch_linear_bias_init, torch_linear_kernel_init
 
 

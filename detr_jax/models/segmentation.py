@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.backbone import PointwiseConv, resize_nearest
+from detr_jax.models.resnet import PointwiseConv, resize_nearest
 from detr_jax.models.detr import DETR
 from detr_jax.models.transformer import torch_dense
 

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD
-from detr_jax.models.backbone import BackboneOutput
+from detr_jax.ops.image_statistics import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.models.resnet import BackboneOutput
 from detr_jax.models.transformer import MultiHeadAttention
 
 # torch's bicubic kernel coefficient (Keys' a = -0.75), not jax.image.resize's -0.5.

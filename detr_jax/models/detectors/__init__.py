@@ -6,7 +6,7 @@ A detector is the unit the rest of the library talks to. Its module is called as
                  intermediates=False, targets=None, rngs=...)
 
 and returns float32 predictions of every decoder layer, `pred_logits` [L, B, Q, C]
-(read by the detector's class convention, `detr_jax.class_convention`) and `pred_boxes`
+(read by the detector's class convention, `detr_jax.criterion.class_convention`) and `pred_boxes`
 [L, B, Q, 4] (normalized cxcywh), plus any other output branches (`losses.BRANCHES`:
 "enc", "dn", "one2many", each a dict of the same keys, matched by its own rule). In
 training it receives the padded targets ({"labels" [B, M], "boxes" [B, M, 4], "valid"

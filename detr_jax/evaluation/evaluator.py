@@ -6,10 +6,10 @@ One pass over the eval split. Each host reads its slice of the dataset
 spans every device of every host, parameters are replicated, and the predict function is
 `postprocess.make_predict_fn`. Each host keeps its own detections; at the end they are
 gathered on process 0 (fixed-size arrays, `process_allgather`), filler examples are dropped,
-and pycocotools (`detr_jax.coco_metrics`) computes the 12 standard numbers against ground
+and pycocotools (`detr_jax.evaluation.coco_metrics`) computes the 12 standard numbers against ground
 truth built from the source's records (`detr_jax.data.to_coco_dict`), one code path for
 every source. With a mask head (model.masks) and mask targets (data.masks), each host also
-post-processes its images' masks as the batches arrive (`detr_jax.segmentation_eval`), and
+post-processes its images' masks as the batches arrive (`detr_jax.evaluation.segmentation_eval`), and
 process 0 adds PQ/SQ/RQ and mask AP. The numbers are broadcast so that every process
 returns the same metrics.
 
@@ -34,20 +34,20 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from detr_jax import visualize
-from detr_jax.coco_metrics import METRIC_NAMES, coco_evaluate, coco_from_dict, format_coco_summary, to_coco_results
+from detr_jax.evaluation import visualize
+from detr_jax.evaluation.coco_metrics import METRIC_NAMES, coco_evaluate, coco_from_dict, format_coco_summary, to_coco_results
 from detr_jax.config.errors import ConfigError
 from detr_jax.data import eval_shard_range, make_eval_iterator, make_source, num_eval_batches, to_coco_dict
 from detr_jax.data.checks import check_category_ids, check_image_files
 from detr_jax.models import build_class_convention, build_model
-from detr_jax.postprocess import make_predict_fn, select_detections
-from detr_jax.segmentation_eval import (
+from detr_jax.evaluation.postprocess import make_predict_fn, select_detections
+from detr_jax.evaluation.segmentation_eval import (
     SEGMENTATION_METRIC_NAMES,
     SegmentationResults,
     panoptic_id_map,
     segmentation_metrics,
 )
-from detr_jax.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
+from detr_jax.runtime.sharding import DATA_AXIS, batch_sharded, data_size, make_mesh, replicated
 
 log = logging.getLogger(__name__)
 

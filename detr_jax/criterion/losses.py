@@ -1,8 +1,8 @@
 """DETR's set prediction loss (official DETR's SetCriterion), jit-able and shard-safe.
 
-For each supervised decoder layer, after Hungarian matching (`detr_jax.matcher`):
+For each supervised decoder layer, after Hungarian matching (`detr_jax.criterion.matcher`):
   loss_ce:   the class convention's classification loss over ALL queries
-             (`detr_jax.class_convention`); matched queries target their object's class,
+             (`detr_jax.criterion.class_convention`); matched queries target their object's class,
              the others "no object". DETR's: cross-entropy with class weights 1, and
              eos_coef for "no object", the weighted mean sum(w_i * ce_i) / sum(w_i) over
              every query of the (global) batch, like torch's
@@ -53,10 +53,10 @@ import optax
 from flax.core import FrozenDict
 from jax.sharding import Mesh
 
-from detr_jax import box_ops
-from detr_jax.class_convention import CLASS_CONVENTIONS, ClassConvention, SoftmaxNoObject
-from detr_jax.focal_loss import sigmoid_focal_loss
-from detr_jax.matcher import MATCHERS, HungarianMatcher, Matching, per_device
+from detr_jax.ops import box_ops
+from detr_jax.criterion.class_convention import CLASS_CONVENTIONS, ClassConvention, SoftmaxNoObject
+from detr_jax.criterion.focal_loss import sigmoid_focal_loss
+from detr_jax.criterion.matcher import MATCHERS, HungarianMatcher, Matching, per_device
 
 
 def global_sum(x: jax.Array, axis_name) -> jax.Array:
@@ -69,7 +69,7 @@ class LossContext(NamedTuple):
     """What loss terms may need besides predictions, targets and the matching.
 
     num_classes: K (a target class of K means "no object"); classes: the class convention
-    (`detr_jax.class_convention`); axis_name: set when called per device (inside
+    (`detr_jax.criterion.class_convention`); axis_name: set when called per device (inside
     shard_map): sum over it for global sums.
     """
 
@@ -217,7 +217,7 @@ class SetCriterion:
     Attributes:
       num_classes: K, max class id + 1.
       matcher: `matcher(pred_logits, pred_boxes, labels, boxes, valid) -> Matching` (see
-        detr_jax.matcher; `matcher.per_device` for one that runs per device under a mesh).
+        detr_jax.criterion.matcher; `matcher.per_device` for one that runs per device under a mesh).
       weight_dict: {loss name: weight} of the terms added to the total (the same for every
         decoder layer).
       losses: names of LOSSES terms to compute (looked up when called, so a term

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from detr_jax.coco_metrics import (
+from detr_jax.evaluation.coco_metrics import (
     METRIC_NAMES,
     PANOPTIC_METRIC_NAMES,
     coco_evaluate,
@@ -29,7 +29,7 @@ from detr_jax.coco_metrics import (
     to_coco_segm_results,
     to_panoptic_results,
 )
-from detr_jax.segmentation_postprocess import instance_masks, panoptic_segmentation
+from detr_jax.evaluation.segmentation_postprocess import instance_masks, panoptic_segmentation
 
 # What `segmentation_metrics` returns: PQ, SQ, RQ (all, things, stuff), then mask AP/AR.
 MASK_METRIC_NAMES = tuple(f"mask_{name}" for name in METRIC_NAMES)

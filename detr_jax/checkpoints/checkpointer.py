@@ -15,7 +15,7 @@ training (`Checkpointer.restore_latest`) and by evaluation and prediction
 (`load_train_checkpoint`) alike: both use the newest readable step.
 
 Params-only checkpoints, written by `detr-jax convert` (weights converted from PyTorch) and
-read by evaluation, prediction (`detr_jax.restore`) and training's `init_from`:
+read by evaluation, prediction (`detr_jax.checkpoints.restore`) and training's `init_from`:
 
     DIR/variables/      orbax (StandardCheckpointer) tree {"params": ..., "frozen_bn": ...}
     DIR/metadata.json   where the weights came from and the model they describe

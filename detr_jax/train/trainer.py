@@ -3,7 +3,7 @@
 `assemble(config, mesh, ...)` is the one place that builds a run's model, criterion,
 optimizer, schedule, train step and abstract state; `train()`, the scripts and the tests
 call it. One jitted step over a Mesh whose "data" axis spans every device of every
-process (detr_jax.sharding): parameters and optimizer state replicated or sharded
+process (detr_jax.runtime.sharding): parameters and optimizer state replicated or sharded
 (`train.param_sharding`, laid out by `sharding.state_sharding`), the batch split along its
 first axis, the matching run per device on its shard.
 """
@@ -32,21 +32,21 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detr_jax import sharding
-from detr_jax.checkpoint import Checkpointer, abstract_like, merge_variables
+from detr_jax.runtime import sharding
+from detr_jax.checkpoints.checkpointer import Checkpointer, abstract_like, merge_variables
 from detr_jax.config.defaults import AUTO
 from detr_jax.config.run_contract import check_resume, record_run_config
 from detr_jax.data.checks import check_category_ids, check_max_boxes, describe
 from detr_jax.data.pipeline import make_source, make_train_iterator
 from detr_jax.data.records import DetectionSource
-from detr_jax.host_memory import release_freed_memory, retain_freed_memory
-from detr_jax.losses import SetCriterion
-from detr_jax.metrics_writer import MetricsWriter
+from detr_jax.runtime.host_memory import release_freed_memory, retain_freed_memory
+from detr_jax.criterion.losses import SetCriterion
+from detr_jax.runtime.metrics_writer import MetricsWriter
 from detr_jax.models import build_class_convention, build_model, init_variables, variable_shapes
-from detr_jax.optim import frozen_mask, make_optimizer
-from detr_jax.restore import checkpoint_variables
-from detr_jax.stop_request import StopRequest
-from detr_jax.workdir_lock import held_by_run
+from detr_jax.train.optim import frozen_mask, make_optimizer
+from detr_jax.checkpoints.restore import checkpoint_variables
+from detr_jax.runtime.stop_request import StopRequest
+from detr_jax.runtime.workdir_lock import held_by_run
 
 log = logging.getLogger(__name__)
 
@@ -378,13 +378,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     `source`: the training source if already built from `config.data` (the command line
     builds it to resolve `model.num_classes="auto"` before building `eval_fn`).
 
-    The run holds the workdir (`detr_jax.workdir_lock`) from its first write to its end. A
+    The run holds the workdir (`detr_jax.runtime.workdir_lock`) from its first write to its end. A
     resumed run's config must fit the checkpoint's (`detr_jax.config.run_contract`): the
     workdir's config.json is the config the run started with, config_history.json the
     changes accepted since.
 
     The first SIGINT or SIGTERM finishes the current step, writes a checkpoint and raises
-    TrainingInterrupted; a second one exits at once (`detr_jax.stop_request`). Every step
+    TrainingInterrupted; a second one exits at once (`detr_jax.runtime.stop_request`). Every step
     that is evaluated is checkpointed first, so a failing evaluation loses no training.
 
     Returns the final host metrics (last logged train metrics plus the last evaluation).

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import ml_collections
 from flax import linen as nn
 
-from detr_jax.checkpoint import (
+from detr_jax.checkpoints.checkpointer import (
     METADATA_FILE,
     CheckpointError,
     check_fits,

@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit as sigmoid  # no overflow warning for large negative logits
 
-from detr_jax.nearest import nearest_indices
-from detr_jax.panoptic_png import id_to_rgb
+from detr_jax.ops.nearest import nearest_indices
+from detr_jax.data.panoptic_png import id_to_rgb
 
 # `pred_masks` lies on the stride-4 grid of the padded input (the backbone's res2 stage).
 MASK_STRIDE = 4

@@ -13,7 +13,7 @@ only affects allocations made after it.
 
 What XLA's compiler frees is kept too, in glibc's per-thread arenas where the step's
 buffers do not fit; `release_freed_memory` gives it back, so training calls it once a
-step is compiled and before it first runs (detr_jax.train.compile_step).
+step is compiled and before it first runs (detr_jax.train.trainer.compile_step).
 """
 
 from __future__ import annotations

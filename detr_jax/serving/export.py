@@ -45,10 +45,10 @@ import ml_collections
 import numpy as np
 
 from detr_jax.config import config_from_dict
-from detr_jax.image_statistics import IMAGENET_MEAN, IMAGENET_STD, normalize
-from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.ops.image_statistics import IMAGENET_MEAN, IMAGENET_STD, normalize
+from detr_jax.criterion.class_convention import ClassConvention, SoftmaxNoObject
 from detr_jax.models import build_class_convention, build_model
-from detr_jax.postprocess import postprocess
+from detr_jax.evaluation.postprocess import postprocess
 
 log = logging.getLogger(__name__)
 

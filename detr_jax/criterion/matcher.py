@@ -5,7 +5,7 @@ The cost of matching query q to target m (official DETR's HungarianMatcher):
 
     cost_class * class_cost(logits_q, label_m)      (-softmax(logits_q)[label_m] for DETR;
                                                    the class convention's, see
-                                                   detr_jax.class_convention)
+                                                   detr_jax.criterion.class_convention)
   + cost_bbox  * L1(box_q, box_m)                 (normalized cxcywh)
   + cost_giou  * -GIoU(xyxy(box_q), xyxy(box_m))
 
@@ -44,8 +44,9 @@ import scipy.optimize
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from detr_jax import box_ops, sharding
-from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.ops import box_ops
+from detr_jax.runtime import sharding
+from detr_jax.criterion.class_convention import ClassConvention, SoftmaxNoObject
 
 # Replaces NaN/Inf costs before the solver. Finite costs are O(10) (class cost in [-1, 0],
 # L1 of normalized boxes <= 4, GIoU in [-1, 1], default weights <= 5).

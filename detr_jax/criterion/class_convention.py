@@ -20,7 +20,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from detr_jax.focal_loss import sigmoid_focal_loss
+from detr_jax.criterion.focal_loss import sigmoid_focal_loss
 
 
 class ClassConvention(Protocol):

@@ -1,7 +1,7 @@
 """Predictions -> detections, and the one jitted predict function of evaluation and inference.
 
 Post-processing follows official DETR's `PostProcess`: the detector's class convention
-ranks the detections (`detr_jax.class_convention`; DETR's: softmax over the classes, the
+ranks the detections (`detr_jax.criterion.class_convention`; DETR's: softmax over the classes, the
 "no object" class dropped, each query's best remaining class and its probability, every
 query kept; the sigmoid convention's: the best (query, class) pairs over all queries and
 classes, as official Deformable DETR), boxes from normalized (cx, cy, w, h) to pixel
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from detr_jax import box_ops
-from detr_jax.class_convention import ClassConvention, SoftmaxNoObject
-from detr_jax.sharding import batch_sharded, replicated
+from detr_jax.ops import box_ops
+from detr_jax.criterion.class_convention import ClassConvention, SoftmaxNoObject
+from detr_jax.runtime.sharding import batch_sharded, replicated
 
 
 def postprocess(pred_logits: jax.Array, pred_boxes: jax.Array, orig_size: jax.Array,
@@ -58,7 +58,7 @@ def make_predict_fn(model, mesh: Mesh, classes: ClassConvention = SoftmaxNoObjec
     The batch arguments and the outputs are sharded over the mesh's "data" axis, the
     variables replicated. Shapes: image [B, H, W, 3], mask [B, H, W], orig_size [B, 2].
     A model with a mask head adds its raw outputs, for the host-side segmentation
-    post-processing (`detr_jax.segmentation_postprocess`): pred_logits float32
+    post-processing (`detr_jax.evaluation.segmentation_postprocess`): pred_logits float32
     [B, Q, K + 1] and pred_masks float32 [B, Q, H/4, W/4]. Used by the Evaluator (global
     batches) and the Predictor (compiled ahead of time per bucket shape).
     """

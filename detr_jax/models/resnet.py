@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from detr_jax.nearest import nearest_indices
+from detr_jax.ops.nearest import nearest_indices
 
 # torchvision initializes conv kernels with kaiming_normal_(mode="fan_out", relu).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -244,7 +244,7 @@ class ResNet(nn.Module):
 def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """PyTorch's `F.interpolate(mode="nearest")` over axes 1 and 2: [B, H, W, ...] ->
     [B, height, width, ...] (masks, or feature maps up or down)."""
-    # jnp for the symbolic sizes of an export with a dynamic image size (detr_jax.export).
+    # jnp for the symbolic sizes of an export with a dynamic image size (detr_jax.serving.export).
     xp = np if all(isinstance(n, int) for n in (*x.shape[1:3], height, width)) else jnp
     return x[:, nearest_indices(x.shape[1], height, xp)][:, :, nearest_indices(x.shape[2], width, xp)]
 

@@ -34,12 +34,12 @@ from detr_jax.data.pipeline import _filler as filler_example
 from detr_jax.data.pipeline import buckets_for
 from detr_jax.data.synthetic import SyntheticShapesSource
 from detr_jax.data.transforms import EvalResize
-from detr_jax.export import ExportedDetector, ExportError, is_export
+from detr_jax.serving.export import ExportedDetector, ExportError, is_export
 from detr_jax.models import build_class_convention, build_model
-from detr_jax.postprocess import Detections, make_predict_fn, select_detections
-from detr_jax.restore import load_checkpoint
-from detr_jax.segmentation_postprocess import PanopticSegmentation, panoptic_segmentation
-from detr_jax.sharding import data_size, make_mesh, replicated
+from detr_jax.evaluation.postprocess import Detections, make_predict_fn, select_detections
+from detr_jax.checkpoints.restore import load_checkpoint
+from detr_jax.evaluation.segmentation_postprocess import PanopticSegmentation, panoptic_segmentation
+from detr_jax.runtime.sharding import data_size, make_mesh, replicated
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Predictor:
       class_names: {category id: name}; default `category_names_for(config)`.
       mesh: the devices a batch is split over (batch_size must be a multiple of their
         number); default: one device.
-      exported: run this exported model (`detr_jax.export.ExportedDetector`) in its own
+      exported: run this exported model (`detr_jax.serving.export.ExportedDetector`) in its own
         runtime instead of compiling the model (`variables` None; see `from_export`).
       group_by_bucket: True: images are batched with others of the same bucket, so each
         image is padded exactly as if it were alone and its result does not depend on the
@@ -214,7 +214,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, config: ml_collections.ConfigDict | None = None,
                         overrides: Mapping[str, Any] | None = None, **kwargs) -> "Predictor":
-        """A Predictor of a checkpoint (see `detr_jax.restore.load_checkpoint`: `overrides`
+        """A Predictor of a checkpoint (see `detr_jax.checkpoints.restore.load_checkpoint`: `overrides`
         apply to the checkpoint's own config, when `config` is None), or of an exported
         directory (`from_export`; its config is its own)."""
         if is_export(checkpoint):
@@ -351,7 +351,7 @@ class Predictor:
 
         Yields (indices of the images in rows 0.., batch) with batch image uint8
         [batch_size, H, W, 3], mask bool [batch_size, H, W], orig_size int32 [batch_size, 2]
-        (and the pipeline's other keys): the inputs of an exported model (detr_jax.export).
+        (and the pipeline's other keys): the inputs of an exported model (detr_jax.serving.export).
         """
         resized = [self._resize(image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int32))[0] for image in images]
         for indices in self._plan_batches([r.shape[:2] for r in resized]):

@@ -1,0 +1,1 @@
+"""Post-processing, COCO box/mask AP and PQ, the data-parallel Evaluator, and drawing detections."""

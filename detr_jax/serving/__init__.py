@@ -1,0 +1,1 @@
+"""The jit Predictor and export to StableHLO, SavedModel and ONNX."""

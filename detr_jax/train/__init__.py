@@ -1,0 +1,1 @@
+"""Training: the one assembly of model, criterion, optimizer and data, the jitted step, the loop, optimizer rules."""
