@@ -1,7 +1,7 @@
 """Hugging Face transformers' DETR-family checkpoints: key names -> our parameter paths,
-and the model they describe. `detr_jax.convert` dispatches here (its layouts, resolvers,
-detection and inference) and does the tensor work (transposes, BatchNorm statistics, the
-checks against the target model).
+and the model they describe. `detr_jax.convert.layouts` dispatches here (layouts,
+detection, inference); `tensors` and `converter` do the tensor work (transposes, BatchNorm
+statistics, the checks against the target model).
 
   huggingface_conditional_detr  `ConditionalDetrForObjectDetection`, in transformers 5's
       names (`model.decoder.layers.{i}.self_attn.q_content_proj`, `encoder_attn.
@@ -14,8 +14,8 @@ checks against the target model).
       `mlp.activation_fn` (PReLU), ...); `model.decoder.bbox_embed`, tied to
       `bbox_predictor`, is ignored. The official IDEA-Research/DAB-DETR layout is not read.
 
-The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) is left
-to `detr_jax.convert`'s ResNet rules (BACKBONE_KEY).
+The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) goes to
+the ResNet rules of `detr_jax.convert.resnet`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,14 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-Path = tuple[str, ...]
-Found = tuple[Path, str]  # (path under the collection, kind as detr_jax.convert.Module's)
-IGNORED: Found = ((), "ignored")  # a tensor dropped on purpose (a tied copy of another)
+from detr_jax.convert.resnet import resnet_body_module
+from detr_jax.convert.rules import IGNORED, Module, Path, first_match
 
 CONDITIONAL = "huggingface_conditional_detr"
 DAB = "huggingface_dab_detr"
 LAYOUTS = (CONDITIONAL, DAB)
 ARCHS = {CONDITIONAL: "conditional_detr", DAB: "dab_detr"}
 QUERIES = {CONDITIONAL: "query_embed", DAB: "refpoint_embed"}  # [Q, E] or [Q, 4]: the queries' parameter
-# The ResNet body's keys; group 1 is the key inside the ResNet.
-BACKBONE_KEY = r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)"
 
 
 def detect_layout(keys: list[str]) -> str | None:
@@ -47,17 +44,9 @@ def detect_layout(keys: list[str]) -> str | None:
     return None
 
 
-def _first(rules: list[tuple[str, Callable[..., Found | None]]], name: str) -> Found | None:
-    for pattern, found in rules:
-        match = re.fullmatch(pattern, name)
-        if match:
-            return found(*match.groups())
-    return None
-
-
-def _mlp(path: Path) -> Callable[[str], Found]:
+def _mlp(path: Path) -> Callable[[str], Module]:
     """An MLP's `layers.{j}` -> our `layers_{j}`."""
-    return lambda j: (path + (f"layers_{j}",), "dense")
+    return lambda j: Module(path + (f"layers_{j}",), "dense")
 
 
 # Earlier transformers' (and the Hub's) names of the conditional attentions' projections.
@@ -65,31 +54,31 @@ _SAVED_PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_c
                       "qpos_sine": "q_pos_sine"}
 
 
-def _encoder_layer(index: str, name: str) -> Found | None:
+def _encoder_layer(index: str, name: str) -> Module | None:
     layer = (f"encoder_layer{index}",)
-    return _first([
-        (r"self_attn\.([qkv])_proj", lambda p: (layer + ("self_attn", f"{p}_proj"), "dense")),
-        (r"self_attn\.(?:o|out)_proj", lambda: (layer + ("self_attn", "out_proj"), "dense")),
-        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
-        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
-        (r"final_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
-        (r"activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
+    return first_match([
+        (r"self_attn\.([qkv])_proj", lambda p: Module(layer + ("self_attn", f"{p}_proj"), "dense")),
+        (r"self_attn\.(?:o|out)_proj", lambda: Module(layer + ("self_attn", "out_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: Module(layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: Module(layer + ("norm1",), "layernorm")),
+        (r"final_layer_norm", lambda: Module(layer + ("norm2",), "layernorm")),
+        (r"activation_fn", lambda: Module(layer + ("ffn", "prelu"), "embedding")),
     ], name)
 
 
-def _conditional_decoder_layer(index: str, name: str) -> Found | None:
+def _conditional_decoder_layer(index: str, name: str) -> Module | None:
     layer = ("decoder", f"layer{index}")
     attention = {"self_attn": "self_attn", "encoder_attn": "cross_attn", "sa": "self_attn", "ca": "cross_attn"}
-    return _first([
+    return first_match([
         (r"(self_attn|encoder_attn)\.(q_content|q_pos|k_content|k_pos|v|q_pos_sine)_proj",
-         lambda a, p: (layer + (attention[a], f"{p}_proj"), "dense")),
-        (r"(self_attn|encoder_attn)\.(?:o|out)_proj", lambda a: (layer + (attention[a], "out_proj"), "dense")),
+         lambda a, p: Module(layer + (attention[a], f"{p}_proj"), "dense")),
+        (r"(self_attn|encoder_attn)\.(?:o|out)_proj", lambda a: Module(layer + (attention[a], "out_proj"), "dense")),
         (r"(sa|ca)_(qcontent|qpos|kcontent|kpos|v|qpos_sine)_proj",
-         lambda a, p: (layer + (attention[a], f"{_SAVED_PROJECTIONS[p]}_proj"), "dense")),
-        (r"(?:mlp\.)?fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
-        (r"self_attn_layer_norm", lambda: (layer + ("norm1",), "layernorm")),
-        (r"encoder_attn_layer_norm", lambda: (layer + ("norm2",), "layernorm")),
-        (r"final_layer_norm", lambda: (layer + ("norm3",), "layernorm")),
+         lambda a, p: Module(layer + (attention[a], f"{_SAVED_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(?:mlp\.)?fc([12])", lambda i: Module(layer + ("ffn", f"linear{i}"), "dense")),
+        (r"self_attn_layer_norm", lambda: Module(layer + ("norm1",), "layernorm")),
+        (r"encoder_attn_layer_norm", lambda: Module(layer + ("norm2",), "layernorm")),
+        (r"final_layer_norm", lambda: Module(layer + ("norm3",), "layernorm")),
     ], name)
 
 
@@ -97,54 +86,55 @@ _DAB_PROJECTIONS = {"query_content": "q_content", "query_pos": "q_pos", "key_con
                     "key_pos": "k_pos", "value": "v", "query_pos_sine": "q_pos_sine"}
 
 
-def _dab_decoder_layer(index: str, name: str) -> Found | None:
+def _dab_decoder_layer(index: str, name: str) -> Module | None:
     layer = ("decoder", f"layer{index}")
     norm = {"self_attn.self_attn": "norm1", "cross_attn.cross_attn": "norm2", "mlp.final": "norm3"}
-    return _first([
+    return first_match([
         (r"(self_attn|cross_attn)\.\1_(query_content|query_pos|key_content|key_pos|value|query_pos_sine)_proj",
-         lambda a, p: (layer + (a, f"{_DAB_PROJECTIONS[p]}_proj"), "dense")),
-        (r"(self_attn|cross_attn)\.\1\.output_proj", lambda a: (layer + (a, "out_proj"), "dense")),
-        (r"(self_attn\.self_attn|cross_attn\.cross_attn|mlp\.final)_layer_norm", lambda n: (layer + (norm[n],), "layernorm")),
-        (r"mlp\.fc([12])", lambda i: (layer + ("ffn", f"linear{i}"), "dense")),
-        (r"mlp\.activation_fn", lambda: (layer + ("ffn", "prelu"), "embedding")),
+         lambda a, p: Module(layer + (a, f"{_DAB_PROJECTIONS[p]}_proj"), "dense")),
+        (r"(self_attn|cross_attn)\.\1\.output_proj", lambda a: Module(layer + (a, "out_proj"), "dense")),
+        (r"(self_attn\.self_attn|cross_attn\.cross_attn|mlp\.final)_layer_norm", lambda n: Module(layer + (norm[n],), "layernorm")),
+        (r"mlp\.fc([12])", lambda i: Module(layer + ("ffn", f"linear{i}"), "dense")),
+        (r"mlp\.activation_fn", lambda: Module(layer + ("ffn", "prelu"), "embedding")),
     ], name)
 
 
 _POSITION = {"row": "row_embed", "column": "col_embed"}
 _COMMON_RULES = [
-    (r"model\.position_embedding\.(row|column)_embeddings", lambda rc: (("position_embedding", _POSITION[rc]),
+    (r"model\.backbone\.(?:conv_encoder\.)?model\.(.+)", resnet_body_module),
+    (r"model\.position_embedding\.(row|column)_embeddings", lambda rc: Module(("position_embedding", _POSITION[rc]),
                                                                         "embedding")),
-    (r"model\.input_projection", lambda: (("input_proj",), "conv")),
+    (r"model\.input_projection", lambda: Module(("input_proj",), "conv")),
     (r"model\.encoder\.layers\.(\d+)\.(.+)", _encoder_layer),
-    (r"model\.decoder\.layernorm", lambda: (("decoder", "norm"), "layernorm")),
+    (r"model\.decoder\.layernorm", lambda: Module(("decoder", "norm"), "layernorm")),
     (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: _mlp(("decoder", m))(j)),
 ]
 
 _RULES = {
     CONDITIONAL: [
         *_COMMON_RULES,
-        (r"model\.query_position_embeddings", lambda: (("query_embed",), "embedding")),
+        (r"model\.query_position_embeddings", lambda: Module(("query_embed",), "embedding")),
         (r"model\.decoder\.layers\.(\d+)\.(.+)", _conditional_decoder_layer),
-        (r"class_labels_classifier", lambda: (("class_embed",), "dense")),
+        (r"class_labels_classifier", lambda: Module(("class_embed",), "dense")),
         (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
     ],
     DAB: [
         *_COMMON_RULES,
-        (r"model\.query_refpoint_embeddings", lambda: (("refpoint_embed",), "embedding")),
+        (r"model\.query_refpoint_embeddings", lambda: Module(("refpoint_embed",), "embedding")),
         (r"model\.encoder\.query_scale\.layers\.(\d+)", _mlp(("encoder_query_scale",))),
         (r"model\.decoder\.layers\.(\d+)\.(.+)", _dab_decoder_layer),
         (r"model\.decoder\.ref_anchor_head\.layers\.(\d+)", _mlp(("decoder", "ref_anchor_head"))),
         (r"model\.decoder\.bbox_embed\.layers\.\d+", lambda: IGNORED),
-        (r"class_embed", lambda: (("class_embed",), "dense")),
+        (r"class_embed", lambda: Module(("class_embed",), "dense")),
         (r"bbox_predictor\.layers\.(\d+)", _mlp(("decoder", "bbox_embed"))),
     ],
 }
 
 
-def module(layout: str, name: str) -> Found | None:
-    """The (path, kind) of the PyTorch module `name` of a `layout` checkpoint (the ResNet
-    body's excepted: BACKBONE_KEY), or None when no rule covers it."""
-    return _first(_RULES[layout], name)
+def module(layout: str, name: str) -> Module | None:
+    """Where the PyTorch module `name` of a `layout` checkpoint goes, or None when no rule
+    covers it."""
+    return first_match(_RULES[layout], name)
 
 
 def _count(leaves: Mapping[Path, np.ndarray], pattern: str) -> int:
