@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from detr_jax.models.detr import MLP
+from detr_jax.models.queries import QueryState
 from detr_jax.models.position_encoding import sin_cos
 from detr_jax.models.transformer import FeedForward, attend, layer_norm, torch_dense, xavier_uniform
 
@@ -155,7 +156,7 @@ class ConditionalDecoder(nn.Module):
     (ref_point_head, an MLP, then a sigmoid); the query position of each layer's
     cross-attention is the sine embedding of the reference point, multiplied element-wise by
     query_scale(the previous layer's raw output) from the second layer on (by 1 in the
-    first). Contents start at zero.
+    first). Contents start from the queries' (zeros for the learned queries).
 
     Parameters: layer{i} (ConditionalDecoderLayer, the first with q_pos_proj), norm (the
     final LayerNorm), query_scale and ref_point_head (2-layer MLPs).
@@ -168,19 +169,21 @@ class ConditionalDecoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, memory, pos, memory_mask, query_pos, deterministic: bool = True):
-        """memory, pos: [B, S, E]; memory_mask: [B, S] bool (True = real); query_pos: [B, Q, E].
+    def __call__(self, memory, pos, memory_mask, queries: QueryState, deterministic: bool = True):
+        """memory, pos: [B, S, E]; memory_mask: [B, S] bool (True = real); queries: content
+        [B, Q, E] and position [B, Q, E] (`queries.LearnedQueries`).
 
         Returns (states [L, B, Q, E] each layer's output through the final LayerNorm, in the
         compute dtype; reference points [B, Q, 2] normalized (x, y), float32).
         """
+        query_pos = queries.position
         embed = query_pos.shape[-1]
         reference = jax.nn.sigmoid(
             MLP(embed, 2, 2, self.dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
         sine = sine_embedding(reference, embed // 2).astype(self.dtype)
         query_scale = MLP(embed, embed, 2, self.dtype, name="query_scale")
         norm = layer_norm("norm", self.dtype)
-        tgt = jnp.zeros_like(query_pos)
+        tgt = queries.content
         states = []
         for i in range(self.num_layers):
             query_sine_embed = sine if i == 0 else sine * query_scale(tgt)

@@ -19,6 +19,7 @@ from detr_jax.models.conditional_decoder import ConditionalDecoder, inverse_sigm
 from detr_jax.models.detr import BoxHead, embed_image
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.queries import LearnedQueries
 from detr_jax.models.transformer import EncoderLayer, torch_linear_kernel_init
 
 # The class head's bias starts at the logit of this probability (the references' focal-loss
@@ -103,9 +104,9 @@ class ConditionalDETR(nn.Module):
         """The learned queries through the decoder and the box head: memory, pos [B, S, E],
         memory_mask [B, S] -> (states [L, B, Q, E], boxes [L, B, Q, 4] float32,
         {"reference_points": [B, Q, 2] normalized (x, y), float32, the same for every layer})."""
-        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
-        query_pos = jnp.broadcast_to(query_embed.astype(self.dtype)[None], (memory.shape[0],) + query_embed.shape)
-        hs, reference = self.decoder(memory, pos, memory_mask, query_pos, deterministic)
+        queries = LearnedQueries(self.num_queries, self.hidden_dim, self.dtype)
+        nn.share_scope(self, queries)  # its query_embed is the detector's, as in the reference
+        hs, reference = self.decoder(memory, pos, memory_mask, queries(memory.shape[0]), deterministic)
         box_head = BoxHead(self.hidden_dim, dtype=self.dtype, zero_last=True, name="bbox_embed")
         boxes = box_head(hs, reference=inverse_sigmoid(reference))
         return hs, boxes, {"reference_points": reference}

@@ -35,6 +35,7 @@ from detr_jax.models.conditional_decoder import ConditionalDecoder, ConditionalD
 from detr_jax.models.detectors.conditional_detr import ConditionalDETR, build_conditional_family
 from detr_jax.models.detr import MLP, BoxHead
 from detr_jax.models.position_encoding import SinePositionEmbedding
+from detr_jax.models.queries import AnchorBoxQueries, QueryState
 from detr_jax.models.transformer import EncoderLayer, layer_norm
 
 # The image position encoding's temperature (HF's temperature_height/width defaults).
@@ -51,9 +52,10 @@ class DABDecoder(ConditionalDecoder):
     """
 
     @nn.compact
-    def __call__(self, memory, pos, memory_mask, anchors, deterministic: bool = True):
-        """memory, pos: [B, S, E]; memory_mask: [B, S] bool (True = real); anchors:
-        [B, Q, 4] normalized cxcywh, float32.
+    def __call__(self, memory, pos, memory_mask, queries: QueryState, deterministic: bool = True):
+        """memory, pos: [B, S, E]; memory_mask: [B, S] bool (True = real); queries: content
+        [B, Q, E] and reference [B, Q, 4] normalized cxcywh anchors, float32
+        (`queries.AnchorBoxQueries`).
 
         Returns (states [L, B, Q, E] each layer's output through the final LayerNorm;
         references [L + 1, B, Q, 4] float32, the anchors each layer reads and (last) the
@@ -66,9 +68,8 @@ class DABDecoder(ConditionalDecoder):
         ref_anchor_head = MLP(embed, 2, 2, self.dtype, name="ref_anchor_head")
         bbox_embed = BoxHead(embed, dtype=self.dtype, zero_last=True, name="bbox_embed")
         norm = layer_norm("norm", self.dtype)
-        tgt = jnp.zeros(anchors.shape[:-1] + (embed,), self.dtype)
-        reference = anchors
-        references, states = [anchors], []
+        tgt, reference = queries.content, queries.reference
+        references, states = [reference], []
         for i in range(self.num_layers):
             sine = sine_embedding(reference, embed // 2)  # [B, Q, 2E]: y, x, w, h
             query_pos = ref_point_head(sine.astype(self.dtype))
@@ -110,9 +111,9 @@ class DABDETR(ConditionalDETR):
 
     def decode(self, memory, pos, memory_mask, deterministic):
         """The anchor queries through the DABDecoder -> (states, boxes, {"reference_boxes"})."""
-        refpoint_embed = self.param("refpoint_embed", nn.initializers.normal(1.0), (self.num_queries, 4))
-        anchors = jax.nn.sigmoid(jnp.broadcast_to(refpoint_embed[None], (memory.shape[0], self.num_queries, 4)))
-        states, boxes, references = self.decoder(memory, pos, memory_mask, anchors, deterministic)
+        queries = AnchorBoxQueries(self.num_queries, self.hidden_dim, self.dtype)
+        nn.share_scope(self, queries)  # its refpoint_embed is the detector's, as in the reference
+        states, boxes, references = self.decoder(memory, pos, memory_mask, queries(memory.shape[0]), deterministic)
         return states, boxes, {"reference_boxes": references}
 
 
