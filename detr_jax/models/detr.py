@@ -14,6 +14,7 @@ from detr_jax.ops.image_statistics import normalize
 from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.settings import transformer_settings
 from detr_jax.models.transformer import build_transformer, torch_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -159,6 +160,7 @@ class DETR(nn.Module):
 def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
     """DETR of the `model` config section computing in `dtype`, with `num_logits` class outputs."""
     m = model_config
+    transformer_settings(m, {})
     return DETR(
         backbone=BACKBONES[m.backbone](m, dtype),
         position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, dtype),

@@ -20,6 +20,7 @@ from detr_jax.models.detr import BoxHead, embed_image
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
 from detr_jax.models.queries import LearnedQueries
+from detr_jax.models.settings import transformer_settings
 from detr_jax.models.transformer import EncoderLayer, torch_linear_kernel_init
 
 # The class head's bias starts at the logit of this probability (the references' focal-loss
@@ -119,6 +120,7 @@ def build_conditional_family(detector: type, decoder: type, position_embedding: 
     computing in `dtype` with `num_logits` (K) sigmoid class outputs; post-norm only (as the
     references: model.pre_norm=True is a ValueError)."""
     m = model_config
+    transformer_settings(m, {})
     if m.pre_norm:
         raise ValueError(f"model.pre_norm=True: {detector.__name__} is post-norm only (as its reference)")
     return detector(
