@@ -44,7 +44,8 @@ def forward_with_attention(
     """The model's outputs (with intermediates) and its attention weights (eval mode).
 
     Args:
-      model: a DETR; variables: {"params", "frozen_bn"}.
+      model: a detector whose attention modules sow their weights (DETR, Conditional
+        DETR, DAB-DETR); variables: {"params", "frozen_bn"}.
       images: [B, H, W, 3] uint8 pixels (or normalized floats, as the model takes); mask: [B, H, W] bool (True = real pixel).
       encoder_layers, decoder_layers: the layers to return (None: all; -1: the last).
       average_heads: average over the heads axis (the mean of the per-head maps).
@@ -61,7 +62,7 @@ def forward_with_attention(
     """
     outputs, state = model.apply(variables, images, mask, train=False, intermediates=True,
                                  mutable=["intermediates"])
-    maps = attention_maps(state["intermediates"]["transformer"])
+    maps = attention_maps(state["intermediates"])
     selected = {}
     for name, weights in maps.items():
         layers = encoder_layers if name.startswith("encoder") else decoder_layers
