@@ -8,11 +8,12 @@ statistics, the checks against the target model).
       q_pos_sine_proj`, `o_proj`, `mlp.fc1`) or the saved names of earlier versions and the
       Hub (`sa_qcontent_proj`, `ca_qpos_sine_proj`, `self_attn.out_proj`, `fc1`). The
       official Atten4Vis/ConditionalDETR layout (fused `in_proj_weight`, `transformer.*`)
-      is not read.
+      is `official_detr_family`'s.
   huggingface_dab_detr  `DabDetrForObjectDetection` (`model.query_refpoint_embeddings`,
       `self_attn.self_attn_query_content_proj`, `cross_attn.cross_attn_query_pos_sine_proj`,
       `mlp.activation_fn` (PReLU), ...); `model.decoder.bbox_embed`, tied to
-      `bbox_predictor`, is ignored. The official IDEA-Research/DAB-DETR layout is not read.
+      `bbox_predictor`, is ignored. The official IDEA-Research/DAB-DETR layout is
+      `official_detr_family`'s.
 
 The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) goes to
 the ResNet rules of `detr_jax.convert.resnet`.
@@ -44,12 +45,13 @@ def detect_layout(keys: list[str]) -> str | None:
     return None
 
 
-def _mlp(path: Path) -> Callable[[str], Module]:
+def mlp(path: Path) -> Callable[[str], Module]:
     """An MLP's `layers.{j}` -> our `layers_{j}`."""
     return lambda j: Module(path + (f"layers_{j}",), "dense")
 
 
-# Earlier transformers' (and the Hub's) names of the conditional attentions' projections.
+# Earlier transformers' (and the Hub's) names of the conditional attentions' projections, which are
+# the official Atten4Vis/ConditionalDETR and IDEA-Research/DAB-DETR names too (official_detr_family).
 _SAVED_PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_content", "kpos": "k_pos", "v": "v",
                       "qpos_sine": "q_pos_sine"}
 
@@ -66,7 +68,10 @@ def _encoder_layer(index: str, name: str) -> Module | None:
     ], name)
 
 
-def _conditional_decoder_layer(index: str, name: str) -> Module | None:
+def conditional_decoder_layer(index: str, name: str) -> Module | None:
+    """`model.decoder.layers.{index}.<name>` -> our decoder layer's module (transformers 5's
+    names or the saved ones; the saved `sa_*`/`ca_*` projections are the official names,
+    which official_detr_family reads with this rule)."""
     layer = ("decoder", f"layer{index}")
     attention = {"self_attn": "self_attn", "encoder_attn": "cross_attn", "sa": "self_attn", "ca": "cross_attn"}
     return first_match([
@@ -107,26 +112,26 @@ _COMMON_RULES = [
     (r"model\.input_projection", lambda: Module(("input_proj",), "conv")),
     (r"model\.encoder\.layers\.(\d+)\.(.+)", _encoder_layer),
     (r"model\.decoder\.layernorm", lambda: Module(("decoder", "norm"), "layernorm")),
-    (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: _mlp(("decoder", m))(j)),
+    (r"model\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)", lambda m, j: mlp(("decoder", m))(j)),
 ]
 
 _RULES = {
     CONDITIONAL: [
         *_COMMON_RULES,
         (r"model\.query_position_embeddings", lambda: Module(("query_embed",), "embedding")),
-        (r"model\.decoder\.layers\.(\d+)\.(.+)", _conditional_decoder_layer),
+        (r"model\.decoder\.layers\.(\d+)\.(.+)", conditional_decoder_layer),
         (r"class_labels_classifier", lambda: Module(("class_embed",), "dense")),
-        (r"bbox_predictor\.layers\.(\d+)", _mlp(("bbox_embed",))),
+        (r"bbox_predictor\.layers\.(\d+)", mlp(("bbox_embed",))),
     ],
     DAB: [
         *_COMMON_RULES,
         (r"model\.query_refpoint_embeddings", lambda: Module(("refpoint_embed",), "embedding")),
-        (r"model\.encoder\.query_scale\.layers\.(\d+)", _mlp(("encoder_query_scale",))),
+        (r"model\.encoder\.query_scale\.layers\.(\d+)", mlp(("encoder_query_scale",))),
         (r"model\.decoder\.layers\.(\d+)\.(.+)", _dab_decoder_layer),
-        (r"model\.decoder\.ref_anchor_head\.layers\.(\d+)", _mlp(("decoder", "ref_anchor_head"))),
+        (r"model\.decoder\.ref_anchor_head\.layers\.(\d+)", mlp(("decoder", "ref_anchor_head"))),
         (r"model\.decoder\.bbox_embed\.layers\.\d+", lambda: IGNORED),
         (r"class_embed", lambda: Module(("class_embed",), "dense")),
-        (r"bbox_predictor\.layers\.(\d+)", _mlp(("decoder", "bbox_embed"))),
+        (r"bbox_predictor\.layers\.(\d+)", mlp(("decoder", "bbox_embed"))),
     ],
 }
 
