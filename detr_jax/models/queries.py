@@ -38,7 +38,8 @@ class QueryState:
     reference: [B, Q, 4] normalized cxcywh boxes or [B, Q, 2] normalized (x, y) points,
       float32, or None (DETR: no reference).
     self_attention_mask: [Q, Q] bool, True where query i may attend to query j, or None (all
-      may): denoising groups see neither each other nor, for the matching queries, any group.
+      may): denoising groups see neither each other nor, for the matching queries, any group;
+      or [B, Q, Q] per image (`denoising.hide_padded_slots`, for a decoder that takes one).
     """
 
     content: jnp.ndarray
