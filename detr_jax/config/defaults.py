@@ -46,6 +46,10 @@ def model_config() -> ml_collections.ConfigDict:
             # module's settings by field name.
             neck="input_proj",
             neck_args=ml_collections.FieldReference({}, field_type=object),
+            # Settings of the detector's transformer that are its own, by name (Deformable
+            # DETR's with_box_refine, two_stage, num_feature_levels, encoder/decoder_n_points:
+            # detr_jax.models.detectors.deformable_detr); validated by building the detector.
+            transformer_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
             # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
@@ -78,6 +82,7 @@ def model_config() -> ml_collections.ConfigDict:
     # (which a saved config would then be merged into key by key), an assigned one stays a dict.
     model.backbone_args = {}
     model.neck_args = {}
+    model.transformer_args = {}
     return model
 
 
