@@ -38,6 +38,7 @@ PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,
     "timm_vit": timm_vit_parameter,
 }
+PARAMETER_RESOLVERS.update({layout: functools.partial(hf_family.parameter, layout) for layout in hf_family.LAYOUTS})
 
 
 def detect_layout(keys: list[str]) -> str | None:

@@ -62,6 +62,8 @@ def _map_tensor(module: Module, param: str, value: np.ndarray,
         return [(("params",) + module.path, value[0])]
     if module.kind == "pos_embed":
         return _map_pos_embed(module, value, num_prefix_tokens)
+    if module.kind == "parameter":
+        return [(("params",) + module.path, value)]
     if module.kind == "embedding":
         if param != "weight":
             return f"unknown parameter {param!r} of an embedding"
@@ -97,8 +99,9 @@ class MappedTensors:
     """Result of mapping a state dict: Flax leaves and what could not be mapped.
 
     leaves: {flax path: array}; sources: {flax path: the PyTorch key it came from};
-    unmapped: "key: reason" for every tensor no rule covers; ignored: keys dropped on
-    purpose (num_batches_tracked, the torchvision classifier).
+    unmapped: "key: reason" for every tensor no rule covers (or that maps where another key
+    already did, with other values); ignored: keys dropped on purpose (num_batches_tracked,
+    the torchvision classifier, tied copies: keys mapped where an equal tensor already was).
     """
 
     leaves: dict[Path, np.ndarray]
@@ -138,6 +141,9 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedT
             prefix.append((module.order, key, leaves[0][1]))
             continue
         for path, array in leaves:
+            if path in mapped.leaves and np.array_equal(mapped.leaves[path], array):
+                mapped.ignored.append(key)  # a tied copy (shared heads saved once per layer)
+                continue
             if path in mapped.leaves:
                 mapped.unmapped.append(f"{key}: maps to {'/'.join(path)}, already given by {mapped.sources[path]}")
                 continue
