@@ -10,8 +10,9 @@ padding). Compared: logits and boxes of every decoder layer (HF's own per-layer 
 applied as its forward does), for two-stage also the encoder proposals (the `enc` branch:
 logits, boxes) and the top-k positions chosen; the set loss of every layer against
 transformers' loss function; the gradient of that loss (box refinement's detached
-references); a conversion from a saved file; two training steps of the synthetic config
-through the command line.
+references); conversions from saved files (ours, and transformers' own save_pretrained,
+which stores tied heads once); the config errors of bad settings; two training steps of
+the synthetic config through the command line.
 
 What transformers does not give, and how the tests deal with it:
 - Its loss has no `enc` branch: `DeformableDetrForObjectDetectionLoss` ignores the
@@ -24,7 +25,8 @@ What transformers does not give, and how the tests deal with it:
   heads (`_tied_weights_keys`: class_embed.{i} -> class_embed.0) while the box heads are
   per layer; official Deformable DETR clones both (and transformers keeps them apart when
   it loads such a checkpoint). The box-refine reference here gets untied class heads, as
-  the official model and its checkpoints have.
+  the official model and its checkpoints have; transformers' own tied model is converted
+  too (`test_a_box_refine_model_saved_by_transformers_converts`).
 
 Tolerances as test_parity_conditional: predictions within 1e-4 absolute, loss terms within
 1e-5 relative; gradients as test_parity_dab, 1e-4 relative to their largest entry.
@@ -36,6 +38,7 @@ import copy
 import functools
 import json
 import os
+import re
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
@@ -43,6 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -134,13 +138,16 @@ def hf_predictions(model, pixel_values, pixel_mask) -> dict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_apply(model):
+def jitted_apply(model_json: str):
+    """The jitted apply of the model of a `model` config section (as JSON: one compilation
+    per model, however many configs describe it)."""
+    model = build_model(ml_collections.ConfigDict(json.loads(model_json)))
     return jax.jit(functools.partial(model.apply, intermediates=True))
 
 
 def run_ours(config, variables, images, mask) -> dict[str, np.ndarray]:
     """Our outputs as numpy: logits, boxes, and two-stage enc_logits, enc_boxes, indices."""
-    out = jitted_apply(build_model(config.model))(variables, images, mask)
+    out = jitted_apply(config.model.to_json(sort_keys=True))(variables, images, mask)
     result = {"logits": np.asarray(out["pred_logits"]), "boxes": np.asarray(out["pred_boxes"])}
     if "enc" in out:
         result.update(enc_logits=np.asarray(out["enc"]["pred_logits"][0]),
@@ -335,6 +342,43 @@ def test_convert_file_infers_the_model_and_round_trips(tmp_path):
     state_dict["model.decoder.bbox_embed.1.layers.0.weight"] = state_dict["bbox_embed.1.layers.0.weight"] + 1
     with pytest.raises(convert.ConversionError, match="already given by"):
         convert.convert_state_dict(state_dict, config.model)
+
+
+def test_a_box_refine_model_saved_by_transformers_converts(tmp_path):
+    """transformers 5's own box-refine model ties its class heads and saves them once
+    (class_embed.0; the box heads under model.decoder.bbox_embed): the conversion restores
+    the tied copies and reproduces its predictions."""
+    config = build_hf_deformable(with_box_refine=True, two_stage=False).config
+    model = DeformableDetrForObjectDetection(config).eval()  # transformers' own: class heads tied
+    assert model.class_embed[1].weight.data_ptr() == model.class_embed[0].weight.data_ptr()
+    images, noisy, mask = padded_batch(sizes=SIZES)
+    pixel_values, pixel_mask = to_hf_inputs(images, mask)
+    randomize_hf_detr_(model, pixel_values, pixel_mask)
+    randomize_rest_(model)
+    reference = hf_predictions(model, pixel_values, pixel_mask)
+    model.save_pretrained(tmp_path)
+    variables, metadata = convert.convert_file(tmp_path / "model.safetensors", overrides={"model.num_heads": 2})
+    assert metadata["layout"] == "huggingface_deformable_detr_box_refine"
+    assert any("class_embed.1.weight = class_embed.0.weight" in note for note in metadata["notes"])
+    config = comparison("box_refine")[1]  # the same model
+    ours = run_ours(config, variables, noisy, mask)
+    assert_same_predictions("deformable box_refine (transformers' save)", (ours["logits"], ours["boxes"]),
+                            (reference["logits"], reference["boxes"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.transformer_args": {"with_box_refine": True, "two_stages": True}}, "unknown key(s) ['two_stages']"),
+    ({"model.transformer_args": {"two_stage": True}}, "two_stage=True needs with_box_refine=True"),
+    ({"model.transformer_args": {"num_feature_levels": 0}}, "num_feature_levels=0: expected an integer >= 1"),
+    ({"model.neck": "input_proj"}, "needs a multi-level neck"),
+    ({"model.neck_args": {"num_levels": 3}}, "sets it from model.transformer_args num_feature_levels"),
+])
+def test_bad_settings_are_config_errors(overrides, message):
+    from detr_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_config(CONFIG, overrides)
+    assert "model." in str(error.value)
 
 
 def test_config_trains_two_steps_through_the_command_line(tmp_path):

@@ -141,6 +141,9 @@ def convert_state_dict(
     mapped = map_state_dict(state_dict, layout)
     leaves = dict(mapped.leaves)
     notes = []
+    if mapped.restored:
+        notes.append("tied copies the checkpoint holds once (transformers 5 saves tied weights once), restored: "
+                     + ", ".join(mapped.restored))
     sources = dict(mapped.sources)
     if layout in VIT_LAYOUTS:
         vit_name, vit_fields, backbone_description = infer_vit(leaves)

@@ -202,6 +202,19 @@ def module(layout: str, name: str) -> Module | None:
     return first_match(_RULES[layout], name)
 
 
+def tied_copies(layout: str, state_dict: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """{key: the key it is a tied copy of} for the keys a checkpoint lacks because
+    transformers 5 saves tied weights once: a box-refine model that is not two-stage ties
+    its class heads class_embed.{i} to class_embed.0 (its `_tied_weights_keys`; the box
+    heads stay per layer), so its own saves hold class_embed.0 alone (official Deformable
+    DETR's checkpoints, and transformers' loads of them, have one head per layer)."""
+    if layout != DEFORMABLE_REFINE or any(k.startswith("model.enc_output.") for k in state_dict):
+        return {}
+    layers = {m.group(1) for k in state_dict if (m := re.match(r"model\.decoder\.layers\.(\d+)\.", k))}
+    return {f"class_embed.{i}.{p}": f"class_embed.0.{p}" for i in range(1, len(layers)) for p in ("weight", "bias")
+            if f"class_embed.{i}.{p}" not in state_dict and f"class_embed.0.{p}" in state_dict}
+
+
 def parameter(layout: str, key: str) -> Module | None:
     """A bare parameter (an nn.Parameter, no module of its own) of a `layout` checkpoint:
     Deformable DETR's level embedding."""

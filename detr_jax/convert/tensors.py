@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from detr_jax.convert.layouts import MODULE_RESOLVERS, PARAMETER_RESOLVERS
+from detr_jax.convert.layouts import MODULE_RESOLVERS, PARAMETER_RESOLVERS, TIED_COPIES
 from detr_jax.convert.rules import IGNORED, Module, Path
 from detr_jax.convert.vit import VIT
 
@@ -101,13 +101,16 @@ class MappedTensors:
     leaves: {flax path: array}; sources: {flax path: the PyTorch key it came from};
     unmapped: "key: reason" for every tensor no rule covers (or that maps where another key
     already did, with other values); ignored: keys dropped on purpose (num_batches_tracked,
-    the torchvision classifier, tied copies: keys mapped where an equal tensor already was).
+    the torchvision classifier, tied copies: keys mapped where an equal tensor already was);
+    restored: "key = source" for each key the checkpoint lacks as a tied copy saved once,
+    taken from the key it copies (`layouts.TIED_COPIES`).
     """
 
     leaves: dict[Path, np.ndarray]
     sources: dict[Path, str]
     unmapped: list[str]
     ignored: list[str]
+    restored: list[str] = dataclasses.field(default_factory=list)
 
 
 def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedTensors:
@@ -115,6 +118,10 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedT
     resolve = MODULE_RESOLVERS[layout]
     resolve_parameter = PARAMETER_RESOLVERS.get(layout, lambda key: None)
     mapped = MappedTensors({}, {}, [], [])
+    copies = TIED_COPIES.get(layout, lambda sd: {})(state_dict)
+    if copies:
+        state_dict = {**state_dict, **{key: state_dict[source] for key, source in copies.items()}}
+        mapped.restored = [f"{key} = {source}" for key, source in copies.items()]
     # A ViT's prefix tokens (class, distillation, registers) are one leaf, from several keys.
     num_prefix_tokens = sum(int(np.prod(value.shape[:-1])) for key, value in state_dict.items()
                             if getattr(resolve_parameter(key), "kind", None) == "prefix_token")

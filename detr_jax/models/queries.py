@@ -185,7 +185,7 @@ class TopKProposals(nn.Module):
         boxes [B, S, 4]) -> boxes [B, S, 4] (a `detr.BoxHead`).
 
         Returns (queries: content, position [B, Q, E], reference [B, Q, 4] normalized
-        cxcywh float32 (no gradient); proposals: {"pred_logits" [B, S, K] float32,
+        cxcywh float32 (no gradient), Q = min(num_queries, S); proposals: {"pred_logits" [B, S, K] float32,
         "pred_boxes" [B, S, 4] float32 (1 where the proposal is +inf: padding or invalid),
         "indices" [B, Q] int32 the positions chosen, best first}).
         """
@@ -196,7 +196,9 @@ class TopKProposals(nn.Module):
         features = layer_norm("enc_output_norm", self.dtype)(features)
         logits = class_head(features).astype(jnp.float32)
         boxes = box_head(features, reference=proposals)
-        _, indices = jax.lax.top_k(logits[..., 0], self.num_queries)
+        # min: a map of fewer positions than queries (an image far smaller than any trained
+        # on, such as `init_variables`' 64x64: no parameter depends on Q) gives them all.
+        _, indices = jax.lax.top_k(logits[..., 0], min(self.num_queries, logits.shape[1]))
         reference = jax.lax.stop_gradient(jnp.take_along_axis(boxes, indices[..., None], axis=1))
         # sine_embedding orders a box (y, x, w, h); the references embed it (x, y, w, h).
         sine = sine_embedding(reference[..., [1, 0, 2, 3]], embed // 2).astype(self.dtype)
