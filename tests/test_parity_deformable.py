@@ -53,8 +53,8 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import REPO, TINY_OVERRIDES, cli_overrides  # noqa: E402
-from test_parity_conditional import LOSS_RTOL, SIZES, TINY, hf_loss, member_config, our_loss  # noqa: E402
+from conftest import REPO, cli_overrides  # noqa: E402
+from test_parity_conditional import LOSS_RTOL, SIZES, TINY, hf_loss, member_config  # noqa: E402
 from test_parity_hf import (  # noqa: E402
     TINY_RESNET,
     TOLERANCE,
@@ -89,8 +89,8 @@ def build_hf_deformable(with_box_refine: bool, two_stage: bool) -> DeformableDet
     """The tiny HF Deformable DETR, native ResNet (resnet_tiny, stages res3..res5), eval mode;
     box refinement with untied class heads (module docstring)."""
     config = DeformableDetrConfig(
-        use_timm_backbone=False, backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"], **TINY_RESNET),
-        d_model=32, auxiliary_loss=False, attn_implementation="eager", with_box_refine=with_box_refine,
+        use_timm_backbone=False, d_model=32,
+        backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"], **TINY_RESNET), auxiliary_loss=False, attn_implementation="eager", with_box_refine=with_box_refine,
         two_stage=two_stage, two_stage_num_proposals=TINY["num_queries"], **COSTS, **TINY)
     model = DeformableDetrForObjectDetection(config).eval()
     if with_box_refine and not two_stage:
@@ -131,7 +131,8 @@ def hf_predictions(model, pixel_values, pixel_mask) -> dict[str, np.ndarray]:
     torch.testing.assert_close(boxes[-1], out.pred_boxes, rtol=0, atol=0)
     result = {"logits": logits.numpy(), "boxes": boxes.numpy()}
     if model.config.two_stage:
-        result.update(enc_logits=out.enc_outputs_class.numpy(), enc_boxes=out.enc_outputs_coord_logits.sigmoid().numpy(),
+        result.update(enc_logits=out.enc_outputs_class.numpy(),
+                      enc_boxes=out.enc_outputs_coord_logits.sigmoid().numpy(),
                       indices=torch.topk(out.enc_outputs_class[..., 0], model.config.two_stage_num_proposals,
                                          dim=1)[1].numpy())
     return result
@@ -228,7 +229,8 @@ def hf_enc_loss(model, reference, hf_labels) -> dict[str, float]:
     criterion = DeformableDetrImageLoss(matcher, model.config.num_labels, model.config.focal_alpha,
                                         ["labels", "boxes", "cardinality"])
     binary = [{"class_labels": torch.zeros_like(t["class_labels"]), "boxes": t["boxes"]} for t in hf_labels]
-    outputs = {"logits": torch.from_numpy(reference["enc_logits"]), "pred_boxes": torch.from_numpy(reference["enc_boxes"])}
+    outputs = {"logits": torch.from_numpy(reference["enc_logits"]),
+               "pred_boxes": torch.from_numpy(reference["enc_boxes"])}
     return {f"{k}_enc": float(v) for k, v in criterion(outputs, binary).items()}
 
 

@@ -360,11 +360,11 @@ class SetCriterion:
             num_layers = branch["pred_logits"].shape[0]
             suffix = "" if branch_name == "main" else f"_{branch_name}"
             per_layer, once = [], []  # (weight, value) of the weighted terms
+            branch_targets = self.branch_targets(branch, targets)
             for name in self.losses:
                 term = LOSSES[name]
                 if branch_name != "main" and not term.every_branch:
                     continue
-                branch_targets = self.branch_targets(branch, targets)
                 for key, value in term.fn(branch, branch_targets, matchings[branch_name], num_boxes, ctx).items():
                     layered = value.ndim == 1  # one value per supervised layer
                     names = [f"{key}{suffix}" if l == num_layers - 1 else f"{key}{suffix}_{l}"

@@ -138,8 +138,8 @@ class ChannelMapper(nn.Module):
             features.append(norm(level)(conv(stage)))
         source = stages[-1]
         for level in range(len(stages), self.num_levels):
-            conv = nn.Conv(self.hidden_dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), kernel_init=xavier_uniform,
-                           dtype=self.dtype, name=f"conv{level}")
+            conv = nn.Conv(self.hidden_dim, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                           kernel_init=xavier_uniform, dtype=self.dtype, name=f"conv{level}")
             features.append(norm(level)(conv(source)))
             source = features[-1]
         masks = tuple(downsample_mask(pixel_mask, f.shape[1], f.shape[2]) for f in features)
