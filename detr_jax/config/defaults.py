@@ -46,9 +46,9 @@ def model_config() -> ml_collections.ConfigDict:
             # module's settings by field name.
             neck="input_proj",
             neck_args=ml_collections.FieldReference({}, field_type=object),
-            # Settings of the detector's encoder and decoder beyond the fields below, by
-            # name (Deformable DETR: with_box_refine, two_stage, ...); a detector refuses
-            # those it does not have.
+            # Settings of the detector's transformer that are its own, by name (Deformable
+            # DETR's with_box_refine, two_stage, num_feature_levels, encoder/decoder_n_points:
+            # detr_jax.models.detectors.deformable_detr); validated by building the detector.
             transformer_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,

@@ -42,6 +42,10 @@ PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,
     "timm_vit": timm_vit_parameter,
 }
+PARAMETER_RESOLVERS.update({layout: functools.partial(hf_family.parameter, layout) for layout in hf_family.LAYOUTS})
+# Keys a layout's checkpoints may lack because they are tied copies of others, saved once:
+# state dict -> {missing key: the key it copies}.
+TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layout in hf_family.LAYOUTS}
 
 
 def detect_layout(keys: list[str]) -> str | None:

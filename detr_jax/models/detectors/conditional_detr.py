@@ -28,11 +28,12 @@ from detr_jax.models.transformer import EncoderLayer, torch_linear_kernel_init
 PRIOR_PROB = 0.01
 
 
-def class_head(num_logits: int, dtype: Any, prior_prob: float = PRIOR_PROB) -> nn.Dense:
-    """The sigmoid class head `class_embed`: PyTorch's Linear kernel init, bias logit(prior_prob)."""
+def class_head(num_logits: int, dtype: Any, prior_prob: float = PRIOR_PROB, name: str = "class_embed") -> nn.Dense:
+    """The sigmoid class head (`class_embed` unless named otherwise): PyTorch's Linear kernel
+    init, bias logit(prior_prob)."""
     return nn.Dense(num_logits, kernel_init=torch_linear_kernel_init,
                     bias_init=nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob)),
-                    dtype=dtype, name="class_embed")
+                    dtype=dtype, name=name)
 
 
 class ConditionalDETR(nn.Module):
