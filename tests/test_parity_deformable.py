@@ -369,7 +369,8 @@ def test_a_box_refine_model_saved_by_transformers_converts(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.transformer_args": {"with_box_refine": True, "two_stages": True}}, "unknown key(s) ['two_stages']"),
+    ({"model.transformer_args": {"with_box_refine": True, "two_stages": True}},
+     "two_stages not among this detector's settings"),
     ({"model.transformer_args": {"two_stage": True}}, "two_stage=True needs with_box_refine=True"),
     ({"model.transformer_args": {"num_feature_levels": 0}}, "num_feature_levels=0: expected an integer >= 1"),
     ({"model.neck": "input_proj"}, "needs a multi-level neck"),

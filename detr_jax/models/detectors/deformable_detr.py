@@ -41,6 +41,7 @@ from detr_jax.models.detr import BoxHead, embed_image
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS, SinePositionEmbedding
 from detr_jax.models.queries import ReferencePointQueries, TopKProposals
+from detr_jax.models.settings import transformer_settings
 
 # model.transformer_args: its keys and their defaults (the references' DeformableDetrConfig
 # and main.py defaults).
@@ -60,13 +61,7 @@ BOX_SIZE_BIAS = -2.0
 def transformer_args(model_config) -> dict[str, Any]:
     """TRANSFORMER_ARGS updated with `model.transformer_args`; ValueError for an unknown key
     or a bad value."""
-    given = model_config.transformer_args
-    given = dict(given.to_dict() if hasattr(given, "to_dict") else given)
-    unknown = sorted(set(given) - set(TRANSFORMER_ARGS))
-    if unknown:
-        raise ValueError(f"model.transformer_args: unknown key(s) {unknown} for deformable_detr "
-                         f"(it takes {sorted(TRANSFORMER_ARGS)})")
-    args = {**TRANSFORMER_ARGS, **given}
+    args = transformer_settings(model_config, TRANSFORMER_ARGS)
     for key, default in TRANSFORMER_ARGS.items():
         value = args[key]
         if isinstance(default, bool):
