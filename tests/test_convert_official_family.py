@@ -1,6 +1,9 @@
-"""The official repositories' checkpoints of Conditional DETR (Atten4Vis/ConditionalDETR)
-and DAB-DETR (IDEA-Research/DAB-DETR): `official_detr_family` against the members'
-Hugging Face layouts, whose conversions the parity tests check against transformers.
+"""The official repositories' checkpoints of Conditional DETR (Atten4Vis/ConditionalDETR),
+DAB-DETR (IDEA-Research/DAB-DETR) and Deformable DETR (fundamentalvision/Deformable-DETR:
+plain, box refinement, two-stage): `official_detr_family` against the members' Hugging
+Face layouts, whose conversions the parity tests check against transformers. Deformable
+DETR's inverse table and tests are at the end (DEFORMABLE_TO_OFFICIAL), on the tiny models
+of test_parity_deformable.
 
 No official checkpoint or code is needed: the tiny random-weight HF models of the parity
 tests (test_parity_conditional, test_parity_dab) are renamed to the official names by the
@@ -145,14 +148,16 @@ DAB_TO_OFFICIAL = [
 FUSED = r"model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj"
 
 
-def official_state_dict(hf: dict[str, np.ndarray], table, fused_order: str = "qkv") -> dict[str, np.ndarray]:
-    """The official-named state dict of an HF state dict by the inverse `table`; the
-    encoder's q/k/v fused into in_proj_{weight,bias} rows in `fused_order` (official: qkv).
-    Every HF key must be renamed."""
+def official_state_dict(hf: dict[str, np.ndarray], table, fused_order: str = "qkv", fused_pattern: str = FUSED,
+                        fused_name: str = "transformer.encoder.layers.{}.self_attn") -> dict[str, np.ndarray]:
+    """The official-named state dict of an HF state dict by the inverse `table`; the q/k/v
+    of `fused_pattern` (the encoder's; Deformable DETR: the decoder's) fused into
+    `fused_name`'s in_proj_{weight,bias} rows in `fused_order` (official: qkv). Every HF key
+    must be renamed."""
     official, fused = {}, {}
     for key, value in hf.items():
         module, _, param = key.rpartition(".")
-        if match := re.fullmatch(FUSED, module):
+        if match := re.fullmatch(fused_pattern, module):
             fused.setdefault((match[1], param), {})[match[2]] = value
             continue
         for pattern, target in table:
@@ -164,7 +169,7 @@ def official_state_dict(hf: dict[str, np.ndarray], table, fused_order: str = "qk
         assert f"{name}.{param}" not in official, key
         official[f"{name}.{param}"] = value
     for (layer, param), parts in fused.items():
-        official[f"transformer.encoder.layers.{layer}.self_attn.in_proj_{param}"] = np.concatenate(
+        official[f"{fused_name.format(layer)}.in_proj_{param}"] = np.concatenate(
             [parts[p] for p in fused_order])
     return official
 
@@ -300,3 +305,124 @@ def test_what_is_not_converted_says_why():
     assert any("mask_head.lay1.weight: a segmentation head" in line for line in lines)
     assert any("transformer.patterns.weight: DAB-DETR's pattern embeddings" in line for line in lines)
     assert "  checkpoint keys that cannot be mapped (2):" in lines  # the detector under detr. is read
+
+
+# Deformable DETR (fundamentalvision/Deformable-DETR): the inverse of `rename_key` and
+# `read_in_q_k_v` of src/transformers/models/deformable_detr/convert_deformable_detr_to_pytorch.py
+# (huggingface/transformers 9a6732442fc381e1ea815c511aa804f118c869be). The script writes
+# transformers 4's saved names (`fc1`, `self_attn.out_proj`, `backbone.conv_encoder.model`);
+# the tiny models here have transformers 5's in-memory ones (`mlp.fc1`, `o_proj`,
+# `backbone.model`, native ResNet), inverted to the official names likewise. The decoder's
+# self-attention is nn.MultiheadAttention (fused in_proj), the encoder's and the decoder's
+# cross-attention MSDeformAttn (the same four names in both). The official decoder layer's
+# norm1 follows its cross-attention and norm2 its self-attention: the script maps them to
+# encoder_attn_layer_norm and self_attn_layer_norm.
+_MS_DEFORM_ATTN = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
+DEFORMABLE_TO_OFFICIAL = [
+    (r"model\.backbone\.model\.(.+)", torchvision_body),
+    (r"model\.input_proj\.(\d+)\.([01])", r"input_proj.\1.\2"),
+    (r"model\.query_position_embeddings", "query_embed"),
+    (r"model\.(reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)", r"transformer.\1"),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn\." + _MS_DEFORM_ATTN, r"transformer.encoder.layers.\1.self_attn.\2"),
+    (r"model\.encoder\.layers\.(\d+)\.self_attn_layer_norm", r"transformer.encoder.layers.\1.norm1"),
+    (r"model\.encoder\.layers\.(\d+)\.final_layer_norm", r"transformer.encoder.layers.\1.norm2"),
+    (r"model\.(encoder|decoder)\.layers\.(\d+)\.mlp\.fc([12])", r"transformer.\1.layers.\2.linear\3"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn\." + _MS_DEFORM_ATTN,
+     r"transformer.decoder.layers.\1.cross_attn.\2"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.o_proj", r"transformer.decoder.layers.\1.self_attn.out_proj"),
+    (r"model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm", r"transformer.decoder.layers.\1.norm1"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn_layer_norm", r"transformer.decoder.layers.\1.norm2"),
+    (r"model\.decoder\.layers\.(\d+)\.final_layer_norm", r"transformer.decoder.layers.\1.norm3"),
+    (r"model\.decoder\.((?:class_embed|bbox_embed)\.\d+(?:\.layers\.\d+)?)", r"transformer.decoder.\1"),
+    (r"(class_embed\.\d+|bbox_embed\.\d+\.layers\.\d+)", r"\1"),
+]
+DEFORMABLE_FUSED = dict(fused_pattern=r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj",
+                        fused_name="transformer.decoder.layers.{}.self_attn")
+DEFORMABLE_LAYOUTS = {  # variant: (HF layout, official layout)
+    "plain": ("huggingface_deformable_detr", "official_deformable_detr"),
+    "box_refine": ("huggingface_deformable_detr_box_refine", "official_deformable_detr_box_refine"),
+    "two_stage": ("huggingface_deformable_detr_box_refine", "official_deformable_detr_box_refine"),
+}
+
+
+def deformable_official_state_dict(hf: dict[str, np.ndarray], **fused) -> dict[str, np.ndarray]:
+    """`official_state_dict` by DEFORMABLE_TO_OFFICIAL, plus the bare level embedding."""
+    hf = dict(hf)
+    level_embed = hf.pop("model.level_embed")
+    return {**official_state_dict(hf, DEFORMABLE_TO_OFFICIAL, **{**DEFORMABLE_FUSED, **fused}),
+            "transformer.level_embed": level_embed}
+
+
+@functools.lru_cache(maxsize=None)
+def deformable(variant: str):
+    """(our config, HF-named state dict, official-named state dict, the HF conversion) of the
+    tiny random HF Deformable DETR of test_parity_deformable (untied box-refine class heads,
+    as the official model's)."""
+    import test_parity_deformable as parity
+
+    model = parity.build_hf_deformable(**parity.VARIANTS[variant])
+    images, _, mask = padded_batch(sizes=conditional.SIZES)
+    randomize_hf_detr_(model, *to_hf_inputs(images, mask))
+    parity.randomize_rest_(model)
+    hf = hf_state_dict_numpy(model)
+    config = conditional.member_config(parity.CONFIG, model.config, transformer_args=parity.VARIANTS[variant])
+    return config, hf, deformable_official_state_dict(hf), convert.convert_state_dict(hf, config.model)
+
+
+@pytest.mark.parametrize("variant", list(DEFORMABLE_LAYOUTS))
+def test_official_deformable_names_convert_to_the_same_variables_as_hugging_face(variant):
+    config, hf, official, (hf_variables, hf_metadata) = deformable(variant)
+    hf_layout, official_layout = DEFORMABLE_LAYOUTS[variant]
+    refine, two_stage = variant != "plain", variant == "two_stage"
+    # Official names as the model's code writes them (deformable_transformer.py, deformable_detr.py).
+    assert official["transformer.decoder.layers.0.self_attn.in_proj_weight"].shape == (3 * 32, 32)
+    assert "transformer.encoder.layers.0.self_attn.sampling_offsets.weight" in official
+    assert "transformer.decoder.layers.1.cross_attn.attention_weights.bias" in official
+    assert "input_proj.3.1.weight" in official and "backbone.0.body.layer4.0.downsample.1.running_var" in official
+    assert ("transformer.reference_points.weight" in official) == ("query_embed.weight" in official) == (not two_stage)
+    assert ("transformer.decoder.bbox_embed.0.layers.0.weight" in official) == refine
+    assert ("transformer.decoder.class_embed.2.weight" in official) == ("transformer.pos_trans.weight" in official) \
+        == two_stage
+    assert convert.detect_layout(list(official)) == official_layout
+    with_official = convert.convert_state_dict(official, config.model)
+    assert hf_metadata["layout"] == hf_layout and with_official[1]["layout"] == official_layout
+    assert_bitwise_equal(with_official[0], hf_variables)
+    assert with_official[1]["inferred_model"] == hf_metadata["inferred_model"]
+    inferred = with_official[1]["inferred_model"]
+    assert inferred["arch"] == "deformable_detr" and inferred["neck"] == "channel_mapper"
+    assert inferred["transformer_args"] == {"with_box_refine": refine, "two_stage": two_stage, "num_feature_levels": 4}
+    # Dropped: the tied copies of the heads only (the plain model's one head repeated per
+    # layer; transformer.decoder.{bbox,class}_embed or the heads they copy, whichever comes
+    # second in the state dict).
+    def head(key):
+        return key.removeprefix("transformer.decoder.")
+    assert sorted(map(head, with_official[1]["ignored_keys"])) == sorted(
+        head(k) for k in official
+        if k.startswith(("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed."))
+        or (not refine and re.match(r"(class|bbox)_embed\.[1-9]", k)))
+
+
+def test_official_deformable_detection_is_not_confused():
+    """Official DETR, Conditional DETR and DAB-DETR stay theirs; two-stage without box
+    refinement is refused with the reason; a wrong rule (the decoder's norm1 and norm2
+    taken in the order of their names, as official DETR's) fails the equality."""
+    assert convert.detect_layout(list(member("conditional")[2])) == "official_conditional_detr"
+    assert convert.detect_layout(list(member("dab")[2])) == "official_dab_detr"
+    config, _, official, (hf_variables, _) = deformable("two_stage")
+    without_refine = {k: v for k, v in official.items() if not k.startswith("transformer.decoder.bbox_embed.")}
+    assert convert.detect_layout(list(without_refine)) == "official_deformable_detr"
+    with pytest.raises(convert.ConversionError, match="two_stage needs with_box_refine"):
+        convert.convert_state_dict(without_refine, config.model)
+
+
+def test_a_wrong_deformable_rule_fails_the_equality(monkeypatch):
+    config, _, official, (hf_variables, _) = deformable("box_refine")
+    right = layouts.MODULE_RESOLVERS["official_deformable_detr_box_refine"]
+    swapped = {"norm1": "norm2", "norm2": "norm1"}
+
+    def wrong(name):
+        head, _, last = name.rpartition(".")
+        return right(f"{head}.{swapped[last]}" if head.startswith("transformer.decoder.") and last in swapped else name)
+    monkeypatch.setitem(layouts.MODULE_RESOLVERS, "official_deformable_detr_box_refine", wrong)
+    converted, _ = convert.convert_state_dict(official, config.model)
+    assert max_difference(converted, hf_variables) > 0.1

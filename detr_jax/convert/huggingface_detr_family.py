@@ -25,7 +25,9 @@ statistics, the checks against the target model).
       `{class,bbox}_embed.{L}`): a head per layer, `class_embed.{i}` -> class_embed_{i},
       `bbox_embed.{i}` -> bbox_embed_{i}; `model.decoder.{class,bbox}_embed.{i}`, tied
       copies of them (the ones transformers 5 keeps when it saves), go to the same place.
-      The official fundamentalvision/Deformable-DETR layout is not read.
+      The official fundamentalvision/Deformable-DETR layout (`transformer.*`, fused
+      decoder self-attention `in_proj_weight`; plain, box-refine and two-stage) is
+      `official_detr_family`'s, converted to these layouts' paths.
 
 The ResNet body (`model.backbone[.conv_encoder].model.*`, native or timm names) goes to
 the ResNet rules of `detr_jax.convert.resnet`.

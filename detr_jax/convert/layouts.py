@@ -43,6 +43,8 @@ PARAMETER_RESOLVERS = {
     "timm_vit": timm_vit_parameter,
 }
 PARAMETER_RESOLVERS.update({layout: functools.partial(hf_family.parameter, layout) for layout in hf_family.LAYOUTS})
+PARAMETER_RESOLVERS.update({layout: functools.partial(official_family.parameter, layout)
+                            for layout in official_family.LAYOUTS})
 # Keys a layout's checkpoints may lack because they are tied copies of others, saved once:
 # state dict -> {missing key: the key it copies}.
 TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layout in hf_family.LAYOUTS}
