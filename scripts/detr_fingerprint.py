@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from detr_jax import models
-from detr_jax.train.trainer import trainer as training
+from detr_jax.train import trainer as training
 from detr_jax.config import config_from_args
 from detr_jax.data import make_source
 from detr_jax.data.pipeline import make_train_iterator
