@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+from detr_jax.runtime.cpu_info import cpu_info
 
 def coco_like_sizes(min_short: int) -> list[tuple[int, int]]:
     """(h, w) of every COCO-like image: longer side 640, either orientation."""
@@ -139,13 +140,12 @@ def main():
               f"{str(b['from_cache']):>6}")
     totals = [round(sum(r["seconds"] for r in rows), 2) for rows in (first, second)]
     print(f"{'total':>11} {'':>15} {totals[0]:>7.2f} {'':>15} {totals[1]:>7.2f}")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     result = {
         "benchmark": "DETR-R50 eval predict function: compiled shapes and compile seconds, first and second start",
         "sizes": args.annotations or f"COCO-like: longer side 640, shorter {args.min_short_side}..640",
         "batch": args.batch, "compiled": args.which, "buckets": shapes,
         "first_start": first, "second_start": second, "total_seconds": totals,
-        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "cpu": cpu_info(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

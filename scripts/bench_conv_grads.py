@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from detr_jax.train.trainer import CPU_TRAIN_COMPILER_OPTIONS  # noqa: E402
+from detr_jax.runtime.cpu_info import cpu_info
 
 # (batch, input side, channels, stride): the 3x3 convs of layers 2-4 at 2 x 512 x 512.
 SHAPES = [(2, 64, 128, 1), (2, 32, 256, 1), (2, 16, 512, 1), (2, 128, 128, 2), (2, 64, 256, 2), (2, 32, 512, 2)]
@@ -109,7 +110,7 @@ def main() -> int:
                   f"{'' if diff is None else f'{diff:.1e}':>13}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+        json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "jax": jax.__version__, "cpu": cpu_info(), "cpu_count": os.cpu_count(),
                    "reps": args.reps, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

@@ -36,6 +36,7 @@ from PIL import Image
 from detr_jax.data import SyntheticShapesSource, make_train_iterator, write_coco_folder
 from detr_jax.data.config import data_config
 from detr_jax.data.records import Record
+from detr_jax.runtime.cpu_info import cpu_info
 
 
 class _Resized:
@@ -175,6 +176,7 @@ def main():
     result = {
         "benchmark": "training input pipeline, COCO-size augmentation, JPEG folder",
         "images": args.coco or f"{args.images} synthetic 640x480",
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

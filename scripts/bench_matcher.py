@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import time
@@ -53,6 +52,7 @@ import scipy
 import scipy.optimize
 
 from detr_jax.runtime import sharding
+from detr_jax.runtime.cpu_info import cpu_info
 from detr_jax.train import trainer as train
 from detr_jax.config import config_from_args
 from detr_jax.data.pipeline import make_source, make_train_iterator, steps_per_epoch
@@ -230,16 +230,6 @@ def bench_step(config_arg, batch, reps) -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,7 +306,7 @@ def main():
         "scipy": scipy.__version__,
         "platform": jax.devices()[0].platform,
         "device_count": jax.device_count(),
-        "cpu": cpu_model(),
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,

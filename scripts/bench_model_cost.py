@@ -44,6 +44,8 @@ import statistics
 import sys
 import time
 
+from detr_jax.runtime.cpu_info import cpu_info
+
 # name -> (label, model.backbone, model.backbone_args)
 ROWS = {
     "detr_r50": ("DETR-R50", "resnet50", {}),
@@ -78,7 +80,7 @@ def cpu_model() -> str | None:
 def machine(cores) -> dict:
     import importlib.metadata as md
 
-    out = {"cpu_model": cpu_model(), "cores_used": len(cores), "cpu_count": os.cpu_count(),
+    out = {"cpu_model": cpu_model(), "cpu": cpu_info(), "cores_used": len(cores), "cpu_count": os.cpu_count(),
            "python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("jax", "jaxlib", "flax", "numpy"):
         try:

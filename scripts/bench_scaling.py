@@ -28,6 +28,7 @@ import numpy as np
 
 from detr_jax.config import config_from_args
 from detr_jax.runtime.host_memory import retain_freed_memory
+from detr_jax.runtime.cpu_info import cpu_info
 from detr_jax.runtime.sharding import global_batch, make_mesh
 from detr_jax.train.trainer import assemble
 
@@ -106,7 +107,7 @@ def main() -> int:
                   f"step {median * 1000:8.1f} ms  {batch_size / median:7.1f} img/s"
                   + (f"  ({recompiles} recompilations while timed!)" if recompiles else ""), flush=True)
     report = dict(config=args.config, date=time.strftime("%Y-%m-%d %H:%M"), devices=jax.device_count(),
-                  platform=jax.devices()[0].platform, cpu_count=os.cpu_count(), jax=jax.__version__,
+                  platform=jax.devices()[0].platform, cpu=cpu_info(), cpu_count=os.cpu_count(), jax=jax.__version__,
                   load_average=os.getloadavg(), compilations=sum(r["compilations"] for r in rows),
                   total_compile_s=sum(r["compile_s"] for r in rows), rows=rows)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -46,6 +46,7 @@ def main() -> int:
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from detr_jax.config import config_from_args
+    from detr_jax.runtime.cpu_info import cpu_info
     from detr_jax.runtime.host_memory import retain_freed_memory
 
     config = config_from_args(args.config, {})
@@ -91,7 +92,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": args.config, "date": time.strftime("%Y-%m-%d %H:%M"), "jax": jax.__version__,
-                   "cpu_count": os.cpu_count(), "steps": args.steps, "rounds": args.rounds,
+                   "cpu": cpu_info(), "cpu_count": os.cpu_count(), "steps": args.steps, "rounds": args.rounds,
                    "summary": summary, "rounds_detail": results}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

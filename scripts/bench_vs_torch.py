@@ -16,8 +16,16 @@ work in each case.
 
 Inference cases also time our ONNX export (`detr-jax export --format onnx`, the same
 weights, fixed size, dynamic batch) in onnxruntime ("detr-jax-onnx", CPU only, the export
-made before timing), and the table ends each case with our fastest path against
-`torch.compile`.
+made before timing, with the SessionOptions the export records), and its int8 variant
+(`--quantize int8`, calibrated on 8 images of the built-in synthetic data:
+"detr-jax-onnx-int8", a separate column: it is an approximation of the model, never our
+float32 result); the table ends each case with our fastest float32 path against HF eager
+and `torch.compile`.
+
+Inputs are uint8 pixels, as `Predictor.batches` gives them: our jit and our exports
+normalize them inside; the peer gets them normalized by the same arithmetic (as its image
+processor does, outside the model), padded pixels zero. The JSON and the table name the
+CPU (`detr_jax.runtime.cpu_info`: model, AVX2/AVX-512/AMX, usable cores).
 
 Each (framework, case) runs in its own worker process, pinned to the same CPU cores
 (same thread count: torch.set_num_threads = number of pinned cores; XLA's thread pool
@@ -36,7 +44,8 @@ does (detr_jax.runtime.host_memory); `--host_malloc default` leaves glibc's mall
     python scripts/bench_vs_torch.py --reps 3 --cases infer_b4_640x640
     python scripts/bench_vs_torch.py --rewarm        # an untimed call before each timed one
     python scripts/bench_vs_torch.py --device gpu    # on a GPU machine (cuda + jax[cuda])
-    python scripts/bench_vs_torch.py --no_onnx       # without the onnxruntime worker
+    python scripts/bench_vs_torch.py --no_onnx       # without the onnxruntime workers
+    python scripts/bench_vs_torch.py --no_int8       # without the int8 onnxruntime worker
 
 Writes a table to stdout and JSON to --out (default bench_results/bench_vs_torch.json).
 """
@@ -54,6 +63,8 @@ import sys
 import tempfile
 import time
 
+from detr_jax.runtime.cpu_info import cpu_info, describe
+
 CASES = {
     "infer_b1_800x1216": dict(kind="infer", batch=1, height=800, width=1216),
     "infer_b4_640x640": dict(kind="infer", batch=4, height=640, width=640),
@@ -65,12 +76,12 @@ NUM_TARGETS = 6  # objects per training image
 
 
 def inputs(case: dict, seed: int = 0):
-    """Images [B, H, W, 3] (the second image padded: its right quarter), mask, targets."""
+    """uint8 pixels [B, H, W, 3] (the second image padded: its right quarter), mask, targets."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     b, h, w = case["batch"], case["height"], case["width"]
-    images = rng.normal(size=(b, h, w, 3)).astype(np.float32)
+    images = rng.integers(0, 256, size=(b, h, w, 3), dtype=np.uint8)
     mask = np.ones((b, h, w), bool)
     if b > 1:
         mask[1:, :, (3 * w) // 4:] = False
@@ -123,6 +134,10 @@ def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, re
     model.load_state_dict(torch.load(weights_path, weights_only=True))
     model.to(dev)
     images, mask, labels, boxes = inputs(case)
+    from detr_jax.ops.image_statistics import normalize
+
+    # Normalized as its image processor does (outside the model), padded pixels zero.
+    images = np.where(mask[..., None], normalize(images), 0).astype(np.float32)
     pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
     pixel_mask = torch.from_numpy(mask.astype(np.int64)).to(dev)
     hf_labels = [{"class_labels": torch.from_numpy(labels[i]).long().to(dev),
@@ -205,8 +220,10 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
     _serve(conn, run)
 
 
-def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool):
-    """Our ONNX export of the same weights, run by onnxruntime on the same cores."""
+def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool,
+                quantize: str | None = None):
+    """Our ONNX export of the same weights (`quantize` "int8": its int8 variant), run by
+    onnxruntime on the same cores with the session options the export records."""
     _setup_worker(cores, retain_host_memory)
     os.environ["JAX_PLATFORMS"] = "cpu"  # the export is traced on the host
     import numpy as np
@@ -224,7 +241,7 @@ def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, ret
     orig_size = np.full((case["batch"], 2), (case["height"], case["width"]), np.int32)
     with tempfile.TemporaryDirectory() as tmp:
         directory = export_detector(config, variables, os.path.join(tmp, "onnx"), "onnx",
-                                    size=(case["height"], case["width"]))
+                                    size=(case["height"], case["width"]), quantize=quantize)
         del variables
         detector = ExportedDetector(directory, threads=len(cores))
 
@@ -271,7 +288,8 @@ def _serve(conn, run):
 
 
 def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
-             torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False, onnx: bool = True) -> dict:
+             torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False, onnx: bool = True,
+             int8: bool = True) -> dict:
     """Times every framework of `case_name` in turns; `rewarm`: one untimed call before each timed one."""
     ctx = mp.get_context("spawn")
     common = (case_name, weights_path, cores, device, retain_host_memory)
@@ -280,6 +298,8 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
         workers["hf-torch-compile"] = (torch_worker, (*common, True))
     if onnx and device == "cpu" and CASES[case_name]["kind"] == "infer":
         workers["detr-jax-onnx"] = (onnx_worker, common)
+        if int8:
+            workers["detr-jax-onnx-int8"] = (onnx_worker, (*common, "int8"))
     procs, conns, first_call, errors = {}, {}, {}, {}
     for name, (fn, args) in workers.items():  # started one at a time: their start-up is not timed
         parent, child = ctx.Pipe()
@@ -325,13 +345,22 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
     for name, stats in result["frameworks"].items():
         if ours and name != "detr-jax":
             stats["peer_over_ours"] = stats["median_s"] / ours["median_s"]
-    fastest = min((n for n in ("detr-jax", "detr-jax-onnx") if n in result["frameworks"]),
+    # Our fastest float32 path (the int8 export is an approximation: never the comparison).
+    fastest = min((n for n in FLOAT32_OURS if n in result["frameworks"]),
                   key=lambda n: result["frameworks"][n]["median_s"], default=None)
-    compiled = result["frameworks"].get("hf-torch-compile")
-    if fastest and compiled:
+    if fastest:
         result["fastest_ours"] = fastest
-        result["torch_compile_over_fastest_ours"] = compiled["median_s"] / result["frameworks"][fastest]["median_s"]
+        for peer, key in (("hf-torch", "hf_eager_over_fastest_ours"),
+                          ("hf-torch-compile", "torch_compile_over_fastest_ours")):
+            if peer in result["frameworks"]:
+                result[key] = result["frameworks"][peer]["median_s"] / result["frameworks"][fastest]["median_s"]
+    onnx32, onnx8 = (result["frameworks"].get(n) for n in ("detr-jax-onnx", "detr-jax-onnx-int8"))
+    if onnx32 and onnx8:
+        result["int8_speedup_over_onnx_float32"] = onnx32["median_s"] / onnx8["median_s"]
     return result
+
+
+FLOAT32_OURS = ("detr-jax", "detr-jax-onnx")
 
 
 def hf_state_dict() -> dict:
@@ -361,7 +390,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "cpu": cpu_info()}
     for pkg in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy", "jax2onnx", "onnxruntime"):
         try:
             out[pkg] = md.version(pkg)
@@ -370,19 +399,25 @@ def versions() -> dict:
     return out
 
 
-def format_table(results: list[dict]) -> str:
-    lines = [f"{'case':<33} {'framework':<17} {'median s':>9} {'min s':>8} {'1st call s':>10} "
-             f"{'peak RSS MiB':>12} {'peer/ours':>9}"]
+def format_table(results: list[dict], cpu: dict | None = None) -> str:
+    lines = [f"CPU: {describe(cpu)}",
+             f"{'case':<33} {'framework':<18} {'median s':>9} {'min s':>8} {'1st call s':>10} "
+             f"{'peak RSS MiB':>12} {'peer/jit':>9}"]
     for res in results:
         for name, s in res["frameworks"].items():
             ratio = f"{s['peer_over_ours']:.2f}x" if "peer_over_ours" in s else ""
-            lines.append(f"{res['case']:<33} {name:<17} {s['median_s']:>9.3f} {s['min_s']:>8.3f} "
+            lines.append(f"{res['case']:<33} {name:<18} {s['median_s']:>9.3f} {s['min_s']:>8.3f} "
                          f"{s['first_call_s']:>10.1f} {s['peak_rss_mib'] or float('nan'):>12.0f} {ratio:>9}")
         for name, err in res["errors"].items():
-            lines.append(f"{res['case']:<33} {name:<17} failed: {err[:80]}")
+            lines.append(f"{res['case']:<33} {name:<18} failed: {err[:80]}")
         if "fastest_ours" in res:
-            lines.append(f"{res['case']:<33} fastest of ours: {res['fastest_ours']}; torch.compile / it = "
-                         f"{res['torch_compile_over_fastest_ours']:.2f}x")
+            ratios = [f"{label} / it = {res[key]:.2f}x" for label, key in
+                      (("HF eager", "hf_eager_over_fastest_ours"), ("torch.compile", "torch_compile_over_fastest_ours"))
+                      if key in res]
+            lines.append(f"{res['case']:<33} our fastest float32: {res['fastest_ours']}; " + "; ".join(ratios))
+        if "int8_speedup_over_onnx_float32" in res:
+            lines.append(f"{res['case']:<33} int8 export: {res['int8_speedup_over_onnx_float32']:.2f}x the float32 "
+                         "export's speed (an approximation: not compared with float32 peers)")
     return "\n".join(lines)
 
 
@@ -394,7 +429,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="cores to pin every worker to (default: all)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--no_torch_compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--no_onnx", action="store_true", help="skip our ONNX export in onnxruntime")
+    parser.add_argument("--no_onnx", action="store_true", help="skip our ONNX exports in onnxruntime")
+    parser.add_argument("--no_int8", action="store_true", help="skip our int8 ONNX export")
     parser.add_argument("--host_malloc", choices=("retain", "default"), default="retain",
                         help="retain: every worker keeps freed host memory (detr_jax.runtime.host_memory, what "
                              "`detr-jax train` does); default: glibc's own behaviour")
@@ -407,6 +443,8 @@ def main() -> int:
     args = parser.parse_args()
 
     cores = sorted(os.sched_getaffinity(0))[: args.threads or None]
+    machine = versions()
+    print(f"CPU: {describe(machine['cpu'])}; workers pinned to {len(cores)} of them", file=sys.stderr, flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "hf_detr_r50.pt")
@@ -415,15 +453,15 @@ def main() -> int:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
                                     not args.no_torch_compile, args.host_malloc == "retain", args.rewarm,
-                                    not args.no_onnx))
-            print(format_table(results[-1:]), file=sys.stderr, flush=True)
+                                    not args.no_onnx, not args.no_int8))
+            print(format_table(results[-1:], machine["cpu"]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
-              "reps": args.reps, "rewarm": args.rewarm, "host_malloc": args.host_malloc, "versions": versions(),
-              "load_average": os.getloadavg(), "results": results}
+              "cpu": machine["cpu"], "reps": args.reps, "rewarm": args.rewarm, "host_malloc": args.host_malloc,
+              "versions": machine, "load_average": os.getloadavg(), "results": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(format_table(results))
+    print(format_table(results, machine["cpu"]))
     print(f"wrote {args.out}")
     return 0
 

@@ -29,7 +29,9 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
 
+from detr_jax.ops.formulation import for_onnxruntime
 from detr_jax.ops.nearest import nearest_indices
 
 # torchvision initializes conv kernels with kaiming_normal_(mode="fan_out", relu).
@@ -105,13 +107,26 @@ def group_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
 NORMS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": frozen_batch_norm, "group_norm": group_norm}
 
 
-def pointwise(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    """A 1x1 convolution as a matrix product: x [B, H, W, C_in], kernel [1, 1, C_in, C_out]
-    -> [B, H, W, C_out] in `dtype`.
+def pointwise(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Any, stride: int = 1) -> jnp.ndarray:
+    """A 1x1 convolution: x [B, H, W, C_in], kernel [1, 1, C_in, C_out] -> [B, ceil(H/stride),
+    ceil(W/stride), C_out] in `dtype`.
 
-    A matmul, the same dot_general as einsum("bhwc,co->bhwo"): ONNX converters map it to
-    MatMul, where an einsum becomes onnxruntime's slow Einsum.
+    For XLA (jit, training, the StableHLO and SavedModel exports) a matrix product, the same
+    dot_general as einsum("bhwc,co->bhwo") after a strided slice: XLA:CPU runs its dots
+    faster than its 1x1 convolutions, and their gradients without transposing activations
+    (`PointwiseConv`). ONNX converters map it to MatMul, where an einsum becomes
+    onnxruntime's slow Einsum.
+
+    Traced for onnxruntime (`detr_jax.ops.formulation`, the ONNX export) a convolution, ONNX
+    Conv: onnxruntime's CPU convolutions keep their blocked channel layout (NCHWc) from one
+    convolution to the next and fold the frozen BatchNorm into them, which a MatMul in the
+    NHWC layout between them prevents.
     """
+    if for_onnxruntime():
+        return lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
     return jnp.matmul(x.astype(dtype), kernel[0, 0].astype(dtype))
 
 
@@ -136,9 +151,7 @@ class PointwiseConv(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x: [B, H, W, C_in] -> [B, ceil(H/stride), ceil(W/stride), features]."""
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
-        if self.stride > 1:
-            x = x[:, :: self.stride, :: self.stride, :]
-        y = pointwise(x, kernel, self.dtype)
+        y = pointwise(x, kernel, self.dtype, self.stride)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from detr_jax.ops.formulation import for_onnxruntime
+
 ATTENTION_WEIGHTS = "attention_weights"
 
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -63,7 +65,14 @@ def attend(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, ke
     """Attention of projected, scaled, head-split queries over keys, inside `module`'s compact
     call: q [B, Lq, H, Dk], k [B, Lk, H, Dk], v [B, Lk, H, Dv], key_mask [B, Lk] bool (True =
     attend) -> [B, Lq, H * Dv]. The weights [B, H, Lq, Lk] are sown into `module`'s
-    "intermediates" (ATTENTION_WEIGHTS) and dropped out with rate `dropout` in training."""
+    "intermediates" (ATTENTION_WEIGHTS) and dropped out with rate `dropout` in training.
+
+    Traced for onnxruntime (`detr_jax.ops.formulation`, the ONNX export) both products are
+    batched matrix products over heads-first operands, ONNX MatMul (the attention-weighted
+    sum is otherwise an Einsum, which onnxruntime runs slowly), and the key mask an added
+    bias."""
+    if for_onnxruntime():
+        return _attend_for_onnxruntime(module, q, k, v, key_mask, dropout, deterministic)
     # The dot_general jnp.einsum("bqhd,bkhd->bhqk") lowers to, written out: ONNX
     # converters map it to MatMul, where an einsum becomes onnxruntime's slow Einsum.
     logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2)))).astype(jnp.float32)
@@ -73,6 +82,24 @@ def attend(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, ke
     module.sow("intermediates", ATTENTION_WEIGHTS, weights)  # masked keys 0
     weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return out.reshape(out.shape[:-2] + (-1,))
+
+
+def _attend_for_onnxruntime(module: nn.Module, q, k, v, key_mask, dropout: float, deterministic: bool):
+    """`attend` as onnxruntime runs it best: MatMul over [B, H, L, D] operands.
+
+    The masked keys get finfo.min added (not put in place of the logit): the same weights,
+    since a logit is far too small to move finfo.min by one unit of its precision, and
+    softmax gives them exp(finfo.min - max) = 0 either way."""
+    heads_first = (0, 2, 1, 3)
+    logits = jnp.matmul(q.transpose(heads_first), k.transpose(0, 2, 3, 1)).astype(jnp.float32)
+    if key_mask is not None:
+        bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        logits = logits + bias[:, None, None, :]
+    weights = jax.nn.softmax(logits, axis=-1)
+    module.sow("intermediates", ATTENTION_WEIGHTS, weights)
+    weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
+    out = jnp.matmul(weights.astype(v.dtype), v.transpose(heads_first)).transpose(heads_first)
     return out.reshape(out.shape[:-2] + (-1,))
 
 

@@ -37,7 +37,7 @@ import logging
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,8 @@ from detr_jax.config import config_from_dict
 from detr_jax.ops.image_statistics import IMAGENET_MEAN, IMAGENET_STD, normalize
 from detr_jax.criterion.class_convention import ClassConvention, SoftmaxNoObject
 from detr_jax.models import build_class_convention, build_model
+from detr_jax.ops.formulation import ONNXRUNTIME, formulated_for
+from detr_jax.serving.quantize import QUANTIZATIONS, QuantizationError, calibration_feeds, quantize_onnx
 from detr_jax.evaluation.postprocess import postprocess
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,30 @@ OUTPUT_NAMES = ("scores", "labels", "boxes")
 # stage's size is an exact expression of it and the residual shapes provably agree.
 SIZE_MULTIPLE = 32
 ONNX_OPSET = 21
+
+# onnxruntime's SessionOptions for an ONNX export, recorded in its detr_export.json
+# ("onnxruntime") and applied by ExportedDetector; chosen for one inference call at a time on
+# CPU (measured in docs/BENCHMARKS.md):
+ONNXRUNTIME_SESSION_OPTIONS = {
+    # ENABLE_ALL adds the layout optimizations to EXTENDED's fusions: the convolutions run in
+    # the blocked channel layout (NCHWc) with the frozen BatchNorm, ReLU and residual add
+    # fused in; EXTENDED keeps plain NCHW convolutions, slower.
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    # None: as many threads as the cores this process may run on (os.sched_getaffinity):
+    # onnxruntime's own default counts the machine's physical cores, which oversubscribes a
+    # process given fewer (taskset, a container's cpuset).
+    "intra_op_num_threads": None,
+    # The graph is a chain of large operators: parallel branches would only add threads.
+    "execution_mode": "ORT_SEQUENTIAL",
+    "inter_op_num_threads": 1,
+    # Keep freed buffers for the next call (the arena) and plan them once per shape (the
+    # memory pattern): as the jit path and the PyTorch peer keep theirs (host_memory.py).
+    "enable_cpu_mem_arena": True,
+    "enable_mem_pattern": True,
+    # Idle worker threads sleep instead of spinning: spinning threads take the cores from
+    # whatever else runs (another session, the host's data loading, other processes).
+    "allow_spinning": False,
+}
 
 
 class ExportError(ValueError):
@@ -148,6 +174,8 @@ def export_detector(
     size: tuple[int, int] | str | None = None,
     dtype: str | None = None,
     class_names: Mapping[int, str] | None = None,
+    quantize: str | None = None,
+    calibration_images: Sequence[np.ndarray] | None = None,
 ) -> pathlib.Path:
     """Writes the serving function of a detector to `out_dir` in `format`.
 
@@ -160,6 +188,10 @@ def export_detector(
       size: (H, W) or "HxW", or None / "dynamic" for symbolic multiples of SIZE_MULTIPLE.
       dtype: compute dtype ("float32", "bfloat16"); default `config.model.dtype`. Inputs
         and outputs are float32 either way.
+      quantize: None, or "int8" (ONNX only): the convolutions in int8, by onnxruntime's
+        static quantization (`detr_jax.serving.quantize`); calibrated on
+        `calibration_images` (uint8 [H, W, 3] arrays), default a few images of the built-in
+        synthetic data.
     Returns the directory.
     """
     if format not in FORMATS:
@@ -178,6 +210,11 @@ def export_detector(
     if format == "onnx" and compute_dtype != "float32":
         raise ExportError(f"ONNX export is float32 only (asked for {compute_dtype}): onnxruntime's Conv "
                           "takes no bfloat16 input")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize {quantize!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    if quantize is not None and format != "onnx":
+        raise ExportError(f"--quantize {quantize} is for the onnx format (onnxruntime's quantization), "
+                          f"not {format}")
     variables = jax.tree.map(np.asarray, dict(variables))
     classes = build_class_convention(config)
     fn = serving_function(model, variables, classes)
@@ -186,9 +223,13 @@ def export_detector(
     artifact = out_dir / ARTIFACTS[format]
     try:
         {"stablehlo": _write_stablehlo, "savedmodel": _write_savedmodel, "onnx": _write_onnx}[format](fn, shape, artifact)
+        if quantize is not None:
+            quantization = quantize_onnx(artifact, calibration_feeds(config, shape.size, shape.batch, calibration_images))
     except Exception as e:
         # Nothing half-written is left behind (the directory was new or empty).
         shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, QuantizationError):
+            raise ExportError(f"{artifact}: int8 quantization: {e}") from e
         if not isinstance(e, ExportError) and shape.size is None and "shape" in str(e).lower():
             raise ExportError(f"this model cannot be exported with a dynamic image size ({type(e).__name__}: "
                               f"{str(e)[:300]}); pass a fixed size (--size HxW)") from e
@@ -213,6 +254,11 @@ def export_detector(
         "config": config.to_dict(),
         "versions": _versions(format),
     }
+    if format == "onnx":
+        metadata["onnxruntime"] = {"session_options": dict(ONNXRUNTIME_SESSION_OPTIONS)}
+        metadata["formulated_for"] = ONNXRUNTIME
+        if quantize is not None:
+            metadata["quantization"] = quantization
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=_json_default) + "\n")
     return out_dir
 
@@ -229,7 +275,7 @@ def _versions(format: str) -> dict:
     import importlib.metadata as md
 
     packages = {"stablehlo": ("jax", "jaxlib"), "savedmodel": ("jax", "tensorflow-cpu", "tensorflow"),
-                "onnx": ("jax", "jax2onnx", "onnx")}[format]
+                "onnx": ("jax", "jax2onnx", "onnx", "onnxruntime")}[format]
     out = {}
     for package in packages:
         with contextlib.suppress(md.PackageNotFoundError):
@@ -291,7 +337,7 @@ def _write_onnx(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
     logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
     jax2onnx = _import_optional("jax2onnx", "onnx", "export")
     # jax2onnx prints its traces of flax modules to stdout.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), formulated_for(ONNXRUNTIME):
         jax2onnx.to_onnx(fn, shape.abstract_inputs(), model_name="detr", opset=ONNX_OPSET, return_mode="file",
                          output_path=str(artifact), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
 
@@ -327,7 +373,7 @@ class ExportedDetector:
             raise ExportError(f"{artifact}: missing (the export in {self.path} is incomplete)")
         load = {"stablehlo": _load_stablehlo, "savedmodel": _load_savedmodel, "onnx": _load_onnx}[self.format]
         try:
-            self._run = load(artifact, threads)
+            self._run = load(artifact, threads, self.metadata)
         except ExportError:
             raise
         except Exception as e:  # a damaged or foreign file: the runtime's own error, named
@@ -409,12 +455,12 @@ def is_export(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / METADATA_FILE).is_file()
 
 
-def _load_stablehlo(artifact: pathlib.Path, threads: int | None):
+def _load_stablehlo(artifact: pathlib.Path, threads: int | None, metadata: dict):
     exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
     return jax.jit(exported.call)
 
 
-def _load_savedmodel(artifact: pathlib.Path, threads: int | None):
+def _load_savedmodel(artifact: pathlib.Path, threads: int | None, metadata: dict):
     tf = _import_optional("tensorflow", "savedmodel", "tfds")
     if threads:
         with contextlib.suppress(RuntimeError):  # only before TF's first op
@@ -428,16 +474,39 @@ def _load_savedmodel(artifact: pathlib.Path, threads: int | None):
     return run
 
 
-def _load_onnx(artifact: pathlib.Path, threads: int | None):
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), or the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def onnxruntime_session_options(recorded: Mapping | None = None, threads: int | None = None):
+    """onnxruntime.SessionOptions from `recorded` (an export's "session_options"; default
+    ONNXRUNTIME_SESSION_OPTIONS), with `threads` intra-op threads if given, else the
+    recorded number, else `available_cores()`."""
     ort = _import_optional("onnxruntime", "onnx", "export")
+    settings = {**ONNXRUNTIME_SESSION_OPTIONS, **(recorded or {})}
     options = ort.SessionOptions()
     options.log_severity_level = 3  # converter leftovers (unused initializers) are warnings
-    if threads:
-        options.intra_op_num_threads = threads
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["graph_optimization_level"])
+    options.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
+    options.intra_op_num_threads = int(threads or settings["intra_op_num_threads"] or available_cores())
+    options.inter_op_num_threads = int(settings["inter_op_num_threads"])
+    options.enable_cpu_mem_arena = bool(settings["enable_cpu_mem_arena"])
+    options.enable_mem_pattern = bool(settings["enable_mem_pattern"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings["allow_spinning"] else "0")
+    return options
+
+
+def _load_onnx(artifact: pathlib.Path, threads: int | None, metadata: dict):
+    ort = _import_optional("onnxruntime", "onnx", "export")
+    # Exports before the options were recorded run with today's.
+    options = onnxruntime_session_options(metadata.get("onnxruntime", {}).get("session_options"), threads)
     session = ort.InferenceSession(str(artifact), options, providers=ort.get_available_providers())
 
     def run(image, mask, orig_size):
         return session.run(list(OUTPUT_NAMES), {"image": image, "mask": mask, "orig_size": orig_size})
 
     return run
-
