@@ -293,19 +293,23 @@ def test_two_processes_equal_single_process(tmp_path):
 RESUMABLE_STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def resumable_run(tmp_path_factory):
-    """The command of a 24-step run checkpointed every 4 steps, and its uninterrupted result."""
-    args = ["-m", "detr_jax.cli", "train", "--config", "synthetic_tiny", "--no_progress",
+def _uninterrupted(config: str, workdir: pathlib.Path, **overrides):
+    """The command of a 24-step run of `config` checkpointed every 4 steps, and its
+    uninterrupted result: (args, env, (final step, params))."""
+    args = ["-m", "detr_jax.cli", "train", "--config", config, "--no_progress",
             *cli_overrides(**{"train.num_steps": RESUMABLE_STEPS, "train.checkpoint_every_steps": 4,
-                              "train.eval_every_epochs": 0, "train.keep_checkpoints": 10,
-                              # synthetic_tiny's own backbone: no frozen_bn collection to restore
-                              "model.backbone_norm": "group_norm"})]
+                              "train.eval_every_epochs": 0, "train.keep_checkpoints": 10, **overrides})]
     env = {"JAX_PLATFORMS": "cpu"}
-    workdir = tmp_path_factory.mktemp("uninterrupted")
     reference = _run([*args, "--workdir", str(workdir)], env)
     assert reference.returncode == 0, reference.stderr[-3000:]
     return args, env, _final_params(workdir)
+
+
+@pytest.fixture(scope="module")
+def resumable_run(tmp_path_factory):
+    # synthetic_tiny's own backbone: no frozen_bn collection to restore
+    return _uninterrupted("synthetic_tiny", tmp_path_factory.mktemp("uninterrupted"),
+                          **{"model.backbone_norm": "group_norm"})
 
 
 def _assert_resumed_equals_uninterrupted(workdir, resumable_run):
@@ -322,8 +326,25 @@ def _assert_resumed_equals_uninterrupted(workdir, resumable_run):
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path, resumable_run):
     """SIGKILL after a checkpoint, re-run the same command: same parameters as uninterrupted."""
+    _kill_after_a_checkpoint_and_resume(tmp_path / "killed", resumable_run)
+
+
+def test_killed_deformable_run_resumes_to_identical_parameters(tmp_path):
+    """The same for Deformable DETR with box refinement and two-stage proposals: its
+    per-layer heads, encoder proposals and `enc` branch resume bitwise too."""
+    run = _uninterrupted("configs/synthetic_deformable_tiny.py", tmp_path / "uninterrupted",
+                         **{"model.transformer_args": {"with_box_refine": True, "two_stage": True}})
+    # Every branch of its loss is logged, and finite.
+    lines = [json.loads(line) for line in (tmp_path / "uninterrupted" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "loss_bbox_enc" in line]
+    assert train_lines, lines
+    for key in ("loss", "loss_ce", "loss_ce_0", "loss_bbox", "loss_giou_0", "loss_ce_enc", "loss_giou_enc"):
+        assert np.isfinite(train_lines[-1][key]), key
+    _kill_after_a_checkpoint_and_resume(tmp_path / "killed", run)
+
+
+def _kill_after_a_checkpoint_and_resume(workdir: pathlib.Path, resumable_run):
     args, env, _ = resumable_run
-    workdir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, *args, "--workdir", str(workdir)], cwd=REPO,
                             env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
