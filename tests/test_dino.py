@@ -39,14 +39,19 @@ def batch(valid):
     return images, mask, targets
 
 
+def init_variables(model):
+    """The model's variables, initialized under jit (in training, with targets)."""
+    images, mask, targets = batch([[True] * 3] * 2)
+    return jax.jit(lambda i, m, t: model.init({"params": jax.random.PRNGKey(0), "queries": jax.random.PRNGKey(1)},
+                                              i, m, train=True, targets=t))(images, mask, targets)
+
+
 @functools.lru_cache(maxsize=None)
 def loss_function(dtype: str):
     config = tiny_config(**{"model.dtype": dtype})
     model = build_model(config.model)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, classes=build_class_convention(config))
-    images, mask, targets = batch([[True] * 3] * 2)
-    variables = model.init({"params": jax.random.PRNGKey(0), "queries": jax.random.PRNGKey(1)}, images, mask,
-                           train=True, targets=targets)
+    variables = init_variables(model)
 
     @jax.jit
     def loss(variables, images, mask, targets):
@@ -78,19 +83,19 @@ def test_the_denoising_branch_is_matched_by_construction_and_hidden_from_the_mat
     config = tiny_config()
     model = build_model(config.model)
     images, mask, targets = batch([[True, True, False], [True, False, False]])
-    variables = model.init({"params": jax.random.PRNGKey(0), "queries": jax.random.PRNGKey(1)}, images, mask,
-                           train=True, targets=targets)
-    out = model.apply(variables, images, mask, train=True, targets=targets, rngs={"queries": jax.random.PRNGKey(5)})
+    variables = init_variables(model)
+    train = jax.jit(lambda v, i, m, t, key: model.apply(v, i, m, train=True, targets=t, rngs={"queries": key}))
+    out = train(variables, images, mask, targets, jax.random.PRNGKey(5))
     groups = 6 // 3
     assert out["dn"]["pred_logits"].shape == (2, 2, 2 * 3 * groups, config.model.num_classes)
     t2q = np.asarray(out["dn"]["target_to_query"])
     assert t2q.tolist() == [[0, 1, -1, 6, 7, -1], [0, -1, -1, 6, -1, -1]]
     # The matching queries cannot see the dn queries: their outputs are those without targets.
-    plain = model.apply(variables, images, mask)
+    plain = jax.jit(model.apply)(variables, images, mask)
     np.testing.assert_allclose(out["pred_logits"], plain["pred_logits"], atol=1e-5)
     np.testing.assert_allclose(out["pred_boxes"], plain["pred_boxes"], atol=1e-5)
     # Other draws, other dn queries, the same matching queries.
-    other = model.apply(variables, images, mask, train=True, targets=targets, rngs={"queries": jax.random.PRNGKey(6)})
+    other = train(variables, images, mask, targets, jax.random.PRNGKey(6))
     assert np.abs(np.asarray(other["dn"]["pred_boxes"]) - np.asarray(out["dn"]["pred_boxes"])).max() > 1e-3
 
 
@@ -105,7 +110,7 @@ def test_look_forward_twice_trains_the_previous_layers_box_head():
     def last_layer_box_gradient(look_forward_twice):
         model = build_model(config.model)
         model = model.clone(decoder=model.decoder.clone(look_forward_twice=look_forward_twice))
-        variables = model.init(jax.random.PRNGKey(0), images, mask)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
         # The box head's last layer starts at zero (no gradient through its input): make it matter.
         last = variables["params"]["bbox_embed"]["layers_2"]
         kernel = jax.random.normal(jax.random.PRNGKey(1), last["kernel"].shape) * 0.1
@@ -133,10 +138,10 @@ def test_five_scales_read_res2():
     config = tiny_config(**{"model.transformer_args": {**TINY["model.transformer_args"], "num_feature_levels": 5}})
     model = build_model(config.model)
     images, mask, _ = batch([[True] * 3] * 2)
-    variables = model.init(jax.random.PRNGKey(0), images, mask)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
     assert variables["params"]["level_embed"].shape == (5, 32)
     assert variables["params"]["input_proj"]["conv0"]["kernel"].shape[-2] == 32  # res2: 8 x 4 channels
-    out = model.apply(variables, images, mask, intermediates=True)
+    out = jax.jit(functools.partial(model.apply, intermediates=True))(variables, images, mask)
     assert [f.shape[1] for f in out["projected"]] == [16, 8, 4, 2, 1]
 
 
