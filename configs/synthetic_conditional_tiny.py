@@ -14,5 +14,6 @@ from detr_jax.config.loading import load_config, resolve_config_path
 def get_config():
     config = load_config(resolve_config_path("synthetic_tiny"))
     config.model.arch = "conditional_detr"
-    config.loss.update(cost_class=2.0, class_coef=2.0, focal_alpha=0.25)
+    config.loss.update(class_coef=2.0, focal_alpha=0.25)
+    config.loss.matcher_args = {"cost_class": 2.0}
     return config

@@ -183,8 +183,9 @@ def bench_step(config_arg, batch, reps) -> dict:
     options = train.train_compiler_options(mesh)
     matchers = {kind: jax.jit(r.criterion.matcher, compiler_options=options) for kind, r in runs.items()}
     loss = config.loss
-    cost = matching_cost(*match_args[:4], cost_class=loss.cost_class, cost_bbox=loss.cost_bbox,
-                         cost_giou=loss.cost_giou)
+    matcher = HungarianMatcher.from_config(loss)
+    cost = matching_cost(*match_args[:4], cost_class=matcher.cost_class, cost_bbox=matcher.cost_bbox,
+                         cost_giou=matcher.cost_giou)
     check = compare(cost, match_args[4], matchers["host"](*match_args), matchers["device"](*match_args))
 
     first_step_s = {}

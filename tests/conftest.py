@@ -46,6 +46,22 @@ def tiny_config(**overrides):
     return load_config(REPO / "configs" / "synthetic_tiny.py", {**TINY_OVERRIDES, **overrides})
 
 
+# Box refinement with two-stage proposals: every part of Deformable DETR (per-layer heads,
+# the encoder proposals and their `enc` branch) in one model.
+REFINE_TWO_STAGE = {"with_box_refine": True, "two_stage": True}
+
+
+def tiny_deformable_config(transformer_args: dict | None = None, **overrides):
+    """configs/synthetic_deformable_tiny.py with TINY_OVERRIDES (width 32, 2 heads, 1+2
+    layers, 6 queries, 64x64 images; its 4 levels are then 8x8, 4x4, 2x2, 1x1 cells), its
+    model.transformer_args updated with `transformer_args`, then `overrides`."""
+    args = {"num_feature_levels": 4, **(transformer_args or {})}
+    # The official rules, and the member's own: offsets and reference points at 0.1 x lr.
+    rules = OFFICIAL_PARAM_RULES + ((r".*/sampling_offsets/.*", 0.1), (r"reference_points/.*", 0.1))
+    return load_config(REPO / "configs" / "synthetic_deformable_tiny.py",
+                       {**TINY_OVERRIDES, "model.transformer_args": args, "train.param_rules": rules, **overrides})
+
+
 def cli_overrides(**overrides) -> list[str]:
     """The same as `--config.KEY=VALUE` arguments of `detr-jax`."""
     return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"

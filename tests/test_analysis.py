@@ -18,6 +18,7 @@ import shutil
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -303,3 +304,60 @@ def test_a_model_without_an_encoder_and_a_bad_layer(tmp_path, capsys):
     document = json.loads((tmp_path / "slots.json").read_text())
     assert document["attention"][0]["points"] == [] and stats.settings["num_images"] == 4
     assert (tmp_path / "attention" / "image_00000.png").is_file()
+
+
+@pytest.mark.parametrize("arch", ["conditional_detr", "dab_detr"])
+def test_family_members_are_analyzed_through_the_same_attention_maps(arch, tmp_path):
+    """analyze reads any detector's sown attention by layer name, not DETR's module tree:
+    Conditional DETR's and DAB-DETR's maps have DETR's shapes, their rows sum to one, and
+    the command writes its files for them."""
+    from detr_jax.analysis import analyze
+
+    config = tiny_config(**{"model.arch": arch, "model.pre_norm": False, "data.synthetic_eval_examples": 4})
+    model = build_model(config.model)
+    variables = init_variables(model, jax.random.PRNGKey(0))
+    images = jnp.zeros((2, 64, 64, 3), jnp.uint8)
+    mask = jnp.ones((2, 64, 64), bool).at[1, :, 40:].set(False)
+    outputs, attention = forward_with_attention(model, variables, images, mask)
+    m = config.model
+    cells = outputs["memory_mask"][0].size
+    assert attention["encoder_self"].shape == (m.num_encoder_layers, 2, m.num_heads, cells, cells)
+    assert attention["decoder_self"].shape == (m.num_decoder_layers, 2, m.num_heads, m.num_queries, m.num_queries)
+    assert attention["decoder_cross"].shape == (m.num_decoder_layers, 2, m.num_heads, m.num_queries, cells)
+    np.testing.assert_allclose(attention["decoder_cross"].sum(-1), 1.0, atol=1e-5)
+    analyze(variables, config, tmp_path, attention_images=1, progress=False, score_threshold=0.0)
+    assert (tmp_path / "slots.json").is_file() and (tmp_path / "attention" / "image_00000.png").is_file()
+
+
+def test_deformable_attention_is_drawn_as_its_sampling_points(tmp_path):
+    """Deformable DETR sows no attention map but its sampling locations and weights:
+    forward_with_attention returns those of the chosen layers (each head's weights sum to
+    one over levels x points), and analyze draws them per detection (the paper's Figure 6)
+    with their share of weight in the box in its JSON."""
+    from conftest import REFINE_TWO_STAGE, tiny_deformable_config
+
+    from detr_jax.analysis import analyze
+
+    config = tiny_deformable_config(REFINE_TWO_STAGE, **{"data.synthetic_eval_examples": 4})
+    model = build_model(config.model)
+    variables = init_variables(model, jax.random.PRNGKey(0))
+    images = jnp.zeros((2, 64, 64, 3), jnp.uint8)
+    mask = jnp.ones((2, 64, 64), bool).at[1, :, 40:].set(False)
+    _, attention = forward_with_attention(model, variables, images, mask, decoder_layers=(-1,))
+    m, args = config.model, config.model.transformer_args
+    assert "decoder_cross" not in attention and "encoder_self" not in attention  # no dense map is sown
+    points = (m.num_heads, args["num_feature_levels"], 4)
+    assert attention["decoder_cross_locations"].shape == (1, 2, m.num_queries, *points, 2)
+    assert attention["decoder_cross_weights"].shape == (1, 2, m.num_queries, *points)
+    np.testing.assert_allclose(attention["decoder_cross_weights"].sum((-2, -1)), 1.0, atol=1e-5)
+    assert attention["encoder_self_weights"].shape[:3] == (m.num_encoder_layers, 2, 8 * 8 + 4 * 4 + 2 * 2 + 1)
+
+    analyze(variables, config, tmp_path, attention_images=2, progress=False, score_threshold=0.0)
+    document = json.loads((tmp_path / "slots.json").read_text())
+    assert [a["file"] for a in document["attention"]] == ["attention/image_00000.png", "attention/image_00001.png"]
+    for record in document["attention"]:
+        assert (tmp_path / record["file"]).stat().st_size > 0
+        shares = record["decoder_in_box"]
+        assert [s["slot"] for s in shares] == record["slots"] and len(shares) == min(6, m.num_queries)
+        assert all(0 <= s["attention_in_box"] <= 1 and 0 <= s["cells_in_box"] <= 1 for s in shares)
+    assert document["attention_in_box"]["decoder"]["maps"] == 2 * min(6, m.num_queries)

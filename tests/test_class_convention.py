@@ -121,3 +121,27 @@ def test_branches_are_matched_by_their_own_rule_and_suffixed():
     np.testing.assert_allclose(metrics["loss_bbox_enc"], enc_metrics["loss_bbox"], rtol=1e-6)
     assert "loss_bbox_enc_0" not in metrics  # the enc branch has one layer
     np.testing.assert_allclose(loss, main_loss + enc_loss + dn_loss, rtol=1e-6)
+
+
+def test_denoising_groups_are_trained_against_copies_of_the_targets():
+    """A branch whose target_to_query has G * M slots is G groups, group g's query for target
+    m at entry g * M + m: matched against G copies of the targets and normalized by G times
+    the boxes, so two identical groups give the loss of one (a wrong tiling or normalizer
+    does not)."""
+    rng = np.random.default_rng(5)
+    outputs, targets = random_batch(rng)
+    one, _ = random_batch(rng, layers=2, queries=5)
+    one["target_to_query"] = np.broadcast_to(np.arange(5, dtype=np.int32), (4, 5))
+    two = {"pred_logits": np.concatenate([one["pred_logits"]] * 2, axis=2),
+           "pred_boxes": np.concatenate([one["pred_boxes"]] * 2, axis=2),
+           "target_to_query": np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10))}
+    criterion = sigmoid_criterion()
+    _, once = jax.jit(criterion)({**outputs, "dn": one}, targets)
+    _, twice = jax.jit(criterion)({**outputs, "dn": two}, targets)
+    known = criterion.match(two, targets)
+    assert known.target_to_query.shape == (2, 4, 10)
+    assert (np.asarray(known.target_to_query)[:, :, 5:] == np.where(targets["valid"], np.arange(5, 10), -1)).all()
+    for key in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_ce_dn_0"):
+        np.testing.assert_allclose(twice[key], once[key], rtol=1e-6)
+    with pytest.raises(ValueError, match="7 slots, not a multiple of the 5 targets"):
+        criterion.match({**two, "target_to_query": np.zeros((4, 7), np.int32)}, targets)

@@ -6,6 +6,7 @@ import pytest
 
 from detr_jax.cli.main import split_overrides
 from detr_jax.config import ConfigError, config_from_args, load_config, parse_value, resolve_config_path
+from detr_jax.criterion.matcher import HungarianMatcher
 from detr_jax.models import build_model
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[1].glob("configs/*.py"))
@@ -34,7 +35,8 @@ def test_paper_settings():
     assert (m.hidden_dim, m.num_heads, m.num_encoder_layers, m.num_decoder_layers) == (256, 8, 6, 6)
     assert (m.dim_feedforward, m.dropout, m.num_queries, m.num_classes) == (2048, 0.1, 100, 91)
     assert not m.pre_norm and m.position_embedding == "sine"
-    assert (loss.cost_class, loss.cost_bbox, loss.cost_giou) == (1, 5, 2)
+    matcher = HungarianMatcher.from_config(loss)  # the costs are the matcher's settings (loss.matcher_args)
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1, 5, 2)
     assert (loss.bbox_coef, loss.giou_coef, loss.eos_coef) == (5, 2, 0.1)
     lr_backbone = train.lr * dict(train.param_rules)["backbone/.*"]  # the lr_backbone of official DETR
     assert (train.lr, lr_backbone, train.weight_decay, train.clip_max_norm) == (1e-4, pytest.approx(1e-5), 1e-4, 0.1)
@@ -87,6 +89,11 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     ("model.neck", "fpn", "model.neck"),
     ("model.neck_args", "{'width': 3}", "model.neck_args for 'input_proj'"),
     ("loss.focal_alpha", "1.5", "loss.focal_alpha"),
+    ("loss.matcher_args", "{'cost_mask': 1.0}", "loss.matcher_args for 'hungarian': .*cost_mask"),
+    ("loss.matcher_args", "{'cost_giou': -1.0}", "loss.matcher_args for 'hungarian': cost_giou=-1.0 must be"),
+    ("loss.matcher_args", "3", "loss.matcher_args=3 must be a dict"),
+    ("model.transformer_args", "{'two_stage': True}", "model.arch='detr': model.transformer_args: two_stage not"),
+    ("model.transformer_args", "[1]", "model.transformer_args=.* must be a dict"),
 ])
 def test_bad_values_are_errors(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -138,3 +145,18 @@ def test_a_detector_s_own_constraints_are_config_errors():
         config_from_args("synthetic_conditional_tiny", {"model.pre_norm": "true"})
     with pytest.raises(ConfigError, match="model.masks=True needs the softmax class convention"):
         config_from_args("synthetic_tiny", {"model.masks": "true", "model.class_convention": "sigmoid_focal"})
+
+
+def test_matching_costs_of_an_earlier_version_are_read_as_matcher_args():
+    """Saved configs from before loss.matcher_args held loss.cost_*: a run keeps its costs,
+    and its defaults stay implicit, so resuming it compares equal (run_contract)."""
+    from detr_jax.config import config_from_dict
+    from detr_jax.config.run_contract import config_changes
+
+    saved = {"loss": {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "class_coef": 2.0}}
+    config = config_from_dict(saved)
+    assert config.loss.matcher_args == {"cost_class": 2.0} and config.loss.class_coef == 2.0
+    matcher = HungarianMatcher.from_config(config.loss)
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (2.0, 5.0, 2.0)
+    assert config_changes(saved, config) == {}
+    assert config_changes({"loss": {"cost_class": 1.0}}, config_from_dict({})) == {}

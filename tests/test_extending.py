@@ -62,8 +62,8 @@ class GreedyMatcher:
     """Each target in slot order takes the cheapest query still free: on device, no callback."""
 
     def __init__(self, loss_config, classes):
-        self.weights = dict(cost_class=loss_config.cost_class, cost_bbox=loss_config.cost_bbox,
-                            cost_giou=loss_config.cost_giou, classes=classes)
+        # Its own settings come from loss.matcher_args, as HungarianMatcher's do.
+        self.weights = dict(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, **loss_config.matcher_args, classes=classes)
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid):
         cost = matching_cost(pred_logits, pred_boxes, labels, boxes, **self.weights)  # [L, B, Q, M]

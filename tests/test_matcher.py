@@ -259,7 +259,7 @@ def test_vmap_over_matching_calls_back_once(monkeypatch):
 
 def test_from_config_reads_the_cost_weights():
     config = loss_config()
-    config.cost_bbox = 3.0
+    config.matcher_args = {"cost_bbox": 3.0}
     matcher = HungarianMatcher.from_config(config)
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (1.0, 3.0, 2.0)
     assert matcher_lib.per_device(matcher, None) is matcher  # no mesh: not wrapped in shard_map

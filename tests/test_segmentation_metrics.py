@@ -14,6 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from detr_jax.evaluation import coco_metrics
+from detr_jax.ops.mask_rle import encode_masks
 from detr_jax.evaluation.coco_metrics import PANOPTIC_METRIC_NAMES
 from detr_jax.evaluation.segmentation_eval import segmentation_metrics
 
@@ -36,7 +37,7 @@ def box(rows: slice, cols: slice) -> np.ndarray:
 def gt_annotation(ann_id: int, image_id: int, category: int, mask: np.ndarray, crowd: bool = False) -> dict:
     ys, xs = np.nonzero(mask)
     return {"id": ann_id, "image_id": image_id, "category_id": category, "iscrowd": int(crowd),
-            "segmentation": coco_metrics.encode_masks(mask[None])[0], "area": int(mask.sum()),
+            "segmentation": encode_masks(mask[None])[0], "area": int(mask.sum()),
             "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]}
 
 

@@ -27,16 +27,24 @@ from detr_jax.runtime.sharding import DATA_AXIS, batch_sharded, data_size, make_
 
 @dataclasses.dataclass
 class AttentionSample:
-    """One image's attention maps (last-selected layers, averaged over heads).
+    """One image's attention maps (last-selected layers, averaged over heads), or where its
+    deformable attention samples.
 
     Attributes:
       index: the image's index in the source.
       size: (h, w) the image was resized to (the unpadded part of the model's input).
       stride: input pixels per feature cell (the padded input over the feature map).
-      feature_mask: bool [h_f, w_f], True on the feature cells of real pixels.
+      feature_mask: bool [h_f, w_f], True on the feature cells of real pixels (a
+        multi-level model's: its first, finest level's).
       encoder: float32 [S, S] encoder self-attention (row = query cell), S = h_f * w_f
-        row-major; None when the model has no encoder layer.
-      decoder: float32 [Q, S] decoder cross-attention of each query slot.
+        row-major; None when the model has no encoder layer or no dense one.
+      decoder: float32 [Q, S] decoder cross-attention of each query slot; None when the
+        decoder's cross-attention is deformable.
+      sampling_locations: float32 [Q, H, L, P, 2] the decoder's deformable cross-attention:
+        normalized (x, y) over the padded input of each head's P points on each of L
+        levels; None for dense attention.
+      sampling_weights: float32 [Q, H, L, P] their weights (softmax over L x P per head).
+      padded_size: (H, W) of the padded input the locations are normalized over.
     """
 
     index: int
@@ -44,7 +52,10 @@ class AttentionSample:
     stride: tuple[float, float]
     feature_mask: np.ndarray
     encoder: np.ndarray | None
-    decoder: np.ndarray
+    decoder: np.ndarray | None
+    sampling_locations: np.ndarray | None = None
+    sampling_weights: np.ndarray | None = None
+    padded_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -73,7 +84,10 @@ def make_analysis_fn(model, mesh, encoder_layer: int = -1, decoder_layer: int = 
     [B, Q] (each query's best class as the class convention `classes` reads it), boxes
     [B, Q, 4] (last decoder layer), decoder_attention [B, Q, S] (cross-attention
     of `decoder_layer`), encoder_attention [B, S, S] (self-attention of `encoder_layer`; absent
-    without an encoder), feature_mask [B, h, w]}; attention averaged over heads."""
+    without an encoder), feature_mask [B, h, w]}; attention averaged over heads. Where the
+    cross-attention is deformable instead, decoder_locations [B, Q, H, L, P, 2] and
+    decoder_weights [B, Q, H, L, P] of `decoder_layer` take decoder_attention's place
+    (per head), and feature_mask is the first level's."""
     batch, full = batch_sharded(mesh), replicated(mesh)
 
     def analysis(variables, image, mask):
@@ -81,8 +95,16 @@ def make_analysis_fn(model, mesh, encoder_layer: int = -1, decoder_layer: int = 
             model, variables, image, mask, encoder_layers=(encoder_layer,), decoder_layers=(decoder_layer,),
             average_heads=True)
         scores, labels = classes.query_scores(outputs["pred_logits"][-1])
-        result = {"scores": scores, "labels": labels, "boxes": outputs["pred_boxes"][-1],
-                  "decoder_attention": attention["decoder_cross"][0], "feature_mask": outputs["memory_mask"]}
+        # A multi-level model has a mask per level: its first (finest) stands for it.
+        feature_mask = outputs["memory_mask"]
+        if isinstance(feature_mask, (tuple, list)):
+            feature_mask = feature_mask[0]
+        result = {"scores": scores, "labels": labels, "boxes": outputs["pred_boxes"][-1], "feature_mask": feature_mask}
+        if "decoder_cross" in attention:
+            result["decoder_attention"] = attention["decoder_cross"][0]
+        if "decoder_cross_locations" in attention:
+            result["decoder_locations"] = attention["decoder_cross_locations"][0]
+            result["decoder_weights"] = attention["decoder_cross_weights"][0]
         if "encoder_self" in attention:
             result["encoder_attention"] = attention["encoder_self"][0]
         return result
@@ -154,14 +176,22 @@ def collect_predictions(
 
 def _attention_samples(out: dict, batch: dict, first_index: int, count: int) -> list[AttentionSample]:
     """The first `count` rows' attention maps, copied to the host."""
+    def host(key):
+        return np.asarray(out[key][:count], np.float32) if key in out else None
+
     feature_mask = np.asarray(out["feature_mask"][:count])
-    decoder = np.asarray(out["decoder_attention"][:count], np.float32)
-    encoder = np.asarray(out["encoder_attention"][:count], np.float32) if "encoder_attention" in out else None
+    decoder, encoder = host("decoder_attention"), host("encoder_attention")
+    locations, weights = host("decoder_locations"), host("decoder_weights")
     padded_h, padded_w = batch["mask"].shape[1:]
     stride = (padded_h / feature_mask.shape[1], padded_w / feature_mask.shape[2])
+
+    def row(array, i):
+        return None if array is None else array[i]
+
     return [
         AttentionSample(index=first_index + i, size=tuple(int(v) for v in batch["size"][i]), stride=stride,
-                        feature_mask=feature_mask[i], encoder=None if encoder is None else encoder[i],
-                        decoder=decoder[i])
+                        feature_mask=feature_mask[i], encoder=row(encoder, i), decoder=row(decoder, i),
+                        sampling_locations=row(locations, i), sampling_weights=row(weights, i),
+                        padded_size=(int(padded_h), int(padded_w)))
         for i in range(count)
     ]

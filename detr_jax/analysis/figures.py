@@ -209,3 +209,87 @@ def attention_figure(
     fig.savefig(path, dpi=90)
     return {"slots": slots, "points": [list(cell) for _, cell in points], "detections": len(detected),
             "encoder_in_box": encoder_shares, "decoder_in_box": decoder_shares}
+
+
+SAMPLING_COLORMAP = "autumn"
+
+
+def sampling_figure(
+    image: np.ndarray,
+    sample: AttentionSample,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    boxes: np.ndarray,
+    path: str | pathlib.Path,
+    score_threshold: float = 0.7,
+    class_names: Mapping[int, str] | None = None,
+    max_objects: int = 6,
+    title: str = "",
+) -> dict:
+    """One image's deformable cross-attention as the Deformable DETR paper's Figure 6, a PNG.
+
+    First panel: the image with its detections (score >= threshold). Then one panel per
+    detection (without any: the best-scoring slots, marked as below the threshold): every
+    sampling point of every head on every level as a dot at its location on the image,
+    sized and coloured by its weight (one colour scale for the image), and the slot's box.
+    A head's weights sum to 1 over its L x P points, so a slot's dots weigh H in all.
+
+    Args:
+      image: uint8 [H, W, 3] the original image; sample: its AttentionSample, with
+        sampling_locations [Q, heads, L, P, 2] and sampling_weights [Q, heads, L, P].
+      scores [Q], labels [Q], boxes [Q, 4] normalized (cx, cy, w, h): its predictions.
+    Returns {"slots", "points": [], "detections": count, "encoder_in_box": [],
+    "decoder_in_box": per slot {"slot", "attention_in_box": the share of its sampling
+    weight on points inside its box, "cells_in_box": the box's share of the image (what
+    uniformly spread points would put there)}}, the keys of `attention_figure`.
+    """
+    h, w = image.shape[:2]
+    order = np.argsort(-scores, kind="stable")
+    detected = [int(q) for q in order if scores[q] >= score_threshold][:max_objects]
+    slots = detected or [int(q) for q in order[: min(3, max_objects)]]
+    xyxy = np.stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2,
+                     boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2], -1) * np.array([w, h, w, h])
+    # Locations are normalized over the padded input; the image shown is the original,
+    # of which the resized image is the top-left `sample.size` part of the padded input.
+    (ph, pw), (rh, rw) = sample.padded_size, sample.size
+    to_pixels = np.array([pw * w / rw, ph * h / rh])
+    weights = sample.sampling_weights
+    vmax = max(float(weights[slots].max()), 1e-12)
+    fig = Figure(figsize=(2.8 * (1 + len(slots)), 2.8 * max(h / w, 0.5) + 0.6))
+    axes = fig.subplots(1, 1 + len(slots), squeeze=False)[0]
+    ax = axes[0]
+    ax.imshow(image)
+    for q in detected:
+        _box(ax, xyxy[q], labels[q])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{len(detected)} detection(s) >= {score_threshold:g}", fontsize=8)
+    shares, dots = [], None
+    for ax, q in zip(axes[1:], slots):
+        points = sample.sampling_locations[q].reshape(-1, 2) * to_pixels  # [heads * L * P, 2] pixels
+        weight = weights[q].reshape(-1)
+        cx, cy, bw, bh = (float(v) for v in boxes[q])
+        normalized = points / np.array([w, h])
+        inside = (np.abs(normalized[:, 0] - cx) <= bw / 2) & (np.abs(normalized[:, 1] - cy) <= bh / 2)
+        area = max(0.0, min(1.0, cx + bw / 2) - max(0.0, cx - bw / 2)) * max(0.0, min(1.0, cy + bh / 2) -
+                                                                                max(0.0, cy - bh / 2))
+        shares.append({"slot": q, "attention_in_box": float(weight[inside].sum() / max(weight.sum(), 1e-12)),
+                       "cells_in_box": float(area)})
+        ax.imshow(image, alpha=0.6)
+        draw = np.argsort(weight)  # the heaviest on top
+        dots = ax.scatter(points[draw, 0], points[draw, 1], s=4 + 60 * weight[draw] / vmax, c=weight[draw],
+                          cmap=SAMPLING_COLORMAP, vmin=0.0, vmax=vmax, linewidths=0)
+        _box(ax, xyxy[q], labels[q])
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        below = "" if scores[q] >= score_threshold else ", below threshold"
+        ax.set_title(f"slot {q}: {class_name(class_names, labels[q])} {scores[q]:.2f}{below}", fontsize=8)
+    if dots is not None:
+        fig.colorbar(dots, ax=list(axes[1:]), fraction=0.02).set_label("sampling weight", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=90)
+    return {"slots": slots, "points": [], "detections": len(detected), "encoder_in_box": [],
+            "decoder_in_box": shares}

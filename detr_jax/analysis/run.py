@@ -7,7 +7,8 @@ Files written to `out_dir`:
   slots.json, slots.csv    per-slot numbers and the specialization measures (`slot_statistics`)
   query_slots_all.png      one panel per slot: centres of all its predicted boxes
   query_slots_confident.png  the same, score >= threshold
-  attention/image_NNNNN.png  encoder and decoder attention maps of the first images
+  attention/image_NNNNN.png  encoder and decoder attention maps of the first images (for
+                           deformable cross-attention: where the detections' heads sample)
   index.html               the report page showing all of it
 """
 
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from detr_jax.analysis.collect import collect_predictions
-from detr_jax.analysis.figures import attention_figure, slot_grid
+from detr_jax.analysis.figures import attention_figure, sampling_figure, slot_grid
 from detr_jax.analysis.report import write_report
 from detr_jax.analysis.slots import SlotStatistics, csv_rows, slot_statistics
 from detr_jax.config.errors import ConfigError
@@ -101,7 +102,9 @@ def analyze(
         record = source[sample.index]
         i = sample.index
         file = f"{ATTENTION_DIR}/image_{i:05d}.png"
-        shown = attention_figure(
+        # What the model sowed decides the picture: dense maps, or deformable sampling points.
+        draw = attention_figure if sample.sampling_locations is None else sampling_figure
+        shown = draw(
             record.image, sample, predictions.scores[i], predictions.labels[i], predictions.boxes[i], out_dir / file,
             score_threshold, class_names, title=f"{record.name} (image id {record.image_id})")
         attention_pictures.append((file, f"{record.name}: {shown['detections']} detection(s)"))

@@ -46,6 +46,10 @@ def model_config() -> ml_collections.ConfigDict:
             # module's settings by field name.
             neck="input_proj",
             neck_args=ml_collections.FieldReference({}, field_type=object),
+            # Settings of the detector's transformer that are its own, by name (Deformable
+            # DETR's with_box_refine, two_stage, num_feature_levels, encoder/decoder_n_points:
+            # detr_jax.models.detectors.deformable_detr); validated by building the detector.
+            transformer_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
             # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
@@ -78,16 +82,14 @@ def model_config() -> ml_collections.ConfigDict:
     # (which a saved config would then be merged into key by key), an assigned one stays a dict.
     model.backbone_args = {}
     model.neck_args = {}
+    model.transformer_args = {}
     return model
 
 
 def loss_config() -> ml_collections.ConfigDict:
-    """Hungarian matching costs and set-criterion weights (official DETR defaults)."""
-    return ml_collections.ConfigDict(
+    """The matcher and set-criterion weights (official DETR defaults)."""
+    loss = ml_collections.ConfigDict(
         dict(
-            cost_class=1.0,
-            cost_bbox=5.0,
-            cost_giou=2.0,
             class_coef=1.0,
             bbox_coef=5.0,
             giou_coef=2.0,
@@ -101,13 +103,18 @@ def loss_config() -> ml_collections.ConfigDict:
             focal_gamma=2.0,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
-            # Name in detr_jax.criterion.matcher.MATCHERS.
+            # Name in detr_jax.criterion.matcher.MATCHERS, and its settings by field name
+            # (the Hungarian matchers': cost_class, cost_bbox, cost_giou, the weights of the
+            # matching cost's terms, official DETR's 1, 5, 2 when not given).
             matcher="hungarian",
+            matcher_args=ml_collections.FieldReference({}, field_type=object),
             # Terms of the set criterion, names in detr_jax.criterion.losses.LOSSES ("masks" trains
             # the mask head: needs model.masks and data.masks).
             losses=("labels", "boxes", "cardinality"),
         )
     )
+    loss.matcher_args = {}  # assigned, as model.backbone_args
+    return loss
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -153,7 +160,7 @@ def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
     _check_range("loss", loss, {key: (0, False) for key in (
-        "cost_class", "cost_bbox", "cost_giou", "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef")})
+        "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef")})
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
     if not 0.0 <= loss.focal_alpha <= 1.0:
@@ -161,6 +168,14 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
     _check_range("loss", loss, {"focal_gamma": (0, False)})
     if loss.matcher not in MATCHERS:
         raise ConfigError(f"loss.matcher={loss.matcher!r}: expected one of {sorted(MATCHERS)}")
+    if isinstance(loss.matcher_args, ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict
+        loss.matcher_args = loss.matcher_args.to_dict()
+    if not isinstance(loss.matcher_args, dict):
+        raise ConfigError(f"loss.matcher_args={loss.matcher_args!r} must be a dict of field: value")
+    try:  # building the matcher checks its settings and computes nothing
+        MATCHERS[loss.matcher](loss, CLASS_CONVENTIONS["softmax"].from_config(loss))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.matcher_args for {loss.matcher!r}: {e}") from None
     unknown = [name for name in loss.losses if name not in LOSSES]
     if unknown or not loss.losses:
         raise ConfigError(f"loss.losses={tuple(loss.losses)!r}: expected names from {sorted(LOSSES)}")
@@ -213,7 +228,11 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
             build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.{args} for {m[key]!r}: {e}") from None
-    try:  # the detector's own constraints (a post-norm-only member's model.pre_norm, ...)
+    if isinstance(m.transformer_args, ml_collections.ConfigDict):
+        m.transformer_args = m.transformer_args.to_dict()
+    if not isinstance(m.transformer_args, dict):
+        raise ConfigError(f"model.transformer_args={m.transformer_args!r} must be a dict of setting: value")
+    try:  # the detector's own constraints (a post-norm-only member's model.pre_norm, its transformer_args, ...)
         DETECTORS[m.arch].build(m, DTYPES[m.dtype], 2)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.arch={m.arch!r}: {e}") from None

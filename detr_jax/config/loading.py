@@ -18,6 +18,7 @@ import ml_collections
 
 from detr_jax.config.defaults import base_config, validate
 from detr_jax.config.errors import ConfigError
+from detr_jax.config.moved_keys import moved_keys
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def config_from_dict(values: Mapping, source: str = "saved config",
     Keys this version does not know are ignored with a warning (an older or newer save).
     """
     config = base_config()
+    values = moved_keys(values, source)
 
     def assign(node, saved, prefix):
         for key, value in saved.items():

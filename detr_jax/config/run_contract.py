@@ -42,6 +42,7 @@ import ml_collections
 
 from detr_jax.config.defaults import base_config
 from detr_jax.config.errors import ConfigError
+from detr_jax.config.moved_keys import moved_keys
 
 STATE, MEANING, FREE = "state", "meaning", "free"
 CONFIG_FILE = "config.json"
@@ -102,6 +103,7 @@ def config_changes(saved: Mapping, config: ml_collections.ConfigDict) -> dict[st
     `saved` (a config as a dict, e.g. a checkpoint's), values as JSON. Keys this version does
     not know are left out; keys `saved` lacks are compared with their defaults."""
     defaults = dict(_leaves(base_config()))
+    saved = moved_keys(saved)
     changes = {}
     for key, new in _leaves(config):
         old = _lookup(saved, key, defaults.get(key))

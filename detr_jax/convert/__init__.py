@@ -1,6 +1,7 @@
 """PyTorch checkpoints -> Flax variables of our detectors, one file per source family
-(official_detr, huggingface_detr, huggingface_detr_family, resnet: torchvision, vit: Hugging
-Face and timm), over shared rules (rules), tensor mapping (tensors) and checks (converter).
+(official_detr, huggingface_detr, huggingface_detr_family, official_detr_family, resnet:
+torchvision, vit: Hugging Face and timm), over shared rules (rules), tensor mapping
+(tensors) and checks (converter).
 
 These layouts are recognized from the key names:
   official     facebookresearch/detr (`detr-r50-e632da11.pth`, ...): {"model": state dict} with
@@ -28,6 +29,14 @@ These layouts are recognized from the key names:
   huggingface_<member>  transformers' DETR-family members (ConditionalDetrForObjectDetection,
                ...): the layouts of `huggingface_detr_family`, which names their
                modules and infers their model (model.arch included).
+  official_<member>  the official repositories' checkpoints of those members
+               (Atten4Vis/ConditionalDETR, IDEA-Research/DAB-DETR, fundamentalvision/
+               Deformable-DETR): {"model": state dict} with `transformer.*` as official
+               DETR's, told apart by the conditional decoder's `ca_qpos_sine_proj` (DAB-DETR:
+               `refpoint_embed`, ...) and Deformable DETR's `transformer.level_embed` /
+               `sampling_offsets` (box refinement and two-stage: `transformer.decoder.
+               bbox_embed`); the layouts of `official_detr_family`, converted to the same
+               variables as the Hugging Face layout of the member.
 
 Tensors are mapped one by one: conv kernels OIHW -> HWIO, linear weights [out, in] ->
 [in, out], the fused attention in_proj (timm: qkv) split into q/k/v, BatchNorm weight/bias/

@@ -29,8 +29,8 @@ from detr_jax.models.vit import VITS
 
 # Model config fields that the weights determine (and are checked against the config).
 INFERRED_FIELDS = (
-    "backbone", "hidden_dim", "num_queries", "num_classes", "num_encoder_layers",
-    "num_decoder_layers", "dim_feedforward", "pre_norm", "position_embedding", "masks",
+    "arch", "backbone", "neck", "hidden_dim", "num_queries", "num_classes", "num_encoder_layers",
+    "num_decoder_layers", "dim_feedforward", "pre_norm", "position_embedding", "masks", "transformer_args",
 )
 # Fields that no tensor shape reveals: always taken from the config.
 NOT_INFERABLE_FIELDS = ("dilation", "num_heads")
@@ -49,6 +49,13 @@ def _config_mismatches(
     problems = []
     for field, value in inferred.items():
         wanted = model_config[field]
+        if isinstance(value, dict):  # a part's settings (transformer_args): the keys the config sets
+            # (one it leaves to the part's default and the weights contradict changes the
+            # model's parameters, which the shape check reports)
+            wanted = wanted.to_dict() if hasattr(wanted, "to_dict") else dict(wanted)
+            problems += [f"model.{field} {key}: checkpoint has {v!r}, config has {wanted[key]!r}"
+                         for key, v in value.items() if key in wanted and wanted[key] != v]
+            continue
         if value == wanted or (field == "num_classes" and reinit_class_head):
             continue
         line = f"model.{field}: checkpoint has {value!r}, config has {wanted!r}"
@@ -134,6 +141,9 @@ def convert_state_dict(
     mapped = map_state_dict(state_dict, layout)
     leaves = dict(mapped.leaves)
     notes = []
+    if mapped.restored:
+        notes.append("tied copies the checkpoint holds once (transformers 5 saves tied weights once), restored: "
+                     + ", ".join(mapped.restored))
     sources = dict(mapped.sources)
     if layout in VIT_LAYOUTS:
         vit_name, vit_fields, backbone_description = infer_vit(leaves)

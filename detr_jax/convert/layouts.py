@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from detr_jax.convert import huggingface_detr_family as hf_family
+from detr_jax.convert import official_detr_family as official_family
 from detr_jax.convert.huggingface_detr import huggingface_module
 from detr_jax.convert.leaves import indices, shape
 from detr_jax.convert.official_detr import official_module
@@ -18,7 +19,8 @@ from detr_jax.convert.rules import Path
 from detr_jax.convert.vit import (HF_VIT_PREFIX, huggingface_vit_module, huggingface_vit_parameter, infer_vit,
                                   timm_vit_module, timm_vit_parameter, vit_backbone_args)
 
-LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit", *hf_family.LAYOUTS)
+LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit", *hf_family.LAYOUTS,
+           *official_family.LAYOUTS)
 # Layouts that hold only an ImageNet backbone: converted to the backbone subtree.
 BACKBONE_LAYOUTS = ("torchvision", "huggingface_vit", "timm_vit")
 VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
@@ -33,16 +35,27 @@ MODULE_RESOLVERS = {
 
 
 MODULE_RESOLVERS.update({layout: functools.partial(hf_family.module, layout) for layout in hf_family.LAYOUTS})
+MODULE_RESOLVERS.update({layout: functools.partial(official_family.module, layout)
+                         for layout in official_family.LAYOUTS})
 # Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
 PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,
     "timm_vit": timm_vit_parameter,
 }
+PARAMETER_RESOLVERS.update({layout: functools.partial(hf_family.parameter, layout) for layout in hf_family.LAYOUTS})
+PARAMETER_RESOLVERS.update({layout: functools.partial(official_family.parameter, layout)
+                            for layout in official_family.LAYOUTS})
+# Keys a layout's checkpoints may lack because they are tied copies of others, saved once:
+# state dict -> {missing key: the key it copies}.
+TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layout in hf_family.LAYOUTS}
 
 
 def detect_layout(keys: list[str]) -> str | None:
     """One of LAYOUTS, or None when the keys fit none of them."""
     keys = [k.removeprefix("detr.") for k in keys]  # a segmentation model's detector
+    # Before official DETR's: the official family members' keys are `transformer.*` too.
+    if official_family.detect_layout(keys):
+        return official_family.detect_layout(keys)
     if any(k.startswith(("transformer.", "backbone.0.body.")) for k in keys):
         return "official"
     if hf_family.detect_layout(keys):
@@ -76,6 +89,8 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
         return inferred
     if layout in hf_family.LAYOUTS:
         return {**inferred, **hf_family.infer_model(leaves, layout)}
+    if layout in official_family.LAYOUTS:
+        return {**inferred, **official_family.infer_model(leaves, layout)}
     query = shape(leaves, "params", "query_embed")
     if query is not None and len(query) == 2:
         inferred["num_queries"], inferred["hidden_dim"] = query

@@ -15,10 +15,11 @@ class Module:
     """A PyTorch module's place in the Flax tree and what kind of layer it is.
 
     kind: "conv", "bn" (frozen BatchNorm), "dense", "layernorm", "groupnorm", "embedding" (the path is
-    the parameter itself), "fused_qkv" (nn.MultiheadAttention's in_proj, timm's qkv; the
-    path is the attention module holding q_proj/k_proj/v_proj), "unsupported" (`path[0]`
-    says why), or for a ViT's bare parameters "prefix_token" (class, distillation or
-    register tokens [1, n, E], concatenated in `order` into prefix_tokens) and
+    the parameter itself), "parameter" (a bare nn.Parameter, copied as is to the path),
+    "fused_qkv" (nn.MultiheadAttention's in_proj, timm's qkv; the path is the attention
+    module holding q_proj/k_proj/v_proj), "unsupported" (`path[0]` says why), or for a
+    ViT's bare parameters "prefix_token" (class, distillation or register tokens [1, n, E],
+    concatenated in `order` into prefix_tokens) and
     "pos_embed" ([1, P + g*g, E] -> prefix_pos_embed and the pos_embed grid).
     """
 

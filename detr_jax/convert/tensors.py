@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from detr_jax.convert.layouts import MODULE_RESOLVERS, PARAMETER_RESOLVERS
+from detr_jax.convert.layouts import MODULE_RESOLVERS, PARAMETER_RESOLVERS, TIED_COPIES
 from detr_jax.convert.rules import IGNORED, Module, Path
 from detr_jax.convert.vit import VIT
 
@@ -62,6 +62,8 @@ def _map_tensor(module: Module, param: str, value: np.ndarray,
         return [(("params",) + module.path, value[0])]
     if module.kind == "pos_embed":
         return _map_pos_embed(module, value, num_prefix_tokens)
+    if module.kind == "parameter":
+        return [(("params",) + module.path, value)]
     if module.kind == "embedding":
         if param != "weight":
             return f"unknown parameter {param!r} of an embedding"
@@ -97,14 +99,18 @@ class MappedTensors:
     """Result of mapping a state dict: Flax leaves and what could not be mapped.
 
     leaves: {flax path: array}; sources: {flax path: the PyTorch key it came from};
-    unmapped: "key: reason" for every tensor no rule covers; ignored: keys dropped on
-    purpose (num_batches_tracked, the torchvision classifier).
+    unmapped: "key: reason" for every tensor no rule covers (or that maps where another key
+    already did, with other values); ignored: keys dropped on purpose (num_batches_tracked,
+    the torchvision classifier, tied copies: keys mapped where an equal tensor already was);
+    restored: "key = source" for each key the checkpoint lacks as a tied copy saved once,
+    taken from the key it copies (`layouts.TIED_COPIES`).
     """
 
     leaves: dict[Path, np.ndarray]
     sources: dict[Path, str]
     unmapped: list[str]
     ignored: list[str]
+    restored: list[str] = dataclasses.field(default_factory=list)
 
 
 def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedTensors:
@@ -112,6 +118,10 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedT
     resolve = MODULE_RESOLVERS[layout]
     resolve_parameter = PARAMETER_RESOLVERS.get(layout, lambda key: None)
     mapped = MappedTensors({}, {}, [], [])
+    copies = TIED_COPIES.get(layout, lambda sd: {})(state_dict)
+    if copies:
+        state_dict = {**state_dict, **{key: state_dict[source] for key, source in copies.items()}}
+        mapped.restored = [f"{key} = {source}" for key, source in copies.items()]
     # A ViT's prefix tokens (class, distillation, registers) are one leaf, from several keys.
     num_prefix_tokens = sum(int(np.prod(value.shape[:-1])) for key, value in state_dict.items()
                             if getattr(resolve_parameter(key), "kind", None) == "prefix_token")
@@ -138,6 +148,9 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], layout: str) -> MappedT
             prefix.append((module.order, key, leaves[0][1]))
             continue
         for path, array in leaves:
+            if path in mapped.leaves and np.array_equal(mapped.leaves[path], array):
+                mapped.ignored.append(key)  # a tied copy (shared heads saved once per layer)
+                continue
             if path in mapped.leaves:
                 mapped.unmapped.append(f"{key}: maps to {'/'.join(path)}, already given by {mapped.sources[path]}")
                 continue

@@ -1,1 +1,1 @@
-"""How predictions meet targets: the class convention, matching costs and assignment, the loss terms and SetCriterion over output branches, box operations."""
+"""How predictions meet targets: the class convention, matching costs and assignment, the loss terms and SetCriterion over output branches."""

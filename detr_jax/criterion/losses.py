@@ -28,9 +28,12 @@ Outputs are named branches: the top-level `pred_logits`/`pred_boxes` are the mai
 (every decoder layer); a detector may add others under the names of BRANCHES ("enc": the
 two-stage encoder proposals, "dn": denoising queries, "one2many": hybrid matching), each
 a dict of the same keys, matched by its own rule: a branch that carries its assignment
-(`target_to_query`, e.g. denoising queries made from the targets) uses it, the others
-are matched by the criterion's matcher. A branch's metrics are suffixed with its name as
-the references do: `loss_bbox_enc`, `loss_bbox_dn_3` (layer 3 of the dn branch).
+(`target_to_query`, e.g. denoising queries made from the targets; with G * M slots for G
+denoising groups, each trained against its copy of the targets, normalized by G times the
+boxes) uses it, the others are matched by the criterion's matcher. A branch with `class_agnostic` (a bool scalar) True
+is matched and trained as if every target were class 0 (official two-stage Deformable
+DETR's encoder proposals, its `bin_targets`). A branch's metrics are suffixed with its
+name as the references do: `loss_bbox_enc`, `loss_bbox_dn_3` (layer 3 of the dn branch).
 
 Where the sums run: called under `jax.jit` on global (sharded) arrays, every sum is
 already over the global batch (XLA inserts the cross-device reductions), so no psum is
@@ -49,7 +52,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax.core import FrozenDict
 from jax.sharding import Mesh
 
@@ -307,9 +309,36 @@ class SetCriterion:
         found.update((name, self.supervised_layers(outputs[name])) for name in BRANCHES if name in outputs)
         return found
 
+    @staticmethod
+    def groups(branch: dict, targets: dict) -> int:
+        """G, the copies of the M targets a branch is trained against: its `target_to_query`
+        has G * M slots (denoising groups, `models.denoising`: entry g * M + m is target m's
+        query in group g); 1 for every other branch."""
+        if "target_to_query" not in branch:
+            return 1
+        slots, num_targets = branch["target_to_query"].shape[-1], targets["valid"].shape[-1]
+        if slots % num_targets:
+            raise ValueError(f"a branch's target_to_query has {slots} slots, not a multiple of the {num_targets} "
+                             "targets")
+        return slots // num_targets
+
+    @staticmethod
+    def branch_targets(branch: dict, targets: dict) -> dict:
+        """The targets a branch is matched and trained against: `targets` (labels, boxes,
+        valid) repeated G = `groups` times along M, with every label 0 when the branch is
+        `class_agnostic`."""
+        groups = SetCriterion.groups(branch, targets)
+        if groups > 1:
+            targets = {**targets, **{k: jnp.concatenate([targets[k]] * groups, axis=1)
+                                     for k in ("labels", "boxes", "valid")}}
+        if "class_agnostic" not in branch:
+            return targets
+        return {**targets, "labels": jnp.where(branch["class_agnostic"], 0, targets["labels"])}
+
     def match(self, branch: dict, targets: dict) -> Matching:
         """One branch's matching ([L', B, M] fields): its own `target_to_query` if it has
         one (matched by construction), else the matcher's."""
+        targets = self.branch_targets(branch, targets)
         if "target_to_query" in branch:
             layers, batch = branch["pred_logits"].shape[:2]
             known = branch["target_to_query"]
@@ -349,11 +378,15 @@ class SetCriterion:
             num_layers = branch["pred_logits"].shape[0]
             suffix = "" if branch_name == "main" else f"_{branch_name}"
             per_layer, once = [], []  # (weight, value) of the weighted terms
+            branch_targets = self.branch_targets(branch, targets)
+            # G copies of every target: normalized by G times as many boxes, as the references
+            # (RT-DETR's num_boxes * dn_num_group, DINO's num_boxes * scalar).
+            branch_boxes = num_boxes * self.groups(branch, targets)
             for name in self.losses:
                 term = LOSSES[name]
                 if branch_name != "main" and not term.every_branch:
                     continue
-                for key, value in term.fn(branch, targets, matchings[branch_name], num_boxes, ctx).items():
+                for key, value in term.fn(branch, branch_targets, matchings[branch_name], branch_boxes, ctx).items():
                     layered = value.ndim == 1  # one value per supervised layer
                     names = [f"{key}{suffix}" if l == num_layers - 1 else f"{key}{suffix}_{l}"
                              for l in range(num_layers)] if layered else [f"{key}{suffix}"]

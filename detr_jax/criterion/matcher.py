@@ -221,17 +221,17 @@ class HungarianMatcher:
     solver: Callable[..., Matching] = assign
     classes: ClassConvention = SoftmaxNoObject()
 
+    def __post_init__(self):
+        for name in ("cost_class", "cost_bbox", "cost_giou"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0")
+
     @classmethod
     def from_config(cls, loss_config, classes: ClassConvention = SoftmaxNoObject(),
                     solver: Callable[..., Matching] = assign) -> "HungarianMatcher":
-        """From the config's `loss` section (cost_class, cost_bbox, cost_giou)."""
-        return cls(
-            cost_class=float(loss_config.cost_class),
-            cost_bbox=float(loss_config.cost_bbox),
-            cost_giou=float(loss_config.cost_giou),
-            solver=solver,
-            classes=classes,
-        )
+        """From the config's `loss` section: loss.matcher_args sets the cost weights
+        (cost_class, cost_bbox, cost_giou) over the defaults above."""
+        return cls(**dict(loss_config.matcher_args), solver=solver, classes=classes)
 
     def __call__(self, pred_logits, pred_boxes, labels, boxes, valid) -> Matching:
         """Matches every layer and image of one device's batch (no sharding logic).

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from detr_jax.evaluation.coco_metrics import encode_masks
+from detr_jax.ops.mask_rle import encode_masks
 from detr_jax.data.records import DetectionSource
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}

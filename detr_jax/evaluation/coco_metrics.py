@@ -10,9 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from hotcoco import panoptic as hotcoco_panoptic
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from detr_jax.ops.mask_rle import encode_masks
 
 # Names of pycocotools' `COCOeval.stats`, in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -40,22 +41,6 @@ def to_coco_results(image_ids: np.ndarray, scores: np.ndarray, labels: np.ndarra
         for score, label, box in zip(scores[i].tolist(), labels[i].tolist(), xywh[i].tolist()):
             results.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
     return results
-
-
-def encode_masks(masks: np.ndarray) -> list[dict]:
-    """bool [N, H, W] -> N COCO RLEs ({"size": [H, W], "counts": str}, JSON-ready)."""
-    masks = np.asarray(masks, np.uint8)
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))  # pycocotools wants [H, W, N], Fortran
-    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in rles]
-
-
-def decode_masks(rles: Sequence[dict]) -> np.ndarray:
-    """The inverse of `encode_masks`: N RLEs of one size -> bool [N, H, W]."""
-    if not rles:
-        raise ValueError("decode_masks needs at least one RLE (it takes the size from them)")
-    return mask_utils.decode([dict(rle) for rle in rles]).transpose(2, 0, 1).astype(bool)
 
 
 def to_coco_segm_results(image_id: int, scores: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> list[dict]:

@@ -23,13 +23,13 @@ from detr_jax.evaluation.coco_metrics import (
     METRIC_NAMES,
     PANOPTIC_METRIC_NAMES,
     coco_evaluate,
-    decode_masks,
     format_coco_summary,
     panoptic_evaluate,
     to_coco_segm_results,
     to_panoptic_results,
 )
 from detr_jax.evaluation.segmentation_postprocess import instance_masks, panoptic_segmentation
+from detr_jax.ops.mask_rle import decode_masks
 
 # What `segmentation_metrics` returns: PQ, SQ, RQ (all, things, stuff), then mask AP/AR.
 MASK_METRIC_NAMES = tuple(f"mask_{name}" for name in METRIC_NAMES)

@@ -17,7 +17,6 @@ normalized copies the heads read.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -26,7 +25,7 @@ from flax import linen as nn
 
 from detr_jax.models.detr import MLP
 from detr_jax.models.queries import QueryState
-from detr_jax.models.position_encoding import sin_cos
+from detr_jax.models.position_encoding import sine_embedding
 from detr_jax.models.transformer import FeedForward, attend, layer_norm, torch_dense, xavier_uniform
 
 
@@ -34,19 +33,6 @@ def inverse_sigmoid(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
     """The references' log(x / (1 - x)), with x clipped to [0, 1] and both terms to >= eps."""
     x = jnp.clip(x, 0.0, 1.0)
     return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1 - x, eps))
-
-
-def sine_embedding(coords: jnp.ndarray, num_feats: int, temperature: float = 10000.0) -> jnp.ndarray:
-    """The sine embedding of normalized reference coordinates (the references'
-    `gen_sineembed_for_position`): coords [..., n] in [0, 1], (x, y) or (x, y, w, h) ->
-    [..., n * num_feats] float32, each coordinate's angles c * 2 pi / temperature^(2 floor(i/2)
-    / num_feats) through `sin_cos`, in the order (y, x, w, h) as DETR's image encoding
-    puts y first."""
-    dim_t = jnp.arange(num_feats, dtype=jnp.float32)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
-    angles = coords.astype(jnp.float32)[..., None] * (2 * math.pi) / dim_t  # [..., n, F]
-    order = [1, 0] + list(range(2, coords.shape[-1]))
-    return jnp.concatenate([sin_cos(angles[..., i, :]) for i in order], axis=-1)
 
 
 def _dense(features: int, name: str, dtype: Any) -> nn.Dense:

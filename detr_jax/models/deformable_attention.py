@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
-from detr_jax.models.transformer import xavier_uniform
+from detr_jax.models.transformer import _LAYER, xavier_uniform
 
 SAMPLING_LOCATIONS = "sampling_locations"
 SAMPLING_WEIGHTS = "sampling_weights"
@@ -219,3 +220,29 @@ class MultiScaleDeformableAttention(nn.Module):
 
         out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
         return dense(self.embed_dim, "output_proj", xavier_uniform, zeros)(out)
+
+
+def sampling_points(intermediates: dict) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
+    """Per-layer sampling locations and weights from a detector's sown "intermediates".
+
+    The deformable counterpart of `transformer.attention_maps`, read the same way: a
+    module's stack (encoder or decoder) is the first path component naming one, its layer
+    the last `[encoder_|decoder_]layer{i}` component, its kind the module name (self_attn,
+    cross_attn); sown values elsewhere are left out.
+
+    Returns {"encoder_self" | "decoder_cross": (locations [L_stack, B, Q, H, L, P, 2]
+    normalized (x, y) over each level's padded map, weights [L_stack, B, Q, H, L, P],
+    softmax over L x P)}, float32, for the stacks that have deformable attention; Q is the
+    number of queries (in the encoder: every flat position).
+    """
+    found: dict[str, dict[int, dict[str, jnp.ndarray]]] = {}
+    for path, value in traverse_util.flatten_dict(intermediates).items():
+        stack = next((s for s in ("encoder", "decoder") for p in path if p.startswith(s)), None)
+        layers = [int(m[1]) for p in path if (m := _LAYER.fullmatch(p))]
+        kind = next((k for k in ("self_attn", "cross_attn") if k in path), None)
+        if path[-1] not in (SAMPLING_LOCATIONS, SAMPLING_WEIGHTS) or stack is None or not layers or kind is None:
+            continue
+        found.setdefault(f"{stack}_{kind.removesuffix('_attn')}", {}).setdefault(layers[-1], {})[path[-1]] = value[0]
+    return {name: tuple(jnp.stack([per_layer[i][key] for i in sorted(per_layer)])
+                        for key in (SAMPLING_LOCATIONS, SAMPLING_WEIGHTS))
+            for name, per_layer in found.items()}

@@ -14,6 +14,7 @@ from detr_jax.ops.image_statistics import normalize
 from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
+from detr_jax.models.settings import transformer_settings
 from detr_jax.models.transformer import build_transformer, torch_dense
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,13 +24,15 @@ class MLP(nn.Module):
     """Official DETR's MLP: `num_layers` Linear layers (PyTorch init), ReLU between them.
     Parameters layers_0 .. layers_{num_layers - 1}. `zero_last`: the last layer starts at
     zero (kernel and bias), as the box heads of Conditional DETR and after, whose boxes then
-    start at their references."""
+    start at their references; its bias then starts at `last_bias_init` instead (Deformable
+    DETR's box heads start with width and height logits -2)."""
 
     hidden_dim: int
     output_dim: int
     num_layers: int
     dtype: Any = jnp.float32
     zero_last: bool = False
+    last_bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -39,7 +42,8 @@ class MLP(nn.Module):
             last = i == self.num_layers - 1
             out = self.output_dim if last else self.hidden_dim
             if last and self.zero_last:
-                x = nn.Dense(out, kernel_init=nn.initializers.zeros, dtype=self.dtype, name=f"layers_{i}")(x)
+                x = nn.Dense(out, kernel_init=nn.initializers.zeros, bias_init=self.last_bias_init, dtype=self.dtype,
+                             name=f"layers_{i}")(x)
             else:
                 x = torch_dense(out, fan_in, f"layers_{i}", self.dtype)(x)
             fan_in = out
@@ -71,8 +75,9 @@ class BoxHead(MLP):
 def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, position_embedding: nn.Module,
                 neck: Callable[..., nn.Module], dtype: Any, train: bool):
     """The detectors' front, inside a detector's compact call: normalized images through the
-    backbone, its output through the neck (instantiated as "input_proj", a submodule of the
-    calling module: DETR's parameter path), and each level's position encoding.
+    backbone, its output (and the pixel mask, for necks that make levels of their own)
+    through the neck (instantiated as "input_proj", a submodule of the calling module:
+    DETR's parameter path), and each level's position encoding.
 
     images: [B, H, W, 3] uint8 pixels (normalized here with ImageNet statistics, as the
     pipeline delivers them) or floats already normalized; mask: [B, H, W] bool (True = real
@@ -85,7 +90,7 @@ def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, pos
     # makes the output independent of whatever values the padding holds.
     images = jnp.where(mask[..., None], images, 0).astype(dtype)
     backbone_out = backbone(images, mask, train)
-    levels = neck(name="input_proj")(backbone_out)
+    levels = neck(name="input_proj")(backbone_out, mask)
     return backbone_out, levels, tuple(position_embedding(level_mask) for level_mask in levels.masks)
 
 
@@ -159,6 +164,7 @@ class DETR(nn.Module):
 def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
     """DETR of the `model` config section computing in `dtype`, with `num_logits` class outputs."""
     m = model_config
+    transformer_settings(m, {})
     return DETR(
         backbone=BACKBONES[m.backbone](m, dtype),
         position_embedding=POSITION_EMBEDDINGS[m.position_embedding](m, dtype),

@@ -1,4 +1,6 @@
-"""2-D positional encodings of a feature map: sine (DETR's default) and learned.
+"""2-D positional encodings of a feature map: sine (DETR's default) and learned; and the
+sine embedding of normalized coordinates (reference points, boxes) that the DETR family's
+decoders use.
 
 A position encoding is any module `mask [B, h, w] bool -> [B, h, w, hidden_dim]`;
 POSITION_EMBEDDINGS maps a name to its builder `(model_config, dtype) -> Module`.
@@ -20,19 +22,35 @@ def sin_cos(p: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(p.shape)
 
 
+def sine_embedding(coords: jnp.ndarray, num_feats: int, temperature: float = 10000.0) -> jnp.ndarray:
+    """The sine embedding of normalized reference coordinates (the references'
+    `gen_sineembed_for_position`): coords [..., n] in [0, 1], (x, y) or (x, y, w, h) ->
+    [..., n * num_feats] float32, each coordinate's angles c * 2 pi / temperature^(2 floor(i/2)
+    / num_feats) through `sin_cos`, in the order (y, x, w, h) as DETR's image encoding
+    puts y first."""
+    dim_t = jnp.arange(num_feats, dtype=jnp.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    angles = coords.astype(jnp.float32)[..., None] * (2 * math.pi) / dim_t  # [..., n, F]
+    order = [1, 0] + list(range(2, coords.shape[-1]))
+    return jnp.concatenate([sin_cos(angles[..., i, :]) for i in order], axis=-1)
+
+
 class SinePositionEmbedding(nn.Module):
     """The sine/cosine encoding of "Attention is all you need", generalized to images.
 
     Positions are the cumulative count of real (unpadded) pixels along each axis, so a
     padded image gets exactly the encoding of the unpadded one at its real positions.
-    With `normalize`, positions are divided by the real extent and multiplied by `scale`.
-    Channels: the y encoding first, then x, each interleaving sin/cos.
+    With `normalize`, positions are divided by the real extent and multiplied by `scale`;
+    `offset` is subtracted from them first (Deformable DETR's 0.5: the count of real pixels
+    up to a pixel's centre rather than its far edge). Channels: the y encoding first, then
+    x, each interleaving sin/cos.
     """
 
     num_pos_feats: int = 128
     temperature: float = 10000.0
     normalize: bool = True
     scale: float = 2 * math.pi
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, mask: jnp.ndarray) -> jnp.ndarray:
@@ -42,8 +60,11 @@ class SinePositionEmbedding(nn.Module):
         x_embed = jnp.cumsum(real, axis=2)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_last, x_last = y_embed[:, -1:, :], x_embed[:, :, -1:]
+            if self.offset:
+                y_embed, x_embed = y_embed - self.offset, x_embed - self.offset
+            y_embed = y_embed / (y_last + eps) * self.scale
+            x_embed = x_embed / (x_last + eps) * self.scale
         dim_t = jnp.arange(self.num_pos_feats, dtype=jnp.float32)
         dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t

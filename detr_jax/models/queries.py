@@ -7,8 +7,12 @@ between members is where the state comes from:
                  (`LearnedQueries`, parameter `query_embed` [Q, E]);
   anchor boxes   DAB-DETR: content zeros, learned anchor boxes as the reference
                  (`AnchorBoxQueries`, parameter `refpoint_embed` [Q, 4], logits);
+  learned with   Deformable DETR: learned content and position, a 2-d reference point
+  reference      predicted from the position (`ReferencePointQueries`, `query_embed`
+                 [Q, 2E], `reference_points`);
   proposals      two-stage Deformable DETR, DINO's mixed query selection, RT-DETR: the
-                 top-k encoder proposals give the reference (and, two-stage, the content);
+                 top-k encoder proposals give the reference (and, two-stage, the content;
+                 `TopKProposals`);
   denoising      DINO, RT-DETR in training: noised ground truth as extra queries in front
                  of the others, with a self-attention mask that keeps the groups apart.
 
@@ -20,12 +24,17 @@ inside each layer on a detached copy (DESIGN.md, "The decoder refines").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from detr_jax.models.position_encoding import sine_embedding
+from detr_jax.models.transformer import layer_norm, torch_dense, xavier_uniform
 
 
 @flax.struct.dataclass
@@ -38,7 +47,8 @@ class QueryState:
     reference: [B, Q, 4] normalized cxcywh boxes or [B, Q, 2] normalized (x, y) points,
       float32, or None (DETR: no reference).
     self_attention_mask: [Q, Q] bool, True where query i may attend to query j, or None (all
-      may): denoising groups see neither each other nor, for the matching queries, any group.
+      may): denoising groups see neither each other nor, for the matching queries, any group;
+      or [B, Q, Q] per image (`denoising.hide_padded_slots`, for a decoder that takes one).
     """
 
     content: jnp.ndarray
@@ -95,3 +105,105 @@ class AnchorBoxQueries(nn.Module):
         reference = jax.nn.sigmoid(jnp.broadcast_to(refpoint_embed[None], (batch_size, self.num_queries, 4)))
         return QueryState(content=jnp.zeros((batch_size, self.num_queries, self.hidden_dim), self.dtype),
                           reference=reference.astype(jnp.float32))
+
+
+class ReferencePointQueries(nn.Module):
+    """Deformable DETR's queries: a learned embedding `query_embed` [Q, 2E] (N(0, 1), as
+    nn.Embedding) split into the position [:E] and the content [E:], and a 2-d reference
+    point per query, sigmoid(reference_points(position)) (a Dense E -> 2, xavier-uniform
+    kernel and zero bias as the reference; computed in float32 whatever the compute dtype,
+    as it places the deformable attention's samples)."""
+
+    num_queries: int
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, batch_size: int) -> QueryState:
+        """-> content, position [B, Q, E] (compute dtype), reference [B, Q, 2] normalized
+        (x, y), float32."""
+        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, 2 * self.hidden_dim))
+        shape = (batch_size, self.num_queries, self.hidden_dim)
+        position = jnp.broadcast_to(query_embed[None, :, :self.hidden_dim], shape)
+        content = jnp.broadcast_to(query_embed[None, :, self.hidden_dim:], shape)
+        head = nn.Dense(2, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros, dtype=jnp.float32,
+                        name="reference_points")
+        return QueryState(content=content.astype(self.dtype), position=position.astype(self.dtype),
+                          reference=jax.nn.sigmoid(head(position)))
+
+
+def encoder_proposals(memory_mask: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...]):
+    """Two-stage Deformable DETR's proposals, one box per encoder position (the references'
+    `gen_encoder_output_proposals`): centred on the position's pixel, normalized by the
+    image's real extent on its level, 0.05 * 2^level wide and high.
+
+    memory_mask: [B, S] bool (True = real) over the flat levels of `spatial_shapes`.
+    Returns (proposals [B, S, 4] float32, the inverse sigmoid of cxcywh, +inf where the
+    position is padding or the box not within (0.01, 0.99) in every coordinate; valid
+    [B, S] bool, the latter test alone).
+    """
+    batch = memory_mask.shape[0]
+    proposals, start = [], 0
+    for level, (height, width) in enumerate(spatial_shapes):
+        mask = memory_mask[:, start:start + height * width].reshape(batch, height, width)
+        start += height * width
+        valid_h = mask[:, :, 0].sum(1).astype(jnp.float32)
+        valid_w = mask[:, 0, :].sum(1).astype(jnp.float32)
+        grid_y, grid_x = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32),
+                                     indexing="ij")
+        grid = np.stack([grid_x, grid_y], -1)[None] + np.float32(0.5)  # [1, h, w, 2] (x, y) pixel centres
+        centre = grid / jnp.stack([valid_w, valid_h], -1)[:, None, None, :]
+        size = jnp.full_like(centre, np.float32(0.05) * np.float32(2.0**level))
+        proposals.append(jnp.concatenate([centre, size], -1).reshape(batch, height * width, 4))
+    proposals = jnp.concatenate(proposals, axis=1)
+    valid = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1)
+    logits = jnp.log(proposals / (1 - proposals))
+    return jnp.where((memory_mask & valid)[..., None], logits, jnp.inf), valid
+
+
+class TopKProposals(nn.Module):
+    """Two-stage Deformable DETR's queries: every encoder position is a proposal, scored
+    and boxed by the detector's proposal heads; the `num_queries` best by their first
+    class's logit become the queries, their boxes (detached) the references and the sine
+    embedding of those boxes, through pos_trans and pos_trans_norm, the position [:E] and
+    the content [E:] (the references' two-stage, Hugging Face's
+    `DeformableDetrModel.forward`).
+
+    Parameters: enc_output [E, E] and enc_output_norm (the proposals' features: the memory,
+    zeroed at padding and at invalid proposals, projected and normalized), pos_trans
+    [2E, 2E] and pos_trans_norm; initialized as the reference's transformer (xavier-uniform
+    kernels, PyTorch's Linear bias).
+    """
+
+    num_queries: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, memory: jnp.ndarray, memory_mask: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
+                 class_head: Callable, box_head: Callable) -> tuple[QueryState, dict]:
+        """memory [B, S, E]; memory_mask [B, S] bool (True = real); class_head: [B, S, E]
+        -> [B, S, K] logits; box_head: (features [B, S, E], reference=inverse-sigmoid
+        boxes [B, S, 4]) -> boxes [B, S, 4] (a `detr.BoxHead`).
+
+        Returns (queries: content, position [B, Q, E], reference [B, Q, 4] normalized
+        cxcywh float32 (no gradient), Q = min(num_queries, S); proposals: {"pred_logits" [B, S, K] float32,
+        "pred_boxes" [B, S, 4] float32 (1 where the proposal is +inf: padding or invalid),
+        "indices" [B, Q] int32 the positions chosen, best first}).
+        """
+        embed = memory.shape[-1]
+        proposals, valid = encoder_proposals(memory_mask, spatial_shapes)
+        features = jnp.where((memory_mask & valid)[..., None], memory, 0)
+        features = torch_dense(embed, embed, "enc_output", self.dtype, xavier_uniform)(features)
+        features = layer_norm("enc_output_norm", self.dtype)(features)
+        logits = class_head(features).astype(jnp.float32)
+        boxes = box_head(features, reference=proposals)
+        # min: a map of fewer positions than queries (an image far smaller than any trained
+        # on, such as `init_variables`' 64x64: no parameter depends on Q) gives them all.
+        _, indices = jax.lax.top_k(logits[..., 0], min(self.num_queries, logits.shape[1]))
+        reference = jax.lax.stop_gradient(jnp.take_along_axis(boxes, indices[..., None], axis=1))
+        # sine_embedding orders a box (y, x, w, h); the references embed it (x, y, w, h).
+        sine = sine_embedding(reference[..., [1, 0, 2, 3]], embed // 2).astype(self.dtype)
+        queries = torch_dense(2 * embed, 2 * embed, "pos_trans", self.dtype, xavier_uniform)(sine)
+        queries = layer_norm("pos_trans_norm", self.dtype)(queries)
+        state = QueryState(content=queries[..., embed:], position=queries[..., :embed], reference=reference)
+        return state, {"pred_logits": logits, "pred_boxes": boxes, "indices": indices.astype(jnp.int32)}

@@ -17,11 +17,13 @@ otherwise sowing is a no-op and nothing extra is computed or kept.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 
 from detr_jax.ops.formulation import for_onnxruntime
 
@@ -282,22 +284,33 @@ def build_transformer(model_config, dtype: Any) -> Transformer:
                        dropout=m.dropout, pre_norm=m.pre_norm, dtype=dtype)
 
 
+# A layer's module name: DETR's transformer/encoder_layer{i}, decoder_layer{i}; the
+# conditional family's encoder_layer{i} and decoder/layer{i}.
+_LAYER = re.compile(r"(?:encoder_|decoder_)?layer(\d+)")
+
+
 def attention_maps(intermediates: dict) -> dict[str, jnp.ndarray]:
-    """Per-layer attention weights from a Transformer's sown "intermediates" collection.
+    """Per-layer attention weights from a detector's sown "intermediates" collection.
 
     Args:
-      intermediates: the transformer's subtree of `apply(..., mutable=["intermediates"])`'s
-        second output (`state["intermediates"]["transformer"]` for a DETR).
+      intermediates: `state["intermediates"]` of `apply(..., mutable=["intermediates"])`
+        (or a subtree of it). Every attention module that `attend`s sows its weights; a
+        map belongs to the encoder or the decoder by the first path component naming one,
+        to layer i by the last component `[encoder_|decoder_]layer{i}`, and is self- or
+        cross-attention by its module's name (self_attn, cross_attn). Maps elsewhere (a
+        mask head's) are not layers' and are left out.
     Returns (float32, softmax over keys, zero weight on masked keys):
       encoder_self   [L_enc, B, heads, S, S]  (absent with no encoder layer)
       decoder_self   [L_dec, B, heads, Q, Q]
       decoder_cross  [L_dec, B, heads, Q, S]
     with S = h * w feature positions in row-major order.
     """
-    def stack(prefix, attn):
-        layers = sorted((k for k in intermediates if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
-        return [intermediates[k][attn][ATTENTION_WEIGHTS][0] for k in layers]
-
-    maps = {"decoder_self": stack("decoder_layer", "self_attn"), "decoder_cross": stack("decoder_layer", "cross_attn"),
-            "encoder_self": stack("encoder_layer", "self_attn")}
-    return {k: jnp.stack(v) for k, v in maps.items() if v}
+    found: dict[str, dict[int, jnp.ndarray]] = {}
+    for path, value in traverse_util.flatten_dict(intermediates).items():
+        stack = next((s for s in ("encoder", "decoder") for p in path if p.startswith(s)), None)
+        layers = [int(m[1]) for p in path if (m := _LAYER.fullmatch(p))]
+        kind = next((k for k in ("self_attn", "cross_attn") if k in path), None)
+        if path[-1] != ATTENTION_WEIGHTS or stack is None or not layers or kind is None:
+            continue
+        found.setdefault(f"{stack}_{kind.removesuffix('_attn')}", {})[layers[-1]] = value[0]
+    return {name: jnp.stack([maps[i] for i in sorted(maps)]) for name, maps in found.items()}

@@ -288,7 +288,33 @@ def _write_stablehlo(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
     artifact.write_bytes(exported.serialize())
 
 
+@contextlib.contextmanager
+def _stablehlo_tensorflow_reads():
+    """jax.export serializes StableHLO for consumers at most 4 weeks older than JAX
+    (StableHLO 1.15 with JAX 0.10); TensorFlow's XlaCallModule lags further (TF 2.21 reads
+    1.13.7) and cannot deserialize newer encodings, such as the composite_v2 that
+    `lax.top_k` (chlo.top_k) becomes: the sigmoid class convention's post-processing and
+    Deformable DETR's two-stage proposals. Within this context jax.export targets 12 weeks'
+    compatibility instead (1.13.7), which serializes those ops in encodings TF reads.
+    jax.export has no public option for it, hence the patch of its version lookup."""
+    from jax._src.export import _export
+
+    hlo = _export.hlo
+    lookup = hlo.get_version_from_compatibility_requirement
+    older = hlo.StablehloCompatibilityRequirement.WEEK_12
+    hlo.get_version_from_compatibility_requirement = lambda requirement: lookup(older)
+    try:
+        yield
+    finally:
+        hlo.get_version_from_compatibility_requirement = lookup
+
+
 def _write_savedmodel(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
+    with _stablehlo_tensorflow_reads():
+        _save_savedmodel(fn, shape, artifact)
+
+
+def _save_savedmodel(fn, shape: ExportShape, artifact: pathlib.Path) -> None:
     tf = _import_optional("tensorflow", "savedmodel", "tfds")
     from jax.experimental import jax2tf
 

@@ -20,6 +20,7 @@ from detr_jax.models.detr import BoxHead, embed_image
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS
 from detr_jax.models.queries import LearnedQueries
+from detr_jax.models.settings import transformer_settings
 from detr_jax.models.transformer import EncoderLayer, torch_linear_kernel_init
 
 # The class head's bias starts at the logit of this probability (the references' focal-loss
@@ -27,11 +28,12 @@ from detr_jax.models.transformer import EncoderLayer, torch_linear_kernel_init
 PRIOR_PROB = 0.01
 
 
-def class_head(num_logits: int, dtype: Any, prior_prob: float = PRIOR_PROB) -> nn.Dense:
-    """The sigmoid class head `class_embed`: PyTorch's Linear kernel init, bias logit(prior_prob)."""
+def class_head(num_logits: int, dtype: Any, prior_prob: float = PRIOR_PROB, name: str = "class_embed") -> nn.Dense:
+    """The sigmoid class head (`class_embed` unless named otherwise): PyTorch's Linear kernel
+    init, bias logit(prior_prob)."""
     return nn.Dense(num_logits, kernel_init=torch_linear_kernel_init,
                     bias_init=nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob)),
-                    dtype=dtype, name="class_embed")
+                    dtype=dtype, name=name)
 
 
 class ConditionalDETR(nn.Module):
@@ -119,6 +121,7 @@ def build_conditional_family(detector: type, decoder: type, position_embedding: 
     computing in `dtype` with `num_logits` (K) sigmoid class outputs; post-norm only (as the
     references: model.pre_norm=True is a ValueError)."""
     m = model_config
+    transformer_settings(m, {})
     if m.pre_norm:
         raise ValueError(f"model.pre_norm=True: {detector.__name__} is post-norm only (as its reference)")
     return detector(
