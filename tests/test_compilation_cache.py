@@ -4,7 +4,6 @@ flag or the environment says, off on request; a second start reads what the firs
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 import subprocess
 import sys

@@ -426,3 +426,23 @@ def test_a_wrong_deformable_rule_fails_the_equality(monkeypatch):
     monkeypatch.setitem(layouts.MODULE_RESOLVERS, "official_deformable_detr_box_refine", wrong)
     converted, _ = convert.convert_state_dict(official, config.model)
     assert max_difference(converted, hf_variables) > 0.1
+
+
+def test_detr_jax_convert_reads_an_official_deformable_training_checkpoint(tmp_path):
+    """`detr-jax convert` of the official Deformable-DETR main.py's checkpoint (two-stage:
+    every head and the proposals' projection), the model inferred from its names and shapes
+    given the heads (num_heads is in no tensor: H * L * P is): bitwise the variables of
+    Hugging Face's conversion."""
+    from detr_jax.checkpoints.checkpointer import load_metadata, load_variables
+    from detr_jax.cli.convert import convert_main
+
+    _, _, official, (hf_variables, hf_metadata) = deformable("two_stage")
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in official.items()}, "epoch": 49,
+                "args": argparse.Namespace(hidden_dim=32, nheads=2, with_box_refine=True, two_stage=True)}, path)
+    metadata = convert_main(path, tmp_path / "converted", overrides={"model.num_heads": 2})
+    assert metadata["layout"] == DEFORMABLE_LAYOUTS["two_stage"][1]
+    saved = load_metadata(tmp_path / "converted")["model"]
+    assert saved["arch"] == "deformable_detr" and saved["transformer_args"]["two_stage"]
+    assert metadata["inferred_model"] == hf_metadata["inferred_model"]
+    assert_bitwise_equal(load_variables(tmp_path / "converted"), hf_variables)

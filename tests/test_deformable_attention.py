@@ -34,6 +34,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import (  # no
     MultiScaleDeformableAttention as ReferenceCore,
 )
 
+from detr_jax.ops.formulation import ONNXRUNTIME, XLA, formulated_for  # noqa: E402
 from detr_jax.models.deformable_attention import (  # noqa: E402
     SAMPLING_LOCATIONS,
     SAMPLING_WEIGHTS,
@@ -77,11 +78,14 @@ def ours_core(value, locations, weights, dtype=jnp.float32) -> np.ndarray:
                                             jnp.asarray(weights, dtype)).astype(jnp.float32))
 
 
-def test_core_matches_reference():
+@pytest.mark.parametrize("target", [XLA, ONNXRUNTIME])
+def test_core_matches_reference(target):
+    """Both formulations: the scan over levels (XLA) and the levels unrolled (the ONNX export)."""
     for seed in range(3):
         value, locations, weights = core_inputs(seed)
-        np.testing.assert_allclose(ours_core(value, locations, weights), reference_core(value, locations, weights),
-                                   atol=ATOL, rtol=0)
+        with formulated_for(target):
+            ours = ours_core(value, locations, weights)
+        np.testing.assert_allclose(ours, reference_core(value, locations, weights), atol=ATOL, rtol=0)
 
 
 def test_core_at_pixel_centers_reads_pixels():

@@ -3,7 +3,7 @@ proposals): each artifact, reloaded in its own runtime, gives the Predictor's de
 within test_export's tolerance (1e-4, float32), as DETR's do.
 
 The deformable attention's bilinear sampling is a gather over the flat value map (in a
-checkpointed scan over levels); the two-stage proposals a top-k and a gather over the
+checkpointed scan over levels; unrolled over levels in the ONNX export); the two-stage proposals a top-k and a gather over the
 encoder positions: ops that DETR's exports do not contain.
 
 Every format is exported at a fixed image size: the level shapes are static Python ints in
@@ -39,12 +39,11 @@ def model(request):
 SIZE = (64, 96)
 
 
-# StableHLO with a symbolic batch; SavedModel at a fixed one: TF 2.21's XlaCallModule cannot
-# refine the shapes of lax.top_k's decomposition (stablehlo.dynamic_iota) under a symbolic
-# batch. ONNX is not exported yet: jax2onnx turns the deformable attention's scan over levels
-# into an ONNX Loop whose Gather input it types double where float is declared, which
-# onnxruntime refuses to load (issue 29, open).
-@pytest.mark.parametrize("fmt,batch", [("stablehlo", "dynamic"), ("savedmodel", 3)])
+# StableHLO with a symbolic batch; SavedModel and ONNX at a fixed one: TF 2.21's
+# XlaCallModule cannot refine the shapes of lax.top_k's decomposition (stablehlo.dynamic_iota)
+# under a symbolic batch, and the ONNX export is at a fixed size (as DETR's). The ONNX export
+# unrolls the attention's levels (`ms_deform_attn_sample` formulated for onnxruntime).
+@pytest.mark.parametrize("fmt,batch", [("stablehlo", "dynamic"), ("savedmodel", 3), ("onnx", 3)])
 def test_each_artifact_in_its_own_runtime_gives_the_predictors_detections(fmt, batch, model, tmp_path):
     config, variables = model
     out = export_detector(config, variables, tmp_path / fmt, fmt, batch=batch, size=SIZE)

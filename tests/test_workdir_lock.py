@@ -5,7 +5,6 @@ when its holder is killed, even while a forked child of it lives on."""
 import contextlib
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess

@@ -11,6 +11,7 @@ import numpy as np
 
 from detr_jax.convert import huggingface_detr_family as hf_family
 from detr_jax.convert import official_detr_family as official_family
+from detr_jax.convert import official_dino
 from detr_jax.convert.huggingface_detr import huggingface_module
 from detr_jax.convert.leaves import indices, shape
 from detr_jax.convert.official_detr import official_module
@@ -20,7 +21,7 @@ from detr_jax.convert.vit import (HF_VIT_PREFIX, huggingface_vit_module, hugging
                                   timm_vit_module, timm_vit_parameter, vit_backbone_args)
 
 LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit", *hf_family.LAYOUTS,
-           *official_family.LAYOUTS)
+           *official_family.LAYOUTS, *official_dino.LAYOUTS)
 # Layouts that hold only an ImageNet backbone: converted to the backbone subtree.
 BACKBONE_LAYOUTS = ("torchvision", "huggingface_vit", "timm_vit")
 VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
@@ -37,6 +38,7 @@ MODULE_RESOLVERS = {
 MODULE_RESOLVERS.update({layout: functools.partial(hf_family.module, layout) for layout in hf_family.LAYOUTS})
 MODULE_RESOLVERS.update({layout: functools.partial(official_family.module, layout)
                          for layout in official_family.LAYOUTS})
+MODULE_RESOLVERS[official_dino.LAYOUT] = functools.partial(official_dino.module, official_dino.LAYOUT)
 # Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
 PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,
@@ -45,6 +47,7 @@ PARAMETER_RESOLVERS = {
 PARAMETER_RESOLVERS.update({layout: functools.partial(hf_family.parameter, layout) for layout in hf_family.LAYOUTS})
 PARAMETER_RESOLVERS.update({layout: functools.partial(official_family.parameter, layout)
                             for layout in official_family.LAYOUTS})
+PARAMETER_RESOLVERS[official_dino.LAYOUT] = functools.partial(official_dino.parameter, official_dino.LAYOUT)
 # Keys a layout's checkpoints may lack because they are tied copies of others, saved once:
 # state dict -> {missing key: the key it copies}.
 TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layout in hf_family.LAYOUTS}
@@ -53,6 +56,9 @@ TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layo
 def detect_layout(keys: list[str]) -> str | None:
     """One of LAYOUTS, or None when the keys fit none of them."""
     keys = [k.removeprefix("detr.") for k in keys]  # a segmentation model's detector
+    # Before Deformable DETR's: DINO's keys are a Deformable DETR's and more.
+    if official_dino.detect_layout(keys):
+        return official_dino.LAYOUT
     # Before official DETR's: the official family members' keys are `transformer.*` too.
     if official_family.detect_layout(keys):
         return official_family.detect_layout(keys)
@@ -91,6 +97,8 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
         return {**inferred, **hf_family.infer_model(leaves, layout)}
     if layout in official_family.LAYOUTS:
         return {**inferred, **official_family.infer_model(leaves, layout)}
+    if layout == official_dino.LAYOUT:
+        return {**inferred, **official_dino.infer_model(leaves)}
     query = shape(leaves, "params", "query_embed")
     if query is not None and len(query) == 2:
         inferred["num_queries"], inferred["hidden_dim"] = query

@@ -31,6 +31,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from detr_jax.models.transformer import _LAYER, xavier_uniform
+from detr_jax.ops.formulation import for_onnxruntime
 
 SAMPLING_LOCATIONS = "sampling_locations"
 SAMPLING_WEIGHTS = "sampling_weights"
@@ -67,19 +68,13 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
     # (the gradient checks run in it).
     compute = jnp.promote_types(jnp.promote_types(sampling_locations.dtype, value.dtype), jnp.float32)
     sizes = jnp.asarray([(w, h) for h, w in spatial_shapes], compute)  # [L, 2] (x, y)
-    starts = jnp.asarray(np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]]), jnp.int32)  # [L]
+    level_starts = np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]]).tolist()
+    starts = jnp.asarray(level_starts, jnp.int32)  # [L]
     samples_per_query = points * 4
 
-    # One level per step of a scan, so that at most one level's samples [B, Q, P * 4, H, Dh]
-    # exist at a time (XLA keeps a gather's output when it cannot fuse it into the sum, as
-    # on CPU); checkpointed, so that the backward pass re-gathers them instead of keeping
-    # every level's as residuals: what is saved is the inputs, as the reference's CUDA
-    # kernel does. (Measured on CPU, S = Q = 5440, H = 8, Dh = 32, L = P = 4: 0.25 GB of
-    # temporaries forward and 0.58 GB for a gradient, against 0.74 and 1.58 GB for one
-    # gather of all levels.)
-    @jax.checkpoint
-    def sample_level(carry, level):
-        size, start, locations, weights = level  # [2], [], [B, Q, H, P, 2], [B, Q, H, P]
+    def sample_level(size, start, locations, weights):
+        """size [2] (w, h), start [] (the level's first flat position), locations
+        [B, Q, H, P, 2], weights [B, Q, H, P] -> the level's weighted sum [B, Q, H, Dh]."""
         # grid_sample with align_corners=False: grid g = 2 * loc - 1 maps to the pixel
         # coordinate ((g + 1) * size - 1) / 2 = loc * size - 0.5 (pixel centers at integers).
         pixel = locations * size - 0.5
@@ -107,14 +102,28 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
         samples = samples.reshape(batch, queries, samples_per_query, heads, head_dim)
         # A multiply and a sum (not a batched dot), which XLA can fuse with the gather;
         # accumulated in `compute`.
-        return carry, jnp.sum(samples.astype(compute) * weight, axis=2)
+        return jnp.sum(samples.astype(compute) * weight, axis=2)
 
-    levels_first = (sizes, starts, jnp.moveaxis(sampling_locations.astype(compute), 3, 0),
-                    jnp.moveaxis(attention_weights.astype(compute), 3, 0))
-    # The levels' sums come out stacked [L, B, Q, H, Dh] rather than accumulated in the
-    # carry: a carry initialized with zeros would not vary over a shard_map's axes as the
-    # sums do, and scan requires both to agree.
-    _, per_level = jax.lax.scan(sample_level, None, levels_first)
+    locations, weights = sampling_locations.astype(compute), attention_weights.astype(compute)
+    if for_onnxruntime():
+        # The ONNX export: one gather per level, unrolled, each level's size and offset a
+        # constant (jax2onnx turns a scan into an ONNX Loop whose gather input it types
+        # double, which onnxruntime refuses; and inference keeps no residuals anyway).
+        per_level = [sample_level(np.asarray((w, h), compute), start, locations[:, :, :, level], weights[:, :, :, level])
+                     for level, ((h, w), start) in enumerate(zip(spatial_shapes, level_starts))]
+        return sum(per_level).reshape(batch, queries, heads * head_dim).astype(value.dtype)
+
+    # One level per step of a scan, so that at most one level's samples [B, Q, P * 4, H, Dh]
+    # exist at a time (XLA keeps a gather's output when it cannot fuse it into the sum, as
+    # on CPU); checkpointed, so that the backward pass re-gathers them instead of keeping
+    # every level's as residuals: what is saved is the inputs, as the reference's CUDA
+    # kernel does. (Measured on CPU, S = Q = 5440, H = 8, Dh = 32, L = P = 4: 0.25 GB of
+    # temporaries forward and 0.58 GB for a gradient, against 0.74 and 1.58 GB for one
+    # gather of all levels.) The levels' sums come out stacked [L, B, Q, H, Dh] rather than
+    # accumulated in the carry: a carry initialized with zeros would not vary over a
+    # shard_map's axes as the sums do, and scan requires both to agree.
+    _, per_level = jax.lax.scan(jax.checkpoint(lambda carry, level: (carry, sample_level(*level))), None,
+                                (sizes, starts, jnp.moveaxis(locations, 3, 0), jnp.moveaxis(weights, 3, 0)))
     return per_level.sum(0).reshape(batch, queries, heads * head_dim).astype(value.dtype)
 
 

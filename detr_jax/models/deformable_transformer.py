@@ -9,6 +9,15 @@ query's reference (a point or a box) and an FFN. Box refinement runs a box head 
 every layer: its boxes are the next layer's references, detached (DESIGN.md, "The decoder
 refines").
 
+DINO's decoder is the same decoder with three switches (`DeformableDecoder`):
+`position_from_reference` (each layer's query position is `ref_point_head`, an MLP, of the
+sine embedding of its reference box: DINO's mixed query selection gives the queries no
+learned position), `final_norm` (a LayerNorm `norm` on every layer's output before the
+heads) and `look_forward_twice` (each layer's boxes are refined from the un-detached
+boxes of the layer before, so their loss trains that layer's box head too; the next
+layer still reads them detached). A self-attention mask between the queries (denoising
+groups) is honoured.
+
 As the references: post-norm layers, ReLU FFNs; the decoder has no final LayerNorm (its
 layers' outputs go to the heads as they are). References are normalized over the padded
 map; before each attention they are scaled by the valid ratios of every level
@@ -28,6 +37,8 @@ from flax import linen as nn
 
 from detr_jax.models.conditional_decoder import inverse_sigmoid
 from detr_jax.models.deformable_attention import MultiScaleDeformableAttention
+from detr_jax.models.detr import MLP
+from detr_jax.models.position_encoding import sine_embedding
 from detr_jax.models.queries import QueryState
 from detr_jax.models.transformer import FeedForward, MultiHeadAttention, layer_norm
 
@@ -121,15 +132,16 @@ class DeformableDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, tgt, query_pos, reference_points, memory, memory_mask, spatial_shapes,
-                 deterministic: bool = True):
+                 deterministic: bool = True, self_attention_mask=None):
         """tgt, query_pos: [B, Q, E]; reference_points [B, Q, L, 2 or 4] (scaled by the
-        valid ratios, `scale_references`); memory [B, S, E]; memory_mask [B, S] bool.
+        valid ratios, `scale_references`); memory [B, S, E]; memory_mask [B, S] bool;
+        self_attention_mask [Q, Q] or [B, Q, Q] bool (True = may attend) or None.
         Returns [B, Q, E]."""
         drop = nn.Dropout(self.dropout)
         q = tgt + query_pos
         self_attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
-        tgt = layer_norm("norm1", self.dtype)(
-            tgt + drop(self_attn(q, q, tgt, None, deterministic), deterministic=deterministic))
+        attended = self_attn(q, q, tgt, None, deterministic, attention_mask=self_attention_mask)
+        tgt = layer_norm("norm1", self.dtype)(tgt + drop(attended, deterministic=deterministic))
         cross_attn = MultiScaleDeformableAttention(tgt.shape[-1], self.num_heads, self.num_levels, self.num_points,
                                                    dtype=self.dtype, name="cross_attn")
         attended = cross_attn(tgt, reference_points, memory, spatial_shapes, memory_mask, query_pos=query_pos)
@@ -147,8 +159,25 @@ class DeformableDecoder(nn.Module):
     reference) whatever made the queries' references. Without it every layer reads the
     queries' own reference.
 
-    No parameters besides the layers': the box heads are the caller's (per layer, or one
-    shared), since they are also its output heads.
+    DINO's switches (all off for Deformable DETR; the official IDEA-Research/DINO
+    `TransformerDecoder` with `deformable_decoder=True`):
+      position_from_reference: the query position of each layer is `ref_point_head` (MLP
+        2E -> E -> E) of the sine embedding (E/2 features per coordinate, ordered (y, x, w,
+        h)) of the layer's reference box scaled by the first level's valid ratios; the
+        QueryState then has no position.
+      final_norm: a LayerNorm `norm` on every layer's output; the normalized states are
+        returned and go to the heads, the next layer reads the raw output.
+      look_forward_twice (needs refine): layer i's boxes are its box head on its normalized
+        state relative to the un-detached refinement of layer i - 1 (the gradient of layer
+        i's box loss reaches layer i - 1's box head); that refinement is the box head on
+        the raw output relative to the detached reference the layer read, and is what the
+        next layer reads, detached. (DINO's decoder refines the reference from the raw
+        output while its detector predicts the boxes from the normalized one.)
+      inverse_sigmoid_eps: the clipping of the references' logits (1e-5 Hugging Face's
+        Deformable DETR, 1e-3 DINO's).
+
+    No parameters besides the layers' (and DINO's ref_point_head and norm): the box heads
+    are the caller's (per layer, or one shared), since they are also its output heads.
     """
 
     num_layers: int
@@ -156,40 +185,69 @@ class DeformableDecoder(nn.Module):
     dim_feedforward: int
     dropout: float = 0.0
     num_points: int = 4
+    position_from_reference: bool = False
+    final_norm: bool = False
+    look_forward_twice: bool = False
+    inverse_sigmoid_eps: float = 1e-5
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, memory, memory_mask, spatial_shapes, valid_ratios, queries: QueryState,
                  box_heads: Sequence[Callable], refine: bool, deterministic: bool = True):
         """memory [B, S, E]; memory_mask [B, S] bool (True = real); spatial_shapes ((h_l,
-        w_l), ...) static; valid_ratios [B, L, 2]; queries: content and position [B, Q, E],
-        reference [B, Q, 2] (x, y) or [B, Q, 4] (cx, cy, w, h) normalized, float32
-        (`queries.ReferencePointQueries`, `queries.TopKProposals`); box_heads: one per layer,
-        `head(states [B, Q, E], reference=inverse-sigmoid reference [B, Q, R]) -> boxes [B,
-        Q, 4]` (a `detr.BoxHead`: offsets from the reference's R coordinates).
+        w_l), ...) static; valid_ratios [B, L, 2]; queries: content [B, Q, E], position
+        [B, Q, E] (or None with position_from_reference), reference [B, Q, 2] (x, y) or
+        [B, Q, 4] (cx, cy, w, h) normalized, float32, self_attention_mask [Q, Q] or [B, Q, Q]
+        or None (`queries.ReferencePointQueries`, `queries.TopKProposals`, denoising groups
+        prepended); box_heads: one per layer, `head(states [B, Q, E], reference=inverse-
+        sigmoid reference [B, Q, R]) -> boxes [B, Q, 4]` (a `detr.BoxHead`: offsets from
+        the reference's R coordinates).
 
-        Returns (states [L, B, Q, E], each layer's output; references: a tuple of L + 1
-        float32 arrays, the reference each layer read ([B, Q, 2] or [B, Q, 4]) and last the
-        last layer's boxes (refine) or the queries' reference again; boxes [L, B, Q, 4]
-        float32, each layer's predictions). With refine and 2-d queries the references
-        change width after the first layer (a point, then boxes), hence a tuple.
+        Returns (states [L, B, Q, E], each layer's output (normalized with final_norm);
+        references: a tuple of L + 1 float32 arrays, the reference each layer read ([B, Q,
+        2] or [B, Q, 4]) and last the last layer's refinement (refine) or the queries'
+        reference again; boxes [L, B, Q, 4] float32, each layer's predictions). With refine
+        and 2-d queries the references change width after the first layer (a point, then
+        boxes), hence a tuple.
         """
-        if queries.self_attention_mask is not None:
-            raise NotImplementedError("DeformableDecoder: a self-attention mask between queries (denoising groups) "
-                                      "is not supported yet")
         if len(box_heads) != self.num_layers:
             raise ValueError(f"{len(box_heads)} box heads for {self.num_layers} decoder layers")
+        if self.look_forward_twice and not refine:
+            raise ValueError("look_forward_twice needs box refinement (refine=True)")
+        if (queries.position is None) != self.position_from_reference:
+            raise ValueError("the queries must have a position unless the decoder derives it from the reference "
+                             "(position_from_reference), and then not")
+        embed = queries.content.shape[-1]
+        if self.position_from_reference:
+            ref_point_head = MLP(embed, embed, 2, dtype=self.dtype, name="ref_point_head")
+        norm = layer_norm("norm", self.dtype) if self.final_norm else (lambda x: x)
+
+        def logit(x):
+            return inverse_sigmoid(x, self.inverse_sigmoid_eps)
+
         tgt, reference = queries.content, queries.reference
+        undetached = reference
         states, references, boxes = [], [reference], []
         for i in range(self.num_layers):
             layer = DeformableDecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, len(spatial_shapes),
                                            self.num_points, self.dtype, name=f"layer{i}")
-            tgt = layer(tgt, queries.position, scale_references(reference, valid_ratios), memory, memory_mask,
-                        spatial_shapes, deterministic)
-            states.append(tgt)
-            boxes.append(box_heads[i](tgt, reference=inverse_sigmoid(reference)))
-            if refine:
-                # The next layer reads this layer's boxes detached; the loss on them is not.
-                reference = jax.lax.stop_gradient(boxes[-1])
+            scaled = scale_references(reference, valid_ratios)
+            if self.position_from_reference:
+                position = ref_point_head(sine_embedding(scaled[:, :, 0], embed // 2).astype(self.dtype))
+            else:
+                position = queries.position
+            tgt = layer(tgt, position, scaled, memory, memory_mask, spatial_shapes, deterministic,
+                        queries.self_attention_mask)
+            state = norm(tgt)
+            states.append(state)
+            if self.look_forward_twice:
+                boxes.append(box_heads[i](state, reference=logit(undetached)))
+                undetached = box_heads[i](tgt, reference=logit(reference))
+                reference = jax.lax.stop_gradient(undetached)
+            else:
+                boxes.append(box_heads[i](state, reference=logit(reference)))
+                if refine:
+                    # The next layer reads this layer's boxes detached; the loss on them is not.
+                    reference = jax.lax.stop_gradient(boxes[-1])
             references.append(reference)
         return jnp.stack(states), tuple(references), jnp.stack(boxes)

@@ -69,7 +69,11 @@ class BoxHead(MLP):
         """
         x = super().__call__(x).astype(jnp.float32)
         if reference is not None:
-            x = x.at[..., : reference.shape[-1]].add(reference.astype(jnp.float32))
+            # Padded with zeros to [..., 4] and added, rather than a scatter-add into the first
+            # R outputs: the same sums, and no scatter in the ONNX export (jax2onnx 0.13 gives
+            # a scatter's shape constants to a neighbouring broadcast).
+            pad = [(0, 0)] * (reference.ndim - 1) + [(0, x.shape[-1] - reference.shape[-1])]
+            x = x + jnp.pad(reference.astype(jnp.float32), pad)
         return jax.nn.sigmoid(x)
 
 

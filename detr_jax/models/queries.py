@@ -11,7 +11,8 @@ between members is where the state comes from:
   reference      predicted from the position (`ReferencePointQueries`, `query_embed`
                  [Q, 2E], `reference_points`);
   proposals      two-stage Deformable DETR, DINO's mixed query selection, RT-DETR: the
-                 top-k encoder proposals give the reference (and, two-stage, the content;
+                 top-k encoder proposals give the reference (and, two-stage, the content
+                 and position; mixed selection: learned content `tgt_embed`, no position:
                  `TopKProposals`);
   denoising      DINO, RT-DETR in training: noised ground truth as extra queries in front
                  of the others, with a self-attention mask that keeps the groups apart.
@@ -169,14 +170,24 @@ class TopKProposals(nn.Module):
     the content [E:] (the references' two-stage, Hugging Face's
     `DeformableDetrModel.forward`).
 
+    DINO's switches (IDEA-Research/DINO `two_stage_type="standard"`, `embed_init_tgt=True`):
+      select_by_max: rank the proposals by their largest class logit (DINO), not the first
+        class's (Deformable DETR, whose proposals are trained class-agnostically);
+      mixed: mixed query selection: the top-k boxes are the references, the content is
+        learned (`tgt_embed` [Q, E], N(0, 1) as nn.Embedding, the first k rows when fewer
+        proposals than queries exist), and there is no position (the decoder derives it from
+        the reference); no pos_trans, pos_trans_norm.
+
     Parameters: enc_output [E, E] and enc_output_norm (the proposals' features: the memory,
     zeroed at padding and at invalid proposals, projected and normalized), pos_trans
-    [2E, 2E] and pos_trans_norm; initialized as the reference's transformer (xavier-uniform
-    kernels, PyTorch's Linear bias).
+    [2E, 2E] and pos_trans_norm (not mixed) or tgt_embed (mixed); initialized as the
+    reference's transformer (xavier-uniform kernels, PyTorch's Linear bias).
     """
 
     num_queries: int
     dtype: Any = jnp.float32
+    select_by_max: bool = False
+    mixed: bool = False
 
     @nn.compact
     def __call__(self, memory: jnp.ndarray, memory_mask: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
@@ -185,10 +196,11 @@ class TopKProposals(nn.Module):
         -> [B, S, K] logits; box_head: (features [B, S, E], reference=inverse-sigmoid
         boxes [B, S, 4]) -> boxes [B, S, 4] (a `detr.BoxHead`).
 
-        Returns (queries: content, position [B, Q, E], reference [B, Q, 4] normalized
-        cxcywh float32 (no gradient), Q = min(num_queries, S); proposals: {"pred_logits" [B, S, K] float32,
-        "pred_boxes" [B, S, 4] float32 (1 where the proposal is +inf: padding or invalid),
-        "indices" [B, Q] int32 the positions chosen, best first}).
+        Returns (queries: content [B, Q, E], position [B, Q, E] (None when mixed),
+        reference [B, Q, 4] normalized cxcywh float32 (no gradient), Q = min(num_queries,
+        S); proposals: {"pred_logits" [B, S, K] float32, "pred_boxes" [B, S, 4] float32 (1
+        where the proposal is +inf: padding or invalid), "indices" [B, Q] int32 the positions
+        chosen, best first}).
         """
         embed = memory.shape[-1]
         proposals, valid = encoder_proposals(memory_mask, spatial_shapes)
@@ -199,11 +211,18 @@ class TopKProposals(nn.Module):
         boxes = box_head(features, reference=proposals)
         # min: a map of fewer positions than queries (an image far smaller than any trained
         # on, such as `init_variables`' 64x64: no parameter depends on Q) gives them all.
-        _, indices = jax.lax.top_k(logits[..., 0], min(self.num_queries, logits.shape[1]))
+        count = min(self.num_queries, logits.shape[1])
+        scores = logits.max(-1) if self.select_by_max else logits[..., 0]
+        _, indices = jax.lax.top_k(scores, count)
         reference = jax.lax.stop_gradient(jnp.take_along_axis(boxes, indices[..., None], axis=1))
+        found = {"pred_logits": logits, "pred_boxes": boxes, "indices": indices.astype(jnp.int32)}
+        if self.mixed:
+            tgt_embed = self.param("tgt_embed", nn.initializers.normal(1.0), (self.num_queries, embed))
+            content = jnp.broadcast_to(tgt_embed[None, :count], (memory.shape[0], count, embed))
+            return QueryState(content=content.astype(self.dtype), reference=reference), found
         # sine_embedding orders a box (y, x, w, h); the references embed it (x, y, w, h).
         sine = sine_embedding(reference[..., [1, 0, 2, 3]], embed // 2).astype(self.dtype)
         queries = torch_dense(2 * embed, 2 * embed, "pos_trans", self.dtype, xavier_uniform)(sine)
         queries = layer_norm("pos_trans_norm", self.dtype)(queries)
         state = QueryState(content=queries[..., embed:], position=queries[..., :embed], reference=reference)
-        return state, {"pred_logits": logits, "pred_boxes": boxes, "indices": indices.astype(jnp.int32)}
+        return state, found

@@ -61,28 +61,40 @@ def torch_dense(features: int, fan_in: int, name: str, dtype: Any, kernel_init: 
 
 
 def attend(module: nn.Module, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, key_mask: jnp.ndarray | None,
-           dropout: float, deterministic: bool) -> jnp.ndarray:
+           dropout: float, deterministic: bool, attention_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Attention of projected, scaled, head-split queries over keys, inside `module`'s compact
     call: q [B, Lq, H, Dk], k [B, Lk, H, Dk], v [B, Lk, H, Dv], key_mask [B, Lk] bool (True =
-    attend) -> [B, Lq, H * Dv]. The weights [B, H, Lq, Lk] are sown into `module`'s
+    attend), attention_mask [Lq, Lk] or [B, Lq, Lk] bool (True = query i may attend to key
+    j; denoising groups) -> [B, Lq, H * Dv]. The weights [B, H, Lq, Lk] are sown into `module`'s
     "intermediates" (ATTENTION_WEIGHTS) and dropped out with rate `dropout` in training.
 
     Traced for onnxruntime (`detr_jax.ops.formulation`, the ONNX export) both products are
     batched matrix products over heads-first operands, ONNX MatMul (the attention-weighted
     sum is otherwise an Einsum, which onnxruntime runs slowly), and the key mask an added
     bias."""
+    key_mask = _combined_mask(key_mask, attention_mask)
     if for_onnxruntime():
         return _attend_for_onnxruntime(module, q, k, v, key_mask, dropout, deterministic)
     # The dot_general jnp.einsum("bqhd,bkhd->bhqk") lowers to, written out: ONNX
     # converters map it to MatMul, where an einsum becomes onnxruntime's slow Einsum.
     logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2)))).astype(jnp.float32)
     if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     module.sow("intermediates", ATTENTION_WEIGHTS, weights)  # masked keys 0
     weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     return out.reshape(out.shape[:-2] + (-1,))
+
+
+def _combined_mask(key_mask: jnp.ndarray | None, attention_mask: jnp.ndarray | None) -> jnp.ndarray | None:
+    """The key padding mask [B, Lk] and an attention mask [Lq, Lk] or [B, Lq, Lk] as one
+    mask broadcastable to the logits [B, H, Lq, Lk] (True = attend), or None."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if attention_mask is not None:
+        extra = attention_mask[None, None] if attention_mask.ndim == 2 else attention_mask[:, None]
+        mask = extra if mask is None else mask & extra
+    return mask
 
 
 def _attend_for_onnxruntime(module: nn.Module, q, k, v, key_mask, dropout: float, deterministic: bool):
@@ -95,7 +107,7 @@ def _attend_for_onnxruntime(module: nn.Module, q, k, v, key_mask, dropout: float
     logits = jnp.matmul(q.transpose(heads_first), k.transpose(0, 2, 3, 1)).astype(jnp.float32)
     if key_mask is not None:
         bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        logits = logits + bias[:, None, None, :]
+        logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1)
     module.sow("intermediates", ATTENTION_WEIGHTS, weights)
     weights = nn.Dropout(dropout)(weights, deterministic=deterministic)
@@ -121,8 +133,10 @@ class MultiHeadAttention(nn.Module):
         value: jnp.ndarray,
         key_mask: jnp.ndarray | None = None,
         deterministic: bool = True,
+        attention_mask: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
-        """query: [B, Lq, E]; key, value: [B, Lk, E]; key_mask: [B, Lk] bool (True = attend).
+        """query: [B, Lq, E]; key, value: [B, Lk, E]; key_mask: [B, Lk] bool (True = attend);
+        attention_mask: [Lq, Lk] or [B, Lq, Lk] bool (True = query i may attend to key j).
 
         Returns [B, Lq, E].
         """
@@ -141,7 +155,7 @@ class MultiHeadAttention(nn.Module):
         v = split_heads(proj("v_proj", value, fused_qkv_xavier_uniform))
         # Scale q before the product, as PyTorch does (bitwise-closer to the reference).
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        out = attend(self, q, k, v, key_mask, self.dropout, deterministic)
+        out = attend(self, q, k, v, key_mask, self.dropout, deterministic, attention_mask)
         return proj("out_proj", out, xavier_uniform)
 
 

@@ -29,6 +29,7 @@ from flax import linen as nn
 from detr_jax.models.detectors.conditional_detr import build_conditional_detr
 from detr_jax.models.detectors.dab_detr import build_dab_detr
 from detr_jax.models.detectors.deformable_detr import build_deformable_detr
+from detr_jax.models.detectors.dino import build_dino
 from detr_jax.models.detr import build_detr
 
 
@@ -52,4 +53,5 @@ DETECTORS: dict[str, Detector] = {
     "conditional_detr": Detector(build=build_conditional_detr, class_convention="sigmoid_focal"),
     "dab_detr": Detector(build=build_dab_detr, class_convention="sigmoid_focal"),
     "deformable_detr": Detector(build=build_deformable_detr, class_convention="sigmoid_focal"),
+    "dino": Detector(build=build_dino, class_convention="sigmoid_focal"),
 }

@@ -138,16 +138,7 @@ class DeformableDETR(nn.Module):
         """
         del targets
         deterministic = not train
-        backbone_out, levels, level_pos = embed_image(images, mask, self.backbone, self.position_embedding, self.neck,
-                                                      self.dtype, train)
-        if len(levels.features) != self.num_feature_levels:
-            raise ValueError(f"the neck gave {len(levels.features)} levels, model.transformer_args "
-                             f"num_feature_levels is {self.num_feature_levels}")
-        level_embed = self.param("level_embed", nn.initializers.normal(1.0), (self.num_feature_levels, self.hidden_dim))
-        pos = tuple(p + level_embed[level] for level, p in enumerate(level_pos))
-        flat = flatten_levels(levels, pos)
-        memory = self.encoder(flat.src.astype(self.dtype), flat.pos.astype(self.dtype), flat.mask,
-                              flat.spatial_shapes, flat.valid_ratios, deterministic)
+        backbone_out, levels, flat, memory = self.encode(images, mask, train)
 
         class_heads, box_heads = self.heads()
         layers = self.decoder.num_layers
@@ -171,16 +162,40 @@ class DeformableDETR(nn.Module):
             logits = class_heads[0](states)
         outputs.update(pred_logits=logits.astype(jnp.float32), pred_boxes=boxes)
         if intermediates:
-            def per_level(x):  # [B, S, ...] -> per level [B, h_l, w_l, ...]
-                return tuple(x[:, s:s + h * w].reshape(x.shape[0], h, w, *x.shape[2:])
-                             for (h, w), s in zip(flat.spatial_shapes, flat.level_start_index))
-
-            outputs.update(backbone_stages=backbone_out.stages, projected=levels.features, pos=per_level(flat.pos),
-                           memory=per_level(memory), memory_mask=levels.masks, valid_ratios=flat.valid_ratios,
-                           decoder_states=states, references=references)
+            outputs.update(self.encoder_intermediates(backbone_out, levels, flat, memory), decoder_states=states,
+                           references=references)
             if self.two_stage:
                 outputs["proposal_indices"] = enc["indices"]
         return outputs
+
+    def encode(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool):
+        """The image through the backbone, the neck (+ the position encodings and the learned
+        `level_embed`) and the deformable encoder, inside the compact call.
+
+        Returns (backbone output, FeatureLevels, FlatLevels (pos with the level embedding),
+        memory [B, S, E])."""
+        backbone_out, levels, level_pos = embed_image(images, mask, self.backbone, self.position_embedding, self.neck,
+                                                      self.dtype, train)
+        if len(levels.features) != self.num_feature_levels:
+            raise ValueError(f"the neck gave {len(levels.features)} levels, model.transformer_args "
+                             f"num_feature_levels is {self.num_feature_levels}")
+        level_embed = self.param("level_embed", nn.initializers.normal(1.0), (self.num_feature_levels, self.hidden_dim))
+        pos = tuple(p + level_embed[level] for level, p in enumerate(level_pos))
+        flat = flatten_levels(levels, pos)
+        memory = self.encoder(flat.src.astype(self.dtype), flat.pos.astype(self.dtype), flat.mask,
+                              flat.spatial_shapes, flat.valid_ratios, not train)
+        return backbone_out, levels, flat, memory
+
+    @staticmethod
+    def encoder_intermediates(backbone_out, levels, flat, memory) -> dict:
+        """The intermediates of `encode` (see `__call__`): backbone_stages, projected, pos,
+        memory, memory_mask per level, valid_ratios."""
+        def per_level(x):  # [B, S, ...] -> per level [B, h_l, w_l, ...]
+            return tuple(x[:, s:s + h * w].reshape(x.shape[0], h, w, *x.shape[2:])
+                         for (h, w), s in zip(flat.spatial_shapes, flat.level_start_index))
+
+        return dict(backbone_stages=backbone_out.stages, projected=levels.features, pos=per_level(flat.pos),
+                    memory=per_level(memory), memory_mask=levels.masks, valid_ratios=flat.valid_ratios)
 
     def heads(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """(class heads, box heads), one per decoder layer (+ the proposals' in two-stage):

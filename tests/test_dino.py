@@ -1,0 +1,183 @@
+"""DINO (`model.arch=dino`) beyond parity (tests/test_parity_dino.py): the decoder switches
+it turns on, training through the command line, the fault cases of issue 30 (a batch with
+no objects, bfloat16: finite losses), 5 scales, and its config errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_overrides
+from detr_jax.config.loading import load_config
+from detr_jax.criterion.losses import SetCriterion
+from detr_jax.models import build_class_convention, build_model
+
+CONFIG = REPO / "configs" / "synthetic_dino_tiny.py"
+TINY = {"model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1, "model.num_decoder_layers": 2,
+        "model.dim_feedforward": 64, "model.num_queries": 6, "data.max_boxes": 3,
+        "model.transformer_args": {"num_feature_levels": 4, "encoder_n_points": 2, "decoder_n_points": 2,
+                                   "dn_number": 6}}
+
+
+def tiny_config(**overrides):
+    return load_config(CONFIG, {**TINY, **overrides})
+
+
+def batch(valid):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 255, (2, 64, 64, 3)), jnp.uint8)
+    mask = jnp.ones((2, 64, 64), bool).at[1, 48:].set(False)
+    valid = jnp.asarray(valid, bool)
+    centre = rng.uniform(0.3, 0.7, (2, 3, 2))
+    boxes = jnp.asarray(np.concatenate([centre, rng.uniform(0.1, 0.3, (2, 3, 2))], -1), jnp.float32)
+    targets = {"labels": jnp.asarray(rng.integers(0, 3, (2, 3)), jnp.int32), "boxes": boxes, "valid": valid}
+    return images, mask, targets
+
+
+def init_variables(model):
+    """The model's variables, initialized under jit (in training, with targets)."""
+    images, mask, targets = batch([[True] * 3] * 2)
+    return jax.jit(lambda i, m, t: model.init({"params": jax.random.PRNGKey(0), "queries": jax.random.PRNGKey(1)},
+                                              i, m, train=True, targets=t))(images, mask, targets)
+
+
+@functools.lru_cache(maxsize=None)
+def loss_function(dtype: str):
+    config = tiny_config(**{"model.dtype": dtype})
+    model = build_model(config.model)
+    criterion = SetCriterion.from_config(config.loss, config.model.num_classes, classes=build_class_convention(config))
+    variables = init_variables(model)
+
+    @jax.jit
+    def loss(variables, images, mask, targets):
+        out = model.apply(variables, images, mask, train=True, targets=targets,
+                          rngs={"dropout": jax.random.PRNGKey(2), "queries": jax.random.PRNGKey(3)})
+        return criterion(out, targets)
+
+    return variables, loss
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("valid", [[[True, True, False], [True, False, False]], [[False] * 3] * 2],
+                         ids=["objects", "no_objects"])
+def test_losses_are_finite_with_and_without_objects(dtype, valid):
+    """Issue 30's fault checks: a batch without objects (denoising groups of padded slots
+    only) and bfloat16 give finite losses, with one compilation for both batches."""
+    variables, loss = loss_function(dtype)
+    total, metrics = loss(variables, *batch(valid))
+    assert np.isfinite(float(total)), metrics
+    for key in ("loss_ce_dn", "loss_bbox_dn", "loss_ce_enc", "loss_giou_enc", "loss_ce_0"):
+        assert np.isfinite(float(metrics[key])), key
+    assert float(metrics["nonfinite_cost"]) == 0
+    if not np.any(valid):
+        assert float(metrics["loss_bbox_dn"]) == 0 and float(metrics["loss_bbox"]) == 0
+    assert loss._cache_size() == 1  # noqa: SLF001: both batches, one program
+
+
+def test_the_denoising_branch_is_matched_by_construction_and_hidden_from_the_matching_queries():
+    config = tiny_config()
+    model = build_model(config.model)
+    images, mask, targets = batch([[True, True, False], [True, False, False]])
+    variables = init_variables(model)
+    train = jax.jit(lambda v, i, m, t, key: model.apply(v, i, m, train=True, targets=t, rngs={"queries": key}))
+    out = train(variables, images, mask, targets, jax.random.PRNGKey(5))
+    groups = 6 // 3
+    assert out["dn"]["pred_logits"].shape == (2, 2, 2 * 3 * groups, config.model.num_classes)
+    t2q = np.asarray(out["dn"]["target_to_query"])
+    assert t2q.tolist() == [[0, 1, -1, 6, 7, -1], [0, -1, -1, 6, -1, -1]]
+    # The matching queries cannot see the dn queries: their outputs are those without targets.
+    plain = jax.jit(model.apply)(variables, images, mask)
+    np.testing.assert_allclose(out["pred_logits"], plain["pred_logits"], atol=1e-5)
+    np.testing.assert_allclose(out["pred_boxes"], plain["pred_boxes"], atol=1e-5)
+    # Other draws, other dn queries, the same matching queries.
+    other = train(variables, images, mask, targets, jax.random.PRNGKey(6))
+    assert np.abs(np.asarray(other["dn"]["pred_boxes"]) - np.asarray(out["dn"]["pred_boxes"])).max() > 1e-3
+
+
+def test_look_forward_twice_trains_the_previous_layers_box_head():
+    """The last layer's box loss reaches the box head through the previous layer's
+    un-detached refinement (look-forward-twice); switched off, only through the last layer."""
+    from detr_jax.models import deformable_transformer
+
+    config = tiny_config()
+    images, mask, _ = batch([[True] * 3] * 2)
+
+    def last_layer_box_gradient(look_forward_twice):
+        model = build_model(config.model)
+        model = model.clone(decoder=model.decoder.clone(look_forward_twice=look_forward_twice))
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
+        # The box head's last layer starts at zero (no gradient through its input): make it matter.
+        last = variables["params"]["bbox_embed"]["layers_2"]
+        kernel = jax.random.normal(jax.random.PRNGKey(1), last["kernel"].shape) * 0.1
+        variables = {**variables, "params": {**variables["params"], "bbox_embed": {
+            **variables["params"]["bbox_embed"], "layers_2": {**last, "kernel": kernel}}}}
+
+        def loss(params):
+            out = model.apply({**variables, "params": params}, images, mask)
+            return out["pred_boxes"][-1].sum()
+
+        grads = jax.grad(loss)(variables["params"])
+        return grads["bbox_embed"]["layers_2"]["kernel"], grads["decoder"]["layer0"]["ffn"]
+
+    assert deformable_transformer.DeformableDecoder.look_forward_twice is not None
+    with_twice, layer0_twice = last_layer_box_gradient(True)
+    without, layer0_without = last_layer_box_gradient(False)
+    # With look-forward-twice the last layer's boxes depend on layer 0's un-detached
+    # refinement: layer 0 gets a gradient; without, it gets one only through the states.
+    assert np.abs(np.asarray(with_twice) - np.asarray(without)).max() > 1e-6
+    difference = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), layer0_twice, layer0_without)
+    assert max(jax.tree_util.tree_leaves(difference)) > 1e-6
+
+
+def test_five_scales_read_res2():
+    config = tiny_config(**{"model.transformer_args": {**TINY["model.transformer_args"], "num_feature_levels": 5}})
+    model = build_model(config.model)
+    images, mask, _ = batch([[True] * 3] * 2)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
+    assert variables["params"]["level_embed"].shape == (5, 32)
+    assert variables["params"]["input_proj"]["conv0"]["kernel"].shape[-2] == 32  # res2: 8 x 4 channels
+    out = jax.jit(functools.partial(model.apply, intermediates=True))(variables, images, mask)
+    assert [f.shape[1] for f in out["projected"]] == [16, 8, 4, 2, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"num_feature_levels": 3}, "4 or 5 scales"),
+    ({"dn_number": -1}, "dn_number"),
+    ({"dn_box_noise_scale": "big"}, "dn_box_noise_scale"),
+    ({"with_box_refine": True}, "with_box_refine"),
+])
+def test_bad_settings_are_refused(args, message):
+    with pytest.raises(Exception, match=message):
+        build_model(tiny_config(**{"model.transformer_args": args}).model)
+
+
+def test_config_trains_two_steps_through_the_command_line(tmp_path):
+    """`detr-jax train --config configs/synthetic_dino_tiny.py` (tiny overrides) for 2
+    steps: every branch of the loss (main, enc, dn) finite."""
+    from detr_jax.cli.main import main
+
+    argv = ["train", "--config", str(CONFIG), "--workdir", str(tmp_path / "run"), "--no_progress",
+            *cli_overrides(**{"data.synthetic_train_examples": 8, "data.synthetic_eval_examples": 4,
+                              "train.num_steps": 2, "train.eval_every_epochs": 0,
+                              "model.transformer_args": {"num_feature_levels": 4, "dn_number": 8}})]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "loss_bbox_dn" in line]
+    assert train_lines, lines
+    for key in ("loss", "loss_ce", "loss_ce_0", "loss_bbox", "loss_ce_enc", "loss_giou_enc", "loss_ce_dn",
+                "loss_bbox_dn_0"):
+        assert np.isfinite(train_lines[-1][key]), key
+
+
+def test_the_official_recipe_config_loads():
+    config = load_config(REPO / "configs" / "dino_r50_4scale_coco.py")
+    assert config.model.arch == "dino" and config.model.num_queries == 900
+    assert config.model.transformer_args["dn_number"] == 100
+    assert (config.train.lr, config.train.epochs, config.train.lr_drop_epoch, config.train.batch_size) == (
+        1e-4, 12, 11, 16)
+    assert (config.loss.class_coef, config.loss.bbox_coef, config.loss.giou_coef) == (1.0, 5.0, 2.0)
