@@ -9,6 +9,11 @@ run best. Modules ask `for_onnxruntime()` while they are traced; nothing else re
 
     with formulated_for(ONNXRUNTIME):
         jax2onnx.to_onnx(fn, ...)
+
+The choice is read while tracing, and jit's cache does not know it: a function jitted and
+traced outside the block keeps its XLA trace inside it. The ONNX export traces a function
+of its own, made for it (`serving_function`), so nothing traced for XLA is reused there,
+and nothing traced for onnxruntime reaches a jit cache.
 """
 
 from __future__ import annotations

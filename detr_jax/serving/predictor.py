@@ -280,7 +280,10 @@ class Predictor:
                 jax.ShapeDtypeStruct((b, 2), jnp.int32),
             )
             # Compiled ahead of time: calling it with another shape raises instead of
-            # silently compiling again.
+            # silently compiling again. With XLA's default options: none of the XLA:CPU
+            # options studied (YNNPACK fusions, schedulers, vector width, fast math, matmul
+            # precision; scripts/bench_jit_options.py) made DETR-R50 inference faster
+            # beyond the run's noise (docs/BENCHMARKS.md, 2026-12-07), unlike the train step's.
             self._executables[key] = self._forward.lower(self._variables, *specs).compile()
             log.info("predictor: compiled for batch %d x %s (%s); %d programs", b, shape, self.dtype, len(self._executables))
         return self._executables[key]
