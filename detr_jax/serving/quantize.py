@@ -12,7 +12,7 @@
    QLinearConv when it loads the model.
 
 Only the convolutions (the ResNet, DETR's input projection) are quantized, the op types in
-`QUANTIZED_OPS`: they are most of the CPU time (78% of onnxruntime's float32 DETR-R50,
+`QUANTIZED_OPS`: they are most of the CPU time of a float32 DETR-R50 in onnxruntime (profiled in
 docs/BENCHMARKS.md 2026-12-07); the transformer's matrix products, LayerNorms and
 softmaxes stay float32. The result is an approximation of the float32 model, not equal to it
 within the float exports' 1e-4: its AP cost is measured, not bounded.
