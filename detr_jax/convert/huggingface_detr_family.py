@@ -77,7 +77,12 @@ _SAVED_PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_c
 
 
 def _encoder_layer(index: str, name: str) -> Module | None:
-    layer = (f"encoder_layer{index}",)
+    return encoder_layer((f"encoder_layer{index}",), name)
+
+
+def encoder_layer(layer: Path, name: str) -> Module | None:
+    """A post-norm encoder layer's module `name` (transformers' DETR-family names) -> our
+    `EncoderLayer` at `layer`."""
     return first_match([
         (r"self_attn\.([qkv])_proj", lambda p: Module(layer + ("self_attn", f"{p}_proj"), "dense")),
         (r"self_attn\.(?:o|out)_proj", lambda: Module(layer + ("self_attn", "out_proj"), "dense")),

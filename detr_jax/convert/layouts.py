@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from detr_jax.convert import huggingface_detr_family as hf_family
+from detr_jax.convert import huggingface_rt_detr
 from detr_jax.convert import official_detr_family as official_family
 from detr_jax.convert import official_dino
 from detr_jax.convert.huggingface_detr import huggingface_module
@@ -39,6 +40,9 @@ MODULE_RESOLVERS.update({layout: functools.partial(hf_family.module, layout) for
 MODULE_RESOLVERS.update({layout: functools.partial(official_family.module, layout)
                          for layout in official_family.LAYOUTS})
 MODULE_RESOLVERS[official_dino.LAYOUT] = functools.partial(official_dino.module, official_dino.LAYOUT)
+# RT-DETR's backbone and hybrid encoder so far: mapped by `map_state_dict`, not yet detected
+# (not in LAYOUTS) until its detector exists.
+MODULE_RESOLVERS[huggingface_rt_detr.LAYOUT] = huggingface_rt_detr.module
 # Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
 PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,

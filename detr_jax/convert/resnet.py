@@ -1,5 +1,7 @@
 """ResNet bodies: torchvision, timm and official DETR names, transformers' native ResNet
-names; the torchvision ImageNet layout; the ResNet a body's tensors describe."""
+names and its ResNet-vd (`RTDetrResNetBackbone`: the deep stem `embedder.embedder.{0,1,2}`,
+the average-pool shortcut `shortcut.1`); the torchvision ImageNet layout; the ResNet a
+body's tensors describe."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ _RESNET_BODY_RULES = [
     # transformers' native ResNet names (stages are 0-based there)
     (r"embedder\.embedder\.convolution", lambda: Module(BODY + ("conv1",), "conv")),
     (r"embedder\.embedder\.normalization", lambda: Module(BODY + ("bn1",), "bn")),
+    # transformers' ResNet-vd (RTDetrResNetBackbone): the deep stem; a shortcut after an average pool
+    (r"embedder\.embedder\.([012])\.(convolution|normalization)",
+     lambda i, what: Module(BODY + (("conv1_" if what == "convolution" else "bn1_") + str(int(i) + 1),),
+                            "conv" if what == "convolution" else "bn")),
     (
         r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.([012])\.(convolution|normalization)",
         lambda s, b, j, what: Module(
@@ -33,7 +39,7 @@ _RESNET_BODY_RULES = [
         ),
     ),
     (
-        r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(convolution|normalization)",
+        r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(?:1\.)?(convolution|normalization)",
         lambda s, b, what: Module(
             BODY + (f"layer{int(s) + 1}_{b}", "downsample_conv" if what == "convolution" else "downsample_bn"),
             "conv" if what == "convolution" else "bn",
@@ -53,14 +59,20 @@ def torchvision_module(name: str) -> Module | None:
 
 
 def infer_backbone(leaves: Mapping[Path, np.ndarray]) -> tuple[str | None, str]:
-    """(name in RESNETS or None, a description such as "depths (3, 4, 6, 3), ...")."""
+    """(name in RESNETS or None, a description such as "depths (3, 4, 6, 3), ...").
+
+    A deep stem (`conv1_1`..`conv1_3`) is a ResNet-vd's, whose downsampling shortcuts are
+    average pools (they have no tensors to tell)."""
     body = ("params",) + BODY
     blocks = indices(leaves, body, r"layer(\d)_(\d+)")
     depths = tuple(sum(1 for s, _ in blocks if int(s) == stage) for stage in (1, 2, 3, 4))
     widths = tuple((shape(leaves, *body, f"layer{s}_0", "conv1", "kernel") or (0,))[-1] for s in (1, 2, 3, 4))
-    stem = (shape(leaves, *body, "conv1", "kernel") or (0,))[-1]
-    description = f"ResNet with depths {depths}, widths {widths}, stem {stem}"
+    deep_stem = (*body, "conv1_3", "kernel") in leaves
+    stem = (shape(leaves, *body, "conv1_3" if deep_stem else "conv1", "kernel") or (0,))[-1]
+    block = "bottleneck" if (*body, "layer1_0", "conv3", "kernel") in leaves else "basic"
+    description = f"ResNet{'-vd' if deep_stem else ''} with {block} blocks, depths {depths}, widths {widths}, stem {stem}"
     for name, spec in RESNETS.items():
-        if (spec.depths, spec.widths, spec.stem_width) == (depths, widths, stem):
+        if (spec.depths, spec.widths, spec.stem_width, spec.block, spec.deep_stem) == (
+                depths, widths, stem, block, deep_stem):
             return name, description
     return None, description

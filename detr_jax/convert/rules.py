@@ -14,7 +14,8 @@ Path = tuple[str, ...]  # ("params", "backbone", "body", "conv1", "kernel")
 class Module:
     """A PyTorch module's place in the Flax tree and what kind of layer it is.
 
-    kind: "conv", "bn" (frozen BatchNorm), "dense", "layernorm", "groupnorm", "embedding" (the path is
+    kind: "conv", "bn" (frozen BatchNorm), "batchnorm" (trainable BatchNorm: scale and bias in
+    params, the running statistics in batch_stats), "dense", "layernorm", "groupnorm", "embedding" (the path is
     the parameter itself), "parameter" (a bare nn.Parameter, copied as is to the path),
     "fused_qkv" (nn.MultiheadAttention's in_proj, timm's qkv; the path is the attention
     module holding q_proj/k_proj/v_proj), "unsupported" (`path[0]` says why), or for a

@@ -22,6 +22,10 @@ _LEAF_NAMES = {
         "weight": ("frozen_bn", "scale"), "bias": ("frozen_bn", "bias"),
         "running_mean": ("frozen_bn", "mean"), "running_var": ("frozen_bn", "var"),
     },
+    "batchnorm": {
+        "weight": ("params", "scale"), "bias": ("params", "bias"),
+        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var"),
+    },
 }
 
 

@@ -1,6 +1,6 @@
-"""2-D positional encodings of a feature map: sine (DETR's default) and learned; and the
-sine embedding of normalized coordinates (reference points, boxes) that the DETR family's
-decoders use.
+"""2-D positional encodings of a feature map: sine (DETR's default) and learned, RT-DETR's
+fixed sin-cos grid (`sincos_2d`); and the sine embedding of normalized coordinates
+(reference points, boxes) that the DETR family's decoders use.
 
 A position encoding is any module `mask [B, h, w] bool -> [B, h, w, hidden_dim]`;
 POSITION_EMBEDDINGS maps a name to its builder `(model_config, dtype) -> Module`.
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 
@@ -33,6 +34,27 @@ def sine_embedding(coords: jnp.ndarray, num_feats: int, temperature: float = 100
     angles = coords.astype(jnp.float32)[..., None] * (2 * math.pi) / dim_t  # [..., n, F]
     order = [1, 0] + list(range(2, coords.shape[-1]))
     return jnp.concatenate([sin_cos(angles[..., i, :]) for i in order], axis=-1)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """RT-DETR's fixed 2-D sin-cos encoding of a grid (Hugging Face's
+    `build_2d_sinusoidal_position_embedding`, the hybrid encoder's AIFI): [height * width, dim]
+    float32, positions row-major (as a feature map [h, w, E] flattens), channels
+    [sin(y w_k) | cos(y w_k) | sin(x w_k) | cos(x w_k)] with integer cell coordinates (y, x)
+    and w_k = temperature^(-k / (dim / 4)), computed in float64 and rounded once. No padding
+    mask: the grid is the feature map's.
+
+    For a square grid this is the official lyuwenyu/RT-DETR encoding; on a non-square one the
+    official code's meshgrid order gives another assignment of positions (there the first
+    half encodes k // h, the second k % h of position k), which transformers 5 replaced by
+    this one."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos encoding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    grid_y, grid_x = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                                 indexing="ij")
+    y, x = np.outer(grid_y.reshape(-1), omega), np.outer(grid_x.reshape(-1), omega)
+    return np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], axis=1).astype(np.float32)
 
 
 class SinePositionEmbedding(nn.Module):

@@ -1,9 +1,20 @@
-"""ResNet backbone with frozen BatchNorm, in the torchvision layout.
+"""ResNet backbone with frozen BatchNorm, in the torchvision layout, and its "vd" variant.
 
 Layout follows torchvision's ResNet ("v1.5"): the stride of a bottleneck block sits in its
 3x3 convolution, the shortcut is a strided 1x1 convolution + BN. Module names mirror
 torchvision (`conv1`, `bn1`, `layer1_0/conv2`, `layer1_0/downsample_conv`, ...) so that
 PyTorch checkpoints map one to one.
+
+ResNet-vd (He et al., "Bag of Tricks", 2019; RT-DETR's backbone, lyuwenyu/RT-DETR
+`PResNet(variant="d")`, Hugging Face's `RTDetrResNetBackbone`) is the same trunk with two
+switches of `ResNetSpec`: `deep_stem` (three 3x3 convolutions, `conv1_1`/`bn1_1` ..
+`conv1_3`/`bn1_3`, the first of stride 2 and stem_width / 2 channels, in place of the 7x7)
+and `avg_down` (a downsampling shortcut is a 2x2 average pool, ceil mode, then a stride-1
+1x1 convolution + BN, in place of the strided 1x1 convolution). `block` picks the residual
+block by name from BLOCKS: "bottleneck" (R50/R101) or "basic" (R18/R34: two 3x3
+convolutions, `conv1`/`bn1`, `conv2`/`bn2`, torchvision's BasicBlock, expansion 1). The
+first block of every stage has a projection shortcut, as torchvision's and RT-DETR's (for
+a basic block that includes the first stage, where the channels do not change).
 
 The normalization is passed in (`norm`, a factory `(channels, name) -> Module`, flax
 ImageNet's `norm=partial(nn.BatchNorm, ...)` pattern), chosen by name from NORMS:
@@ -43,12 +54,17 @@ ModuleDef = Any
 
 @dataclasses.dataclass(frozen=True)
 class ResNetSpec:
-    """Shape of a bottleneck ResNet: blocks per stage, inner width per stage, stem width."""
+    """Shape of a ResNet: blocks per stage, inner width per stage (a basic block's output
+    width), stem width; the residual block (a BLOCKS name, expansion 4 for "bottleneck", 1
+    for "basic") and the vd switches `deep_stem` and `avg_down` (module docstring)."""
 
     depths: tuple[int, ...]
     widths: tuple[int, ...]
     stem_width: int
     expansion: int = 4
+    block: str = "bottleneck"
+    deep_stem: bool = False
+    avg_down: bool = False
 
     @property
     def num_channels(self) -> int:
@@ -61,6 +77,18 @@ RESNETS = {
     "resnet101": ResNetSpec(depths=(3, 4, 23, 3), widths=(64, 128, 256, 512), stem_width=64),
     # For tests and the CPU demo: one block per stage, narrow (256 output channels).
     "resnet_tiny": ResNetSpec(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=16),
+    # ResNet-vd, RT-DETR's backbones (lyuwenyu/RT-DETR PResNet variant "d", depths 18 to 101).
+    "resnet18_vd": ResNetSpec(depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=64, expansion=1,
+                              block="basic", deep_stem=True, avg_down=True),
+    "resnet34_vd": ResNetSpec(depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64, expansion=1,
+                              block="basic", deep_stem=True, avg_down=True),
+    "resnet50_vd": ResNetSpec(depths=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64, deep_stem=True,
+                              avg_down=True),
+    "resnet101_vd": ResNetSpec(depths=(3, 4, 23, 3), widths=(64, 128, 256, 512), stem_width=64, deep_stem=True,
+                               avg_down=True),
+    # For tests: a narrow ResNet-18-vd (one basic block per stage, 64 output channels).
+    "resnet_vd_tiny": ResNetSpec(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=8, expansion=1,
+                                 block="basic", deep_stem=True, avg_down=True),
 }
 
 
@@ -157,8 +185,8 @@ class PointwiseConv(nn.Module):
         return y
 
 
-def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None,
-          dtype: Any = jnp.float32) -> nn.Module:
+def conv2d(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None,
+           dtype: Any = jnp.float32) -> nn.Module:
     """A bias-free conv with PyTorch's symmetric padding (dilation * (kernel // 2))."""
     if kernel == 1:
         return PointwiseConv(features, stride, dtype=dtype, name=name)
@@ -176,8 +204,36 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: 
     )
 
 
+def avg_pool_ceil(x: jnp.ndarray) -> jnp.ndarray:
+    """PyTorch's `AvgPool2d(2, 2, ceil_mode=True)`: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C],
+    each output the mean of the input cells its window covers (a window that runs past an odd
+    edge averages the cells inside). Padded explicitly, as the stem's max pool."""
+    height, width = x.shape[1], x.shape[2]
+    pad = ((0, 0), (0, height % 2), (0, width % 2), (0, 0))
+    total = nn.avg_pool(jnp.pad(x, pad), (2, 2), strides=(2, 2), padding="VALID")
+    if height % 2 == 0 and width % 2 == 0:
+        return total
+    counts = nn.avg_pool(jnp.pad(jnp.ones((1, height, width, 1), x.dtype), pad), (2, 2), strides=(2, 2),
+                         padding="VALID")
+    return total / counts
+
+
+def projection_shortcut(x: jnp.ndarray, features: int, stride: int, avg_down: bool, norm: ModuleDef,
+                        dtype: Any) -> jnp.ndarray:
+    """A block's projection shortcut, called inside its compact method (`downsample_conv`,
+    `downsample_bn`): a 1x1 convolution with the block's stride + BN, or with `avg_down` and
+    stride 2 the vd shortcut (2x2 average pool, ceil mode, then a stride-1 1x1 convolution +
+    BN)."""
+    if avg_down and stride == 2:
+        x, stride = avg_pool_ceil(x), 1
+    x = conv2d(features, 1, stride, name="downsample_conv", dtype=dtype)(x)
+    return norm(features, "downsample_bn")(x)
+
+
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x expansion), residual, ReLU."""
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 (x expansion), residual, ReLU. The shortcut is
+    a projection (`projection_shortcut`) when the block changes the shape or `project` (the first
+    block of a stage)."""
 
     width: int
     stride: int = 1
@@ -185,26 +241,57 @@ class Bottleneck(nn.Module):
     expansion: int = 4
     norm: ModuleDef = frozen_batch_norm
     dtype: Any = jnp.float32
+    project: bool = False
+    avg_down: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """x: [B, H, W, C_in] -> [B, H/stride, W/stride, width * expansion]."""
         out_ch = self.width * self.expansion
-        y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
+        y = conv2d(self.width, 1, name="conv1", dtype=self.dtype)(x)
         y = nn.relu(self.norm(self.width, "bn1")(y))
-        y = _conv(self.width, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(y)
+        y = conv2d(self.width, 3, self.stride, self.dilation, name="conv2", dtype=self.dtype)(y)
         y = nn.relu(self.norm(self.width, "bn2")(y))
-        y = _conv(out_ch, 1, name="conv3", dtype=self.dtype)(y)
+        y = conv2d(out_ch, 1, name="conv3", dtype=self.dtype)(y)
         y = self.norm(out_ch, "bn3")(y)
-        if self.stride != 1 or x.shape[-1] != out_ch:
-            x = _conv(out_ch, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
-            x = self.norm(out_ch, "downsample_bn")(x)
+        if self.project or self.stride != 1 or x.shape[-1] != out_ch:
+            x = projection_shortcut(x, out_ch, self.stride, self.avg_down, self.norm, self.dtype)
         return nn.relu(x + y)
 
 
+class BasicBlock(nn.Module):
+    """3x3 (stride, dilation) -> 3x3, residual, ReLU (torchvision's BasicBlock; `expansion`
+    is 1). The shortcut as Bottleneck's."""
+
+    width: int
+    stride: int = 1
+    dilation: int = 1
+    expansion: int = 1
+    norm: ModuleDef = frozen_batch_norm
+    dtype: Any = jnp.float32
+    project: bool = False
+    avg_down: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, H, W, C_in] -> [B, H/stride, W/stride, width * expansion]."""
+        out_ch = self.width * self.expansion
+        y = conv2d(self.width, 3, self.stride, self.dilation, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(self.norm(self.width, "bn1")(y))
+        y = conv2d(out_ch, 3, 1, self.dilation, name="conv2", dtype=self.dtype)(y)
+        y = self.norm(out_ch, "bn2")(y)
+        if self.project or self.stride != 1 or x.shape[-1] != out_ch:
+            x = projection_shortcut(x, out_ch, self.stride, self.avg_down, self.norm, self.dtype)
+        return nn.relu(x + y)
+
+
+# ResNetSpec.block -> residual block
+BLOCKS: dict[str, type[nn.Module]] = {"bottleneck": Bottleneck, "basic": BasicBlock}
+
+
 class ResNet(nn.Module):
-    """Bottleneck ResNet trunk; returns every stage's output, "res2" (stride 4) to "res5"
-    (stride 32, or 16 with DC5).
+    """ResNet trunk (`spec`: torchvision's, or vd); returns every stage's output, "res2"
+    (stride 4) to "res5" (stride 32, or 16 with DC5).
 
     With `dilation=True` the last stage keeps stride 16 and dilates its 3x3 convolutions
     instead, as torchvision's `replace_stride_with_dilation=[False, False, True]`: the first
@@ -221,11 +308,17 @@ class ResNet(nn.Module):
         """x: [B, H, W, 3] normalized image -> {"res2": [B, H/4, W/4, C2], ...,
         "res5": [B, ceil(H/32), ceil(W/32), num_channels]}."""
         x = x.astype(self.dtype)
-        x = nn.Conv(
-            self.spec.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-            use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
-        )(x)
-        x = nn.relu(self.norm(self.spec.stem_width, "bn1")(x))
+        if self.spec.deep_stem:  # vd: 3x3 (stride 2, half width) -> 3x3 (half width) -> 3x3
+            half = self.spec.stem_width // 2
+            for i, (features, stride) in enumerate(((half, 2), (half, 1), (self.spec.stem_width, 1)), 1):
+                x = conv2d(features, 3, stride, name=f"conv1_{i}", dtype=self.dtype)(x)
+                x = nn.relu(self.norm(features, f"bn1_{i}")(x))
+        else:
+            x = nn.Conv(
+                self.spec.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1",
+            )(x)
+            x = nn.relu(self.norm(self.spec.stem_width, "bn1")(x))
         # The same as max_pool(padding=((1, 1), (1, 1))), which pads with -inf; padded
         # explicitly because ONNX converters (jax2onnx 0.12) drop a pooling's explicit
         # padding, which shrank every feature map by one cell.
@@ -241,13 +334,15 @@ class ResNet(nn.Module):
                 current_dilation *= stride
                 stride = 1
             for block in range(depth):
-                x = Bottleneck(
+                x = BLOCKS[self.spec.block](
                     width,
                     stride=stride if block == 0 else 1,
                     dilation=first_dilation if block == 0 else current_dilation,
                     expansion=self.spec.expansion,
                     norm=self.norm,
                     dtype=self.dtype,
+                    project=block == 0,
+                    avg_down=self.spec.avg_down,
                     name=f"layer{stage + 1}_{block}",
                 )(x)
             stages[f"res{stage + 2}"] = x

@@ -160,13 +160,15 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """linear1 -> ReLU -> dropout -> linear2; with `prelu`, PyTorch's nn.PReLU instead of
-    the ReLU (DAB-DETR's): one learned negative slope `prelu` [1], initially 0.25."""
+    """linear1 -> activation (ReLU, or RT-DETR's exact GELU: `activation`) -> dropout ->
+    linear2; with `prelu`, PyTorch's nn.PReLU instead (DAB-DETR's): one learned negative
+    slope `prelu` [1], initially 0.25."""
 
     dim_feedforward: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
     prelu: bool = False
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
@@ -177,7 +179,7 @@ class FeedForward(nn.Module):
             slope = self.param("prelu", nn.initializers.constant(0.25), (1,))
             h = jnp.where(h >= 0, h, slope.astype(h.dtype) * h)
         else:
-            h = nn.relu(h)
+            h = self.activation(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return torch_dense(embed, self.dim_feedforward, "linear2", self.dtype, xavier_uniform)(h)
 
@@ -188,7 +190,8 @@ def layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention + FFN (with a PReLU: `prelu`), each with residual, dropout and LayerNorm."""
+    """Self-attention + FFN (with a PReLU: `prelu`; another `activation`), each with residual,
+    dropout and LayerNorm."""
 
     num_heads: int
     dim_feedforward: int
@@ -196,12 +199,13 @@ class EncoderLayer(nn.Module):
     pre_norm: bool = False
     dtype: Any = jnp.float32
     prelu: bool = False
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
 
     @nn.compact
     def __call__(self, src, pos, key_mask, deterministic: bool = True):
         """src, pos: [B, S, E]; key_mask: [B, S] bool (True = real). Returns [B, S, E]."""
         attn = MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name="self_attn")
-        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, self.prelu, name="ffn")
+        ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, self.prelu, self.activation, name="ffn")
         norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
         drop = nn.Dropout(self.dropout)
         if self.pre_norm:
