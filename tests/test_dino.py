@@ -1,6 +1,10 @@
 """DINO (`model.arch=dino`) beyond parity (tests/test_parity_dino.py): the decoder switches
 it turns on, training through the command line, the fault cases of issue 30 (a batch with
-no objects, bfloat16: finite losses), 5 scales, and its config errors."""
+no objects, bfloat16: finite losses), 5 scales, and its config errors.
+
+Cheap enough for CI: one tiny model and its variables per dtype for the whole module
+(`tiny_model`), look-forward-twice checked on the decoder alone, and one two-step
+command-line run at the smallest sizes."""
 
 from __future__ import annotations
 
@@ -11,11 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from conftest import REPO, cli_overrides
 from detr_jax.config.loading import load_config
 from detr_jax.criterion.losses import SetCriterion
 from detr_jax.models import build_class_convention, build_model
+from detr_jax.models.deformable_transformer import DeformableDecoder
+from detr_jax.models.detr import BoxHead
+from detr_jax.models.queries import QueryState
 
 CONFIG = REPO / "configs" / "synthetic_dino_tiny.py"
 TINY = {"model.hidden_dim": 32, "model.num_heads": 2, "model.num_encoder_layers": 1, "model.num_decoder_layers": 2,
@@ -47,11 +55,18 @@ def init_variables(model):
 
 
 @functools.lru_cache(maxsize=None)
-def loss_function(dtype: str):
+def tiny_model(dtype: str = "float32"):
+    """(config, model, variables) of the tiny DINO, built and initialized once per dtype for
+    every test of the module."""
     config = tiny_config(**{"model.dtype": dtype})
     model = build_model(config.model)
+    return config, model, init_variables(model)
+
+
+@functools.lru_cache(maxsize=None)
+def loss_function(dtype: str):
+    config, model, variables = tiny_model(dtype)
     criterion = SetCriterion.from_config(config.loss, config.model.num_classes, classes=build_class_convention(config))
-    variables = init_variables(model)
 
     @jax.jit
     def loss(variables, images, mask, targets):
@@ -80,10 +95,8 @@ def test_losses_are_finite_with_and_without_objects(dtype, valid):
 
 
 def test_the_denoising_branch_is_matched_by_construction_and_hidden_from_the_matching_queries():
-    config = tiny_config()
-    model = build_model(config.model)
+    config, model, variables = tiny_model()
     images, mask, targets = batch([[True, True, False], [True, False, False]])
-    variables = init_variables(model)
     train = jax.jit(lambda v, i, m, t, key: model.apply(v, i, m, train=True, targets=t, rngs={"queries": key}))
     out = train(variables, images, mask, targets, jax.random.PRNGKey(5))
     groups = 6 // 3
@@ -99,49 +112,68 @@ def test_the_denoising_branch_is_matched_by_construction_and_hidden_from_the_mat
     assert np.abs(np.asarray(other["dn"]["pred_boxes"]) - np.asarray(out["dn"]["pred_boxes"])).max() > 1e-3
 
 
+class DecoderWithBoxHead(nn.Module):
+    """DINO's decoder (its switches, one box head shared by every layer) alone: each
+    layer's boxes for tiny inputs."""
+
+    look_forward_twice: bool
+
+    @nn.compact
+    def __call__(self, memory, queries):
+        decoder = DeformableDecoder(num_layers=2, num_heads=2, dim_feedforward=16, num_points=1,
+                                    position_from_reference=True, final_norm=True,
+                                    look_forward_twice=self.look_forward_twice, inverse_sigmoid_eps=1e-3,
+                                    name="decoder")
+        bbox_embed = BoxHead(8, name="bbox_embed")  # a last layer that is not zero: its input matters
+        valid_ratios = jnp.ones((memory.shape[0], len(DECODER_LEVELS), 2))
+        mask = jnp.ones(memory.shape[:2], bool)
+        return decoder(memory, mask, DECODER_LEVELS, valid_ratios, queries, [bbox_embed] * 2, True)[2]
+
+
+DECODER_LEVELS = ((2, 2), (1, 1))
+
+
 def test_look_forward_twice_trains_the_previous_layers_box_head():
     """The last layer's box loss reaches the box head through the previous layer's
-    un-detached refinement (look-forward-twice); switched off, only through the last layer."""
-    from detr_jax.models import deformable_transformer
+    un-detached refinement (look-forward-twice); switched off, only through the last layer.
+    DINO's decoder (`DeformableDecoder` with its switches) alone, on tiny inputs."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    memory = jax.random.normal(keys[0], (1, 5, 8))
+    queries = QueryState(content=jax.random.normal(keys[1], (1, 3, 8)),
+                         reference=jax.random.uniform(keys[2], (1, 3, 4), minval=0.2, maxval=0.6))
 
-    config = tiny_config()
-    images, mask, _ = batch([[True] * 3] * 2)
+    @jax.jit  # one program for everything compared
+    def gradients_and_boxes(key):
+        params = DecoderWithBoxHead(True).init(key, memory, queries)["params"]  # the same for both
+        found = []
+        for look_forward_twice in (True, False):
+            model = DecoderWithBoxHead(look_forward_twice)
+            grads = jax.grad(lambda p: model.apply({"params": p}, memory, queries)[-1].sum())(params)
+            found.append((grads["bbox_embed"]["layers_2"]["kernel"], grads["decoder"]["layer0"]["ffn"],
+                          model.apply({"params": params}, memory, queries)))
+        return found
 
-    def last_layer_box_gradient(look_forward_twice):
-        model = build_model(config.model)
-        model = model.clone(decoder=model.decoder.clone(look_forward_twice=look_forward_twice))
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
-        # The box head's last layer starts at zero (no gradient through its input): make it matter.
-        last = variables["params"]["bbox_embed"]["layers_2"]
-        kernel = jax.random.normal(jax.random.PRNGKey(1), last["kernel"].shape) * 0.1
-        variables = {**variables, "params": {**variables["params"], "bbox_embed": {
-            **variables["params"]["bbox_embed"], "layers_2": {**last, "kernel": kernel}}}}
-
-        def loss(params):
-            out = model.apply({**variables, "params": params}, images, mask)
-            return out["pred_boxes"][-1].sum()
-
-        grads = jax.grad(loss)(variables["params"])
-        return grads["bbox_embed"]["layers_2"]["kernel"], grads["decoder"]["layer0"]["ffn"]
-
-    assert deformable_transformer.DeformableDecoder.look_forward_twice is not None
-    with_twice, layer0_twice = last_layer_box_gradient(True)
-    without, layer0_without = last_layer_box_gradient(False)
+    (with_twice, layer0_twice, boxes_twice), (without, layer0_without, boxes) = gradients_and_boxes(
+        jax.random.PRNGKey(1))
     # With look-forward-twice the last layer's boxes depend on layer 0's un-detached
-    # refinement: layer 0 gets a gradient; without, it gets one only through the states.
+    # refinement: the box head gets more gradient, layer 0 another one; without, layer 0
+    # gets one only through the states.
     assert np.abs(np.asarray(with_twice) - np.asarray(without)).max() > 1e-6
     difference = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), layer0_twice, layer0_without)
     assert max(jax.tree_util.tree_leaves(difference)) > 1e-6
+    # The switch changes gradients, not predictions.
+    np.testing.assert_allclose(boxes_twice, boxes, rtol=1e-6)
 
 
 def test_five_scales_read_res2():
     config = tiny_config(**{"model.transformer_args": {**TINY["model.transformer_args"], "num_feature_levels": 5}})
     model = build_model(config.model)
     images, mask, _ = batch([[True] * 3] * 2)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, mask)
+    # Shapes are what is checked: traced (jax.eval_shape), not compiled.
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, mask)
     assert variables["params"]["level_embed"].shape == (5, 32)
     assert variables["params"]["input_proj"]["conv0"]["kernel"].shape[-2] == 32  # res2: 8 x 4 channels
-    out = jax.jit(functools.partial(model.apply, intermediates=True))(variables, images, mask)
+    out = jax.eval_shape(functools.partial(model.apply, intermediates=True), variables, images, mask)
     assert [f.shape[1] for f in out["projected"]] == [16, 8, 4, 2, 1]
 
 
@@ -164,7 +196,8 @@ def test_config_trains_two_steps_through_the_command_line(tmp_path):
     argv = ["train", "--config", str(CONFIG), "--workdir", str(tmp_path / "run"), "--no_progress",
             *cli_overrides(**{"data.synthetic_train_examples": 8, "data.synthetic_eval_examples": 4,
                               "train.num_steps": 2, "train.eval_every_epochs": 0,
-                              "model.transformer_args": {"num_feature_levels": 4, "dn_number": 8}})]
+                              "model.transformer_args": {"num_feature_levels": 4, "encoder_n_points": 1,
+                                                         "decoder_n_points": 1, "dn_number": 4}})]
     assert main(argv) == 0
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if "loss_bbox_dn" in line]

@@ -159,11 +159,12 @@ def test_from_config_equals_keywords():
     config = loss_config()
     config.eos_coef = 0.2
     config.aux_loss = False
+    config.one2many_coef = 0.5
     classes = SoftmaxNoObject(eos_coef=0.2)  # the class convention owns eos_coef; the matcher asks it too
     parts = criterion_parts()
     parts["matcher"] = dataclasses.replace(parts["matcher"], classes=classes)
     assert SetCriterion.from_config(config, K) == SetCriterion(
-        num_classes=K, classes=classes, aux_loss=False, **parts
+        num_classes=K, classes=classes, aux_loss=False, branch_weights={"one2many": 0.5}, **parts
     )
 
 

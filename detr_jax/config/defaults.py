@@ -103,6 +103,9 @@ def loss_config() -> ml_collections.ConfigDict:
             focal_gamma=2.0,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
+            # Weight of the whole one2many branch of hybrid matching (H-DETR's lambda_one2many;
+            # the branch exists when model.transformer_args num_queries_one2many > 0).
+            one2many_coef=1.0,
             # Name in detr_jax.criterion.matcher.MATCHERS, and its settings by field name
             # (the Hungarian matchers': cost_class, cost_bbox, cost_giou, the weights of the
             # matching cost's terms, official DETR's 1, 5, 2 when not given).
@@ -160,7 +163,7 @@ def _check_range(section: str, values: ml_collections.ConfigDict, minimums: dict
 
 def validate_loss(loss: ml_collections.ConfigDict) -> None:
     _check_range("loss", loss, {key: (0, False) for key in (
-        "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef")})
+        "class_coef", "bbox_coef", "giou_coef", "mask_coef", "dice_coef", "one2many_coef")})
     if not 0.0 < loss.eos_coef <= 1.0:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
     if not 0.0 <= loss.focal_alpha <= 1.0:

@@ -30,7 +30,12 @@ two-stage encoder proposals, "dn": denoising queries, "one2many": hybrid matchin
 a dict of the same keys, matched by its own rule: a branch that carries its assignment
 (`target_to_query`, e.g. denoising queries made from the targets; with G * M slots for G
 denoising groups, each trained against its copy of the targets, normalized by G times the
-boxes) uses it, the others are matched by the criterion's matcher. A branch with `class_agnostic` (a bool scalar) True
+boxes) uses it, the others are matched by the criterion's matcher. A branch that carries
+its own `targets` ({"labels", "boxes", "valid"} [B, G * M], the M targets repeated G
+times: hybrid matching's one2many branch, `models.hybrid`) is matched (by the matcher) and
+trained against them, normalized by G times the boxes as the references'. A branch may be
+weighted as a whole (`SetCriterion.branch_weights`: one2many's `loss.one2many_coef`, the
+reference's lambda_one2many). A branch with `class_agnostic` (a bool scalar) True
 is matched and trained as if every target were class 0 (official two-stage Deformable
 DETR's encoder proposals, its `bin_targets`). A branch's metrics are suffixed with its
 name as the references do: `loss_bbox_enc`, `loss_bbox_dn_3` (layer 3 of the dn branch).
@@ -227,6 +232,8 @@ class SetCriterion:
       classes: the class convention (DETR's softmax with "no object", C = K + 1 logits,
         by default); it owns the classification loss and cardinality.
       aux_loss: supervise every decoder layer, not only the last.
+      branch_weights: {branch name: factor} multiplying every weighted term of that branch
+        (hybrid matching's one2many: loss.one2many_coef); 1 for a branch not named.
     """
 
     num_classes: int
@@ -235,10 +242,12 @@ class SetCriterion:
     losses: tuple[str, ...] = DEFAULT_LOSSES
     classes: ClassConvention = SoftmaxNoObject()
     aux_loss: bool = True
+    branch_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         # hashable, so the criterion itself can be jitted (jax.jit hashes the callable)
         object.__setattr__(self, "weight_dict", FrozenDict(self.weight_dict))
+        object.__setattr__(self, "branch_weights", FrozenDict(self.branch_weights))
         object.__setattr__(self, "losses", tuple(self.losses))
 
     @classmethod
@@ -258,6 +267,7 @@ class SetCriterion:
             losses=tuple(loss_config.losses),
             classes=classes,
             aux_loss=bool(loss_config.aux_loss),
+            branch_weights={"one2many": float(loss_config.one2many_coef)},
         )
 
     def __call__(
@@ -271,8 +281,9 @@ class SetCriterion:
             normalized cxcywh, any intermediates a term needs, and any BRANCHES, each
             {"pred_logits": [L', B, Q', C], "pred_boxes": [L', B, Q', 4], optionally
             "target_to_query": [L', B, M] or [B, M] int32, the query of each target slot
-            (-1: none) when the branch's assignment is known}; index -1 of L is the last
-            decoder layer.
+            (-1: none) when the branch's assignment is known; or "targets": the targets
+            repeated G times [B, G * M] the branch is matched against}; index -1 of L is the
+            last decoder layer.
           targets: {"labels": [B, M] int, "boxes": [B, M, 4] normalized cxcywh,
             "valid": [B, M] bool}.
           axis_name: set only when called per device (inside shard_map); the batch axis
@@ -313,10 +324,15 @@ class SetCriterion:
     def groups(branch: dict, targets: dict) -> int:
         """G, the copies of the M targets a branch is trained against: its `target_to_query`
         has G * M slots (denoising groups, `models.denoising`: entry g * M + m is target m's
-        query in group g); 1 for every other branch."""
-        if "target_to_query" not in branch:
+        query in group g), or its own `targets` (hybrid matching's one2many: the targets
+        repeated G = k_one2many times); 1 for every other branch."""
+        if "targets" in branch:
+            slots = branch["targets"]["valid"].shape[-1]
+        elif "target_to_query" in branch:
+            slots = branch["target_to_query"].shape[-1]
+        else:
             return 1
-        slots, num_targets = branch["target_to_query"].shape[-1], targets["valid"].shape[-1]
+        num_targets = targets["valid"].shape[-1]
         if slots % num_targets:
             raise ValueError(f"a branch's target_to_query has {slots} slots, not a multiple of the {num_targets} "
                              "targets")
@@ -324,11 +340,13 @@ class SetCriterion:
 
     @staticmethod
     def branch_targets(branch: dict, targets: dict) -> dict:
-        """The targets a branch is matched and trained against: `targets` (labels, boxes,
-        valid) repeated G = `groups` times along M, with every label 0 when the branch is
-        `class_agnostic`."""
+        """The targets a branch is matched and trained against: its own `targets` if it
+        carries them, else `targets` (labels, boxes, valid) repeated G = `groups` times
+        along M; with every label 0 when the branch is `class_agnostic`."""
         groups = SetCriterion.groups(branch, targets)
-        if groups > 1:
+        if "targets" in branch:
+            targets = {**targets, **branch["targets"]}
+        elif groups > 1:
             targets = {**targets, **{k: jnp.concatenate([targets[k]] * groups, axis=1)
                                      for k in ("labels", "boxes", "valid")}}
         if "class_agnostic" not in branch:
@@ -393,7 +411,10 @@ class SetCriterion:
                     metrics.update(zip(names, value if layered else [value]))
                     if key in self.weight_dict:
                         weighted_keys.update(names)
-                        (per_layer if layered else once).append((self.weight_dict[key], value))
+                        weight = self.weight_dict[key]
+                        if branch_name in self.branch_weights:
+                            weight = weight * self.branch_weights[branch_name]
+                        (per_layer if layered else once).append((weight, value))
             for layer in range(num_layers):  # layer by layer, terms in menu order
                 layer_total = None
                 for weight, value in per_layer:

@@ -120,11 +120,14 @@ class ReferencePointQueries(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, batch_size: int) -> QueryState:
+    def __call__(self, batch_size: int, count: int | None = None) -> QueryState:
         """-> content, position [B, Q, E] (compute dtype), reference [B, Q, 2] normalized
-        (x, y), float32."""
+        (x, y), float32, of the first Q = `count` (default num_queries) rows of the
+        embedding (hybrid matching reads all rows in training, the one-to-one ones else)."""
         query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, 2 * self.hidden_dim))
-        shape = (batch_size, self.num_queries, self.hidden_dim)
+        count = self.num_queries if count is None else count
+        query_embed = query_embed[:count]
+        shape = (batch_size, count, self.hidden_dim)
         position = jnp.broadcast_to(query_embed[None, :, :self.hidden_dim], shape)
         content = jnp.broadcast_to(query_embed[None, :, self.hidden_dim:], shape)
         head = nn.Dense(2, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros, dtype=jnp.float32,
@@ -191,13 +194,15 @@ class TopKProposals(nn.Module):
 
     @nn.compact
     def __call__(self, memory: jnp.ndarray, memory_mask: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
-                 class_head: Callable, box_head: Callable) -> tuple[QueryState, dict]:
+                 class_head: Callable, box_head: Callable, count: int | None = None) -> tuple[QueryState, dict]:
         """memory [B, S, E]; memory_mask [B, S] bool (True = real); class_head: [B, S, E]
         -> [B, S, K] logits; box_head: (features [B, S, E], reference=inverse-sigmoid
-        boxes [B, S, 4]) -> boxes [B, S, 4] (a `detr.BoxHead`).
+        boxes [B, S, 4]) -> boxes [B, S, 4] (a `detr.BoxHead`); count: the proposals to
+        keep, at most num_queries (default num_queries; hybrid matching keeps all
+        num_queries in training and the one-to-one ones, the best, else).
 
         Returns (queries: content [B, Q, E], position [B, Q, E] (None when mixed),
-        reference [B, Q, 4] normalized cxcywh float32 (no gradient), Q = min(num_queries,
+        reference [B, Q, 4] normalized cxcywh float32 (no gradient), Q = min(count,
         S); proposals: {"pred_logits" [B, S, K] float32, "pred_boxes" [B, S, 4] float32 (1
         where the proposal is +inf: padding or invalid), "indices" [B, Q] int32 the positions
         chosen, best first}).
@@ -211,7 +216,7 @@ class TopKProposals(nn.Module):
         boxes = box_head(features, reference=proposals)
         # min: a map of fewer positions than queries (an image far smaller than any trained
         # on, such as `init_variables`' 64x64: no parameter depends on Q) gives them all.
-        count = min(self.num_queries, logits.shape[1])
+        count = min(self.num_queries if count is None else count, logits.shape[1])
         scores = logits.max(-1) if self.select_by_max else logits[..., 0]
         _, indices = jax.lax.top_k(scores, count)
         reference = jax.lax.stop_gradient(jnp.take_along_axis(boxes, indices[..., None], axis=1))

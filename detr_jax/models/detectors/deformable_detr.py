@@ -21,6 +21,20 @@ fundamentalvision/Deformable-DETR) in its three variants:
 The image position encoding is the sine one with Deformable DETR's half-pixel offset
 (`SinePositionEmbedding(offset=0.5)`), plus a learned `level_embed` [L, E] per level.
 Settings of its own are in `model.transformer_args` (TRANSFORMER_ARGS).
+
+Hybrid matching (H-DETR, `models.hybrid`, the official HDETR/H-Deformable-DETR) is a switch
+in any variant: `num_queries_one2many` extra queries in training (learned: `query_embed`
+grows to Q + Q_one2many rows; two-stage: the top-(Q + Q_one2many) proposals), kept from the
+Q one-to-one queries by the self-attention mask; their predictions are the `one2many`
+branch, matched against the targets repeated `k_one2many` times and weighted by
+`loss.one2many_coef`. At inference only the Q one-to-one queries run. The official recipe
+(H-Deformable-DETR's 12-epoch hybrid-branch configs, which also turn on DINO's mixed
+selection and look-forward-twice, `model.arch="dino"` here):
+
+    config.model.transformer_args = {"with_box_refine": True, "two_stage": True,
+                                     "num_queries_one2many": 1500, "k_one2many": 6}
+    config.model.num_queries = 300
+    config.loss.one2many_coef = 1.0
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from detr_jax.models.backbones import BACKBONES
 from detr_jax.models.deformable_transformer import DeformableDecoder, DeformableEncoder
 from detr_jax.models.detectors.conditional_detr import class_head
 from detr_jax.models.detr import BoxHead, embed_image
+from detr_jax.models.hybrid import HYBRID_ARGS, check_hybrid_args, isolate_last, split_one2many
 from detr_jax.models.neck import NECKS, flatten_levels
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS, SinePositionEmbedding
 from detr_jax.models.queries import ReferencePointQueries, TopKProposals
@@ -51,6 +66,7 @@ TRANSFORMER_ARGS = {
     "num_feature_levels": 4,    # levels of the neck: res3..res5 and a stride-64 one
     "encoder_n_points": 4,      # sampling points per head and level, encoder
     "decoder_n_points": 4,      # the same, decoder cross-attention
+    **HYBRID_ARGS,              # hybrid matching (models.hybrid): num_queries_one2many, k_one2many
 }
 # The sine position encoding's offset (Hugging Face's DeformableDetrSinePositionEmbedding).
 POSITION_OFFSET = 0.5
@@ -62,7 +78,10 @@ def transformer_args(model_config) -> dict[str, Any]:
     """TRANSFORMER_ARGS updated with `model.transformer_args`; ValueError for an unknown key
     or a bad value."""
     args = transformer_settings(model_config, TRANSFORMER_ARGS)
+    hybrid = check_hybrid_args(args)
     for key, default in TRANSFORMER_ARGS.items():
+        if key in hybrid:
+            continue
         value = args[key]
         if isinstance(default, bool):
             if not isinstance(value, (bool, np.bool_)):
@@ -72,7 +91,7 @@ def transformer_args(model_config) -> dict[str, Any]:
     if args["two_stage"] and not args["with_box_refine"]:
         raise ValueError("model.transformer_args two_stage=True needs with_box_refine=True (as the references: the "
                          "proposal heads are the box-refinement heads' extra pair)")
-    return {k: bool(v) if isinstance(TRANSFORMER_ARGS[k], bool) else int(v) for k, v in args.items()}
+    return {k: bool(v) if isinstance(TRANSFORMER_ARGS[k], bool) else int(v) for k, v in args.items()} | hybrid
 
 
 def _box_bias(size_logit: float) -> Callable:
@@ -97,8 +116,9 @@ class DeformableDETR(nn.Module):
       num_logits: C = K, the sigmoid class heads' outputs.
       num_queries: Q (learned queries, or the proposals kept in two-stage); hidden_dim: E.
       num_feature_levels, with_box_refine, two_stage: model.transformer_args'.
+      num_queries_one2many, k_one2many: hybrid matching (`models.hybrid`; 0: off).
     Parameters: backbone, input_proj, level_embed [levels, E], encoder, decoder; plain:
-    query_embed [Q, 2E], reference_points, class_embed, bbox_embed; with_box_refine:
+    query_embed [Q + num_queries_one2many, 2E], reference_points, class_embed, bbox_embed; with_box_refine:
     class_embed_{i} and bbox_embed_{i} for each decoder layer i (two-stage: and i = L, the
     proposals', with enc_output, enc_output_norm, pos_trans, pos_trans_norm instead of
     query_embed and reference_points).
@@ -115,13 +135,16 @@ class DeformableDETR(nn.Module):
     num_feature_levels: int = 4
     with_box_refine: bool = False
     two_stage: bool = False
+    num_queries_one2many: int = 0
+    k_one2many: int = 6
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
                  intermediates: bool = False, targets: dict | None = None) -> dict[str, Any]:
         """images: [B, H, W, 3] uint8 (or normalized floats); mask: [B, H, W] bool (True =
-        real pixel); targets: unused (no query depends on them).
+        real pixel); targets: {"labels" [B, M], "boxes" [B, M, 4], "valid" [B, M]}, read
+        only in training with hybrid matching (the one2many branch's targets).
 
         Returns float32 predictions of every decoder layer: pred_logits [L, B, Q, K] sigmoid
         logits, pred_boxes [L, B, Q, 4] normalized cxcywh; two-stage also the branch "enc":
@@ -133,39 +156,51 @@ class DeformableDETR(nn.Module):
         decoder_states [L, B, Q, E] (each layer's output, as the heads read it);
         references: the decoder's (a tuple of L + 1 float32 [B, Q, 2 or 4], see
         `DeformableDecoder`); two-stage: proposal_indices [B, Q] (the encoder positions
-        chosen). The deformable attentions' sampling locations and weights are sown into
+        chosen). In training with num_queries_one2many > 0 also the branch "one2many"
+        (`hybrid.split_one2many`: pred_logits, pred_boxes [L, B, Q_one2many, ...] and the
+        targets repeated k_one2many times); decoder_states and references then cover the
+        Q + Q_one2many queries. The deformable attentions' sampling locations and weights are sown into
         "intermediates" (apply with `mutable=["intermediates"]`).
         """
-        del targets
         deterministic = not train
         backbone_out, levels, flat, memory = self.encode(images, mask, train)
 
         class_heads, box_heads = self.heads()
         layers = self.decoder.num_layers
+        count = self.num_queries + (self.num_queries_one2many if train else 0)
         outputs = {}
         if self.two_stage:
-            proposals = TopKProposals(self.num_queries, self.dtype)
+            proposals = TopKProposals(self.num_queries + self.num_queries_one2many, self.dtype)
             nn.share_scope(self, proposals)  # enc_output, pos_trans, ... at the detector's level, as the reference
-            queries, enc = proposals(memory, flat.mask, flat.spatial_shapes, class_heads[layers], box_heads[layers])
+            queries, enc = proposals(memory, flat.mask, flat.spatial_shapes, class_heads[layers], box_heads[layers],
+                                     count=count)
             # Official two-stage Deformable DETR trains the proposals against class-agnostic targets.
             outputs["enc"] = {"pred_logits": enc["pred_logits"][None], "pred_boxes": enc["pred_boxes"][None],
                               "class_agnostic": jnp.asarray(True)}
         else:
-            generator = ReferencePointQueries(self.num_queries, self.hidden_dim, self.dtype)
+            generator = ReferencePointQueries(self.num_queries + self.num_queries_one2many, self.hidden_dim, self.dtype)
             nn.share_scope(self, generator)  # query_embed and reference_points at the detector's level
-            queries = generator(memory.shape[0])
+            queries = generator(memory.shape[0], count=count)
+        # The first Q are the one-to-one queries (two-stage: the best proposals), the rest
+        # (training only) the one-to-many ones.
+        one2many = max(0, queries.num_queries - self.num_queries)
+        if one2many:
+            queries = isolate_last(queries, one2many)
         states, references, boxes = self.decoder(memory, flat.mask, flat.spatial_shapes, flat.valid_ratios, queries,
                                                  box_heads[:layers], self.with_box_refine, deterministic)
         if self.with_box_refine:
             logits = jnp.stack([class_heads[i](states[i]) for i in range(layers)])
         else:
             logits = class_heads[0](states)
-        outputs.update(pred_logits=logits.astype(jnp.float32), pred_boxes=boxes)
+        logits = logits.astype(jnp.float32)
+        if one2many:
+            logits, boxes, outputs["one2many"] = split_one2many(logits, boxes, one2many, targets, self.k_one2many)
+        outputs.update(pred_logits=logits, pred_boxes=boxes)
         if intermediates:
             outputs.update(self.encoder_intermediates(backbone_out, levels, flat, memory), decoder_states=states,
                            references=references)
             if self.two_stage:
-                outputs["proposal_indices"] = enc["indices"]
+                outputs["proposal_indices"] = enc["indices"][:, :queries.num_queries - one2many]
         return outputs
 
     def encode(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool):
@@ -252,5 +287,7 @@ def build_deformable_detr(model_config, dtype: Any, num_logits: int) -> Deformab
         num_feature_levels=args["num_feature_levels"],
         with_box_refine=args["with_box_refine"],
         two_stage=args["two_stage"],
+        num_queries_one2many=args["num_queries_one2many"],
+        k_one2many=args["k_one2many"],
         dtype=dtype,
     )

@@ -34,6 +34,23 @@ The image position encoding is DINO's sine one: temperature 20, no half-pixel of
 Sigmoid focal class convention. References' logits are clipped at eps 1e-3 (DINO's
 `inverse_sigmoid`).
 
+Hybrid matching (H-DETR, `models.hybrid`) is a switch: `num_queries_one2many` extra
+queries in training, from the top-(Q + Q_one2many) proposals (their learned content
+`tgt_embed` grows to Q + Q_one2many rows; the best Q are the one-to-one queries, exactly
+those chosen at inference), after the denoising and one-to-one queries, seeing only each
+other (and seen by neither: the denoising and one-to-one outputs are those without the
+switch); their predictions are the `one2many` branch, matched against the targets repeated
+`k_one2many` times, weighted by `loss.one2many_coef`. The `enc` branch stays the Q
+one-to-one proposals. Official H-Deformable-DETR's hybrid-branch recipe is this model
+without denoising (its `--mixed_selection --look_forward_twice` two-stage Deformable
+DETR); the H-DETR paper's DINO results add it to DINO as here (no official code: the
+isolation from the denoising queries is ours). For example (H-Deformable-DETR's 12-epoch
+configs: 300 + 1500 queries, k = 6, lambda 1):
+
+    config.model.num_queries = 300
+    config.model.transformer_args = {"dn_number": 100, "num_queries_one2many": 1500, "k_one2many": 6}
+    config.loss.one2many_coef = 1.0
+
 Where the denoising part's fixed shapes differ from the official `prepare_for_cdn` (groups
 sized by data.max_boxes, not by the batch's largest target count; zero objects) see
 `models.denoising`: both coincide when the batch's largest count equals data.max_boxes and
@@ -58,6 +75,7 @@ from detr_jax.models.denoising import DenoisingNoise, contrastive_denoising
 from detr_jax.models.detectors.conditional_detr import class_head
 from detr_jax.models.detectors.deformable_detr import DeformableDETR, _box_bias
 from detr_jax.models.detr import BoxHead
+from detr_jax.models.hybrid import HYBRID_ARGS, check_hybrid_args, isolate_last, split_one2many
 from detr_jax.models.neck import NECKS
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS, SinePositionEmbedding
 from detr_jax.models.queries import TopKProposals
@@ -72,6 +90,7 @@ TRANSFORMER_ARGS = {
     "dn_number": 100,             # denoising queries per kind (0: no denoising)
     "dn_label_noise_ratio": 0.5,
     "dn_box_noise_scale": 1.0,
+    **HYBRID_ARGS,                # hybrid matching (models.hybrid): num_queries_one2many, k_one2many
 }
 # DINO's image position encoding (pe_temperatureH = pe_temperatureW = 20, normalized, no offset).
 POSITION_TEMPERATURE = 20.0
@@ -85,6 +104,7 @@ def transformer_args(model_config) -> dict[str, Any]:
     """TRANSFORMER_ARGS updated with `model.transformer_args`; ValueError for an unknown key
     or a bad value."""
     args = transformer_settings(model_config, TRANSFORMER_ARGS)
+    args.update(check_hybrid_args(args))
     for key in ("num_feature_levels", "encoder_n_points", "decoder_n_points", "dn_number"):
         value = args[key]
         low = 0 if key == "dn_number" else 1
@@ -105,6 +125,7 @@ class DINO(DeformableDETR):
       dn_number: denoising queries of each kind (the official dn_number; G = max(1,
         dn_number // data.max_boxes) groups); 0 turns denoising off.
       dn_label_noise_ratio, dn_box_noise_scale: the official ones.
+      num_queries_one2many, k_one2many: hybrid matching (`models.hybrid`; 0: off).
     Parameters: backbone, input_proj, level_embed, encoder, decoder (its layers,
     ref_point_head, norm), enc_output, enc_output_norm, tgt_embed [Q, E], label_enc
     [K + 1, E] (row K unused: padded denoising slots get zeros, as the official), class_embed,
@@ -116,6 +137,8 @@ class DINO(DeformableDETR):
     dn_number: int = 100
     dn_label_noise_ratio: float = 0.5
     dn_box_noise_scale: float = 1.0
+    num_queries_one2many: int = 0
+    k_one2many: int = 6
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False,
@@ -130,9 +153,10 @@ class DINO(DeformableDETR):
         pred_logits [L, B, Q, K] sigmoid logits, pred_boxes [L, B, Q, 4] normalized cxcywh;
         "enc": {pred_logits [1, B, Q, K], pred_boxes [1, B, Q, 4]} the selected proposals;
         with targets and denoising also "dn": {pred_logits [L, B, Qdn, K], pred_boxes [L, B,
-        Qdn, 4], target_to_query [B, G * M]}. With `intermediates=True` also DeformableDETR's
-        (decoder_states [L, B, Qdn + Q, E], references over all queries) and
-        proposal_indices [B, Q].
+        Qdn, 4], target_to_query [B, G * M]}; in training with num_queries_one2many > 0
+        also "one2many" (`hybrid.split_one2many`). With `intermediates=True` also
+        DeformableDETR's (decoder_states [L, B, Qdn + Q (+ Q_one2many), E], references over
+        all queries) and proposal_indices [B, Q].
         """
         deterministic = not train
         backbone_out, levels, flat, memory = self.encode(images, mask, train)
@@ -141,9 +165,14 @@ class DINO(DeformableDETR):
         bbox_embed = self._box_head("bbox_embed")
         enc_class = class_head(self.num_logits, self.dtype, name="enc_out_class_embed")
         enc_box = self._box_head("enc_out_bbox_embed")
-        proposals = TopKProposals(self.num_queries, self.dtype, select_by_max=True, mixed=True)
+        proposals = TopKProposals(self.num_queries + self.num_queries_one2many, self.dtype, select_by_max=True,
+                                  mixed=True)
         nn.share_scope(self, proposals)  # enc_output, enc_output_norm, tgt_embed at the detector's level
-        queries, enc = proposals(memory, flat.mask, flat.spatial_shapes, enc_class, enc_box)
+        queries, enc = proposals(memory, flat.mask, flat.spatial_shapes, enc_class, enc_box,
+                                 count=self.num_queries + (self.num_queries_one2many if train else 0))
+        # The best Q are the one-to-one queries, the rest (training only) the one-to-many ones.
+        one2many = max(0, queries.num_queries - self.num_queries)
+        enc["indices"] = enc["indices"][:, :queries.num_queries - one2many]
         selected = enc["indices"][..., None]
         outputs = {"enc": {"pred_logits": jnp.take_along_axis(enc["pred_logits"], selected, axis=1)[None],
                            "pred_boxes": jnp.take_along_axis(enc["pred_boxes"], selected, axis=1)[None]}}
@@ -162,11 +191,17 @@ class DINO(DeformableDETR):
             boxes = jax.nn.sigmoid(inverse_sigmoid(dn.queries.reference, INVERSE_SIGMOID_EPS))
             dn = dn.replace(queries=dn.queries.replace(content=dn.queries.content.astype(self.dtype), reference=boxes))
             queries = dn.prepend(queries)
+        if one2many:
+            queries = isolate_last(queries, one2many)
         states, references, boxes = self.decoder(memory, flat.mask, flat.spatial_shapes, flat.valid_ratios, queries,
                                                  [bbox_embed] * layers, True, deterministic)
         logits = class_embed(states).astype(jnp.float32)
         num_dn = 0 if dn is None else dn.num_dn_queries
-        outputs.update(pred_logits=logits[:, :, num_dn:], pred_boxes=boxes[:, :, num_dn:])
+        matching_logits, matching_boxes = logits[:, :, num_dn:], boxes[:, :, num_dn:]
+        if one2many:
+            matching_logits, matching_boxes, outputs["one2many"] = split_one2many(
+                matching_logits, matching_boxes, one2many, targets, self.k_one2many)
+        outputs.update(pred_logits=matching_logits, pred_boxes=matching_boxes)
         if dn is not None:
             outputs["dn"] = {"pred_logits": logits[:, :, :num_dn], "pred_boxes": boxes[:, :, :num_dn],
                              "target_to_query": dn.target_to_query}
@@ -221,5 +256,7 @@ def build_dino(model_config, dtype: Any, num_logits: int) -> DINO:
         dn_number=args["dn_number"],
         dn_label_noise_ratio=args["dn_label_noise_ratio"],
         dn_box_noise_scale=args["dn_box_noise_scale"],
+        num_queries_one2many=args["num_queries_one2many"],
+        k_one2many=args["k_one2many"],
         dtype=dtype,
     )
