@@ -251,6 +251,23 @@ class DeformableDETR(nn.Module):
                  for i in range(count)])
 
 
+def multi_level_neck(model_config, dtype: Any, arch: str, **settings) -> Callable[..., nn.Module]:
+    """`model.neck` for a multi-scale member `arch`, its `settings` (num_levels, in_stages)
+    set from the member's model.transformer_args; ValueError if the neck has no such fields
+    (it makes one level) or model.neck_args sets them too."""
+    m = model_config
+    neck = NECKS[m.neck](m, dtype)
+    neck_class = getattr(neck, "func", neck)
+    names = sorted(settings)
+    if not (dataclasses.is_dataclass(neck_class) and set(names) <= {f.name for f in dataclasses.fields(neck_class)}):
+        raise ValueError(f"model.neck={m.neck!r} makes one level; {arch} needs a multi-level neck with the fields "
+                         f"{', '.join(names)} (model.neck='channel_mapper')")
+    if set(names) & set(m.neck_args):
+        raise ValueError(f"model.neck_args {', '.join(sorted(set(names) & set(m.neck_args)))}: {arch} sets it from "
+                         "model.transformer_args num_feature_levels")
+    return functools.partial(neck, **settings)
+
+
 def build_deformable_detr(model_config, dtype: Any, num_logits: int) -> DeformableDETR:
     """Deformable DETR of the `model` config section computing in `dtype`, with `num_logits`
     (K) sigmoid class outputs; its own settings from model.transformer_args
@@ -262,14 +279,7 @@ def build_deformable_detr(model_config, dtype: Any, num_logits: int) -> Deformab
     args = transformer_args(m)
     if m.pre_norm:
         raise ValueError("model.pre_norm=True: deformable_detr is post-norm only (as its reference)")
-    neck = NECKS[m.neck](m, dtype)
-    neck_class = getattr(neck, "func", neck)
-    if not (dataclasses.is_dataclass(neck_class) and "num_levels" in {f.name for f in dataclasses.fields(neck_class)}):
-        raise ValueError(f"model.neck={m.neck!r} makes one level; deformable_detr needs a multi-level neck with a "
-                         "num_levels field (model.neck='channel_mapper')")
-    if "num_levels" in m.neck_args:
-        raise ValueError("model.neck_args num_levels: deformable_detr sets it from model.transformer_args "
-                         "num_feature_levels")
+    neck = multi_level_neck(m, dtype, "deformable_detr", num_levels=args["num_feature_levels"])
     if m.position_embedding == "sine":
         position_embedding = SinePositionEmbedding(num_pos_feats=m.hidden_dim // 2, offset=POSITION_OFFSET)
     else:
@@ -278,7 +288,7 @@ def build_deformable_detr(model_config, dtype: Any, num_logits: int) -> Deformab
     return DeformableDETR(
         backbone=BACKBONES[m.backbone](m, dtype),
         position_embedding=position_embedding,
-        neck=functools.partial(neck, num_levels=args["num_feature_levels"]),
+        neck=neck,
         encoder=DeformableEncoder(num_layers=m.num_encoder_layers, num_points=args["encoder_n_points"], **layer_args),
         decoder=DeformableDecoder(num_layers=m.num_decoder_layers, num_points=args["decoder_n_points"], **layer_args),
         num_logits=num_logits,

@@ -59,8 +59,6 @@ dn_number >= 50.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -73,10 +71,9 @@ from detr_jax.models.conditional_decoder import inverse_sigmoid
 from detr_jax.models.deformable_transformer import DeformableDecoder, DeformableEncoder
 from detr_jax.models.denoising import DenoisingNoise, contrastive_denoising
 from detr_jax.models.detectors.conditional_detr import class_head
-from detr_jax.models.detectors.deformable_detr import DeformableDETR, _box_bias
+from detr_jax.models.detectors.deformable_detr import DeformableDETR, _box_bias, multi_level_neck
 from detr_jax.models.detr import BoxHead
 from detr_jax.models.hybrid import HYBRID_ARGS, check_hybrid_args, isolate_last, split_one2many
-from detr_jax.models.neck import NECKS
 from detr_jax.models.position_encoding import POSITION_EMBEDDINGS, SinePositionEmbedding
 from detr_jax.models.queries import TopKProposals
 from detr_jax.models.settings import transformer_settings
@@ -227,15 +224,7 @@ def build_dino(model_config, dtype: Any, num_logits: int) -> DINO:
     levels = args["num_feature_levels"]
     if levels not in IN_STAGES:
         raise ValueError(f"model.transformer_args num_feature_levels={levels}: dino has 4 or 5 scales")
-    neck = NECKS[m.neck](m, dtype)
-    neck_class = getattr(neck, "func", neck)
-    if not (dataclasses.is_dataclass(neck_class) and {"num_levels", "in_stages"} <= {f.name for f in
-                                                                                       dataclasses.fields(neck_class)}):
-        raise ValueError(f"model.neck={m.neck!r}: dino needs a multi-level neck with num_levels and in_stages fields "
-                         "(model.neck='channel_mapper')")
-    if {"num_levels", "in_stages"} & set(m.neck_args):
-        raise ValueError("model.neck_args num_levels / in_stages: dino sets them from model.transformer_args "
-                         "num_feature_levels")
+    neck = multi_level_neck(m, dtype, "dino", num_levels=levels, in_stages=IN_STAGES[levels])
     if m.position_embedding == "sine":
         position_embedding = SinePositionEmbedding(num_pos_feats=m.hidden_dim // 2, temperature=POSITION_TEMPERATURE)
     else:
@@ -244,7 +233,7 @@ def build_dino(model_config, dtype: Any, num_logits: int) -> DINO:
     return DINO(
         backbone=BACKBONES[m.backbone](m, dtype),
         position_embedding=position_embedding,
-        neck=functools.partial(neck, num_levels=levels, in_stages=IN_STAGES[levels]),
+        neck=neck,
         encoder=DeformableEncoder(num_layers=m.num_encoder_layers, num_points=args["encoder_n_points"], **layer_args),
         decoder=DeformableDecoder(num_layers=m.num_decoder_layers, num_points=args["decoder_n_points"],
                                   position_from_reference=True, final_norm=True, look_forward_twice=True,
