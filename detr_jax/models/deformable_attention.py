@@ -100,9 +100,14 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
         weight = jnp.moveaxis(weight, 2, -1).reshape(batch, queries, samples_per_query, heads, 1)
         samples = jnp.take_along_axis(value, index, axis=1, mode="promise_in_bounds")
         samples = samples.reshape(batch, queries, samples_per_query, heads, head_dim)
-        # A multiply and a sum (not a batched dot), which XLA can fuse with the gather;
-        # accumulated in `compute`.
-        return jnp.sum(samples.astype(compute) * weight, axis=2)
+        samples = samples.astype(compute)
+        if for_onnxruntime():
+            # A multiply and a sum: onnxruntime runs a batched dot as its slow Einsum.
+            return jnp.sum(samples * weight, axis=2)
+        # The weighted sum over the P * 4 samples as a batched dot over (B, Q, H), accumulated
+        # in `compute`: XLA:CPU hands a multiply-and-sum to YNNPACK's fusion, which ran it
+        # several times slower (docs/BENCHMARKS.md, Deformable DETR-R50, 2026-12-07).
+        return jax.lax.dot_general(weight[..., 0], samples, (((2,), (2,)), ((0, 1, 3), (0, 1, 3))))
 
     locations, weights = sampling_locations.astype(compute), attention_weights.astype(compute)
     if for_onnxruntime():
