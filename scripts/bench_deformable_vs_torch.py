@@ -60,7 +60,7 @@ from bench_vs_torch import (  # noqa: E402
     _setup_worker,
     format_table,
     inputs,
-    jax_train_step,
+    jax_runner,
     versions,
 )
 
@@ -197,6 +197,20 @@ def jax_op_worker(conn, case: dict, cores, retain_host_memory: bool):
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
+    fn, args = jax_op(case)
+
+    def run():
+        return jax.block_until_ready(fn(*args))
+
+    _serve(conn, run)
+
+
+def jax_op(case: dict):
+    """(the jitted operator, or its gradient with respect to every input: `case["grad"]`;
+    its arguments on device) for an operator case. scripts/profile_deformable.py profiles
+    the same."""
+    import jax
+
     from detr_jax.models.deformable_attention import ms_deform_attn_sample
 
     levels = tuple(tuple(s) for s in case["levels"])
@@ -208,23 +222,28 @@ def jax_op_worker(conn, case: dict, cores, retain_host_memory: bool):
         fn = jax.jit(jax.grad(lambda *a: op(*a).sum(), argnums=(0, 1, 2)))
     else:
         fn = jax.jit(op)
-    args = jax.device_put(op_inputs(case))
-
-    def run():
-        return jax.block_until_ready(fn(*args))
-
-    _serve(conn, run)
+    return fn, jax.device_put(op_inputs(case))
 
 
 def torch_model_worker(conn, case: dict, weights_path: str, tiny: bool, cores, retain_host_memory: bool,
                        compiled: bool):
     _setup_worker(cores, retain_host_memory)
+    import torch
+
+    torch.set_num_threads(len(cores))
+    _serve(conn, hf_runner(case, weights_path, tiny, compiled))
+
+
+def hf_runner(case: dict, weights_path: str, tiny: bool, compiled: bool):
+    """The call a torch worker times for `case`: HF's model with the weights at
+    `weights_path` (`torch.compile`d with `compiled`), inference on `inputs(case)` or one
+    training step with the recipe's parameter groups. scripts/profile_deformable.py profiles
+    the same call."""
     import numpy as np
     import torch
 
     from detr_jax.ops.image_statistics import normalize
 
-    torch.set_num_threads(len(cores))
     torch.manual_seed(0)
     model = build_hf(tiny)
     model.load_state_dict(torch.load(weights_path, weights_only=True))
@@ -243,71 +262,38 @@ def torch_model_worker(conn, case: dict, weights_path: str, tiny: bool, cores, r
         def run():
             with torch.inference_mode():
                 return forward(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
-    else:
-        model.train()
-        # The recipe, as our config's parameter rules: stem and layer1 frozen, layers 2-4 at
-        # 0.1 x lr (HF would freeze the whole native ResNet: module docstring), the sampling
-        # offsets and the reference points at 0.1 x lr, the rest at lr.
-        for name, p in model.model.backbone.named_parameters():
-            p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
-        slow, rest = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                is_slow = "backbone" in name or "sampling_offsets" in name or "reference_points" in name
-                (slow if is_slow else rest).append(p)
-        optimizer = torch.optim.AdamW([{"params": rest}, {"params": slow, "lr": LR * LR_SCALE}], lr=LR,
-                                      weight_decay=WEIGHT_DECAY)
-        forward = torch.compile(model) if compiled else model
+        return run
 
-        def run():
-            out = forward(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
-            return out.loss
+    model.train()
+    # The recipe, as our config's parameter rules: stem and layer1 frozen, layers 2-4 at
+    # 0.1 x lr (HF would freeze the whole native ResNet: module docstring), the sampling
+    # offsets and the reference points at 0.1 x lr, the rest at lr.
+    for name, p in model.model.backbone.named_parameters():
+        p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+    slow, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_slow = "backbone" in name or "sampling_offsets" in name or "reference_points" in name
+            (slow if is_slow else rest).append(p)
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": slow, "lr": LR * LR_SCALE}], lr=LR,
+                                  weight_decay=WEIGHT_DECAY)
+    forward = torch.compile(model) if compiled else model
 
-    _serve(conn, run)
+    def run():
+        out = forward(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        return out.loss
+
+    return run
 
 
 def jax_model_worker(conn, case: dict, weights_path: str, tiny: bool, cores, retain_host_memory: bool):
     _setup_worker(cores, retain_host_memory)
     os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-    import torch
-
-    from detr_jax.convert import convert_state_dict
-    from detr_jax.models import build_model
-
-    config = our_config(tiny)
-    state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
-    variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
-    del state_dict
-    model = build_model(config.model)
-
-    if case["kind"] == "infer":
-        images, mask, _, _ = inputs(case)
-        apply = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
-        variables = jax.device_put(variables)
-        x, m = jax.device_put(images), jax.device_put(mask)
-
-        def run():
-            return jax.block_until_ready(apply(variables, x, m))
-    else:
-        from detr_jax.train.trainer import compile_step
-
-        step, state, batch = jax_train_step(config, model, variables, case)
-        del variables  # the state holds the parameters
-        holder = {"state": state, "compiled": False}
-
-        def run():
-            if not holder["compiled"]:  # as the training loop: compile, give the freed memory back, run
-                compile_step(step, holder["state"], batch)
-                holder["compiled"] = True
-            holder["state"], metrics = step(holder["state"], batch)
-            return jax.block_until_ready(metrics["loss"])
-
-    _serve(conn, run)
+    _serve(conn, jax_runner(our_config(tiny), weights_path, case))
 
 
 # ----------------------------------------------------------------------------- driver

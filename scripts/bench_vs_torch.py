@@ -180,44 +180,51 @@ def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, reta
     _setup_worker(cores, retain_host_memory)
     if device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    case = CASES[case_name]
+    config = r50_config()
+    if case["kind"] == "train" and not case["train_backbone"]:
+        config.train.param_rules = (("backbone/.*", None), ("position_embedding/.*", None))  # the whole backbone frozen
+    _serve(conn, jax_runner(config, weights_path, case))
+
+
+def jax_runner(config, weights_path: str, case: dict):
+    """The call a jax worker times for `case` (inference or one training step), our model of
+    `config` with the PyTorch weights at `weights_path` converted: jitted inference on
+    `inputs(case)`, or the train step, compiled before its first run as the training loop
+    does. The model's own workers (this script's, bench_deformable_vs_torch's) serve it."""
     import jax
     import torch
 
     from detr_jax.convert import convert_state_dict
     from detr_jax.models import build_model
 
-    case = CASES[case_name]
-    config = r50_config()
-    if case["kind"] == "train" and not case["train_backbone"]:
-        config.train.param_rules = (("backbone/.*", None), ("position_embedding/.*", None))  # the whole backbone frozen
     state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
     variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
     del state_dict
     model = build_model(config.model)
-    images, mask, labels, boxes = inputs(case)
 
     if case["kind"] == "infer":
+        images, mask, _, _ = inputs(case)
         apply = jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
-        variables = jax.device_put(variables)
-        x, m = jax.device_put(images), jax.device_put(mask)
+        on_device, x, m = jax.device_put((variables, images, mask))
 
         def run():
-            return jax.block_until_ready(apply(variables, x, m))
-    else:
-        from detr_jax.train.trainer import compile_step
+            return jax.block_until_ready(apply(on_device, x, m))
+        return run
 
-        step, state, batch = jax_train_step(config, model, variables, case)
-        del variables  # the state holds the parameters
-        holder = {"state": state, "compiled": False}
+    from detr_jax.train.trainer import compile_step
 
-        def run():
-            if not holder["compiled"]:  # as the training loop: compile, give the freed memory back, run
-                compile_step(step, holder["state"], batch)
-                holder["compiled"] = True
-            holder["state"], metrics = step(holder["state"], batch)
-            return jax.block_until_ready(metrics["loss"])
+    step, state, batch = jax_train_step(config, model, variables, case)
+    del variables  # the state holds the parameters
+    holder = {"state": state, "compiled": False}
 
-    _serve(conn, run)
+    def run():
+        if not holder["compiled"]:  # as the training loop: compile, give the freed memory back, run
+            compile_step(step, holder["state"], batch)
+            holder["compiled"] = True
+        holder["state"], metrics = step(holder["state"], batch)
+        return jax.block_until_ready(metrics["loss"])
+    return run
 
 
 def onnx_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool,

@@ -51,15 +51,8 @@ def jax_profile(case: dict, weights: str, steps: int, warmup: int, trace_dir: st
     from detr_jax.models import build_model
 
     if case["kind"] == "op":
-        from detr_jax.models.deformable_attention import ms_deform_attn_sample
-
-        levels = tuple(tuple(s) for s in case["levels"])
-
-        def op(value, locations, weights):
-            return ms_deform_attn_sample(value, levels, locations, weights)
-
-        fn = jax.jit(jax.grad(lambda *a: op(*a).sum(), argnums=(0, 1, 2)) if case["grad"] else op)
-        args = list(jax.device_put(bench.op_inputs(case)))
+        fn, args = bench.jax_op(case)
+        args = list(args)
     else:
         config = bench.our_config(False)
         variables, _ = convert_state_dict({k: v.numpy() for k, v in torch.load(weights, weights_only=True).items()},
@@ -118,39 +111,9 @@ def jax_profile(case: dict, weights: str, steps: int, warmup: int, trace_dir: st
 
 
 def torch_profile(case: dict, weights: str, steps: int, warmup: int) -> list:
-    import numpy as np
     import torch
 
-    from detr_jax.ops.image_statistics import normalize
-
-    torch.manual_seed(0)
-    model = bench.build_hf(False)
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    images, mask, labels, boxes = bench.inputs(case)
-    images = np.where(mask[..., None], normalize(images), 0).astype(np.float32)
-    pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    pixel_mask = torch.from_numpy(mask.astype(np.int64))
-    hf_labels = [{"class_labels": torch.from_numpy(labels[i]).long(), "boxes": torch.from_numpy(boxes[i])}
-                 for i in range(len(labels))]
-    if case["kind"] == "infer":
-        model.eval()
-
-        def call():
-            with torch.inference_mode():
-                return model(pixel_values=pixel_values, pixel_mask=pixel_mask).logits
-    else:
-        model.train()
-        for name, p in model.model.backbone.named_parameters():
-            p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=bench.LR,
-                                      weight_decay=bench.WEIGHT_DECAY)
-
-        def call():
-            out = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=hf_labels)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), bench.CLIP)
-            optimizer.step()
+    call = bench.hf_runner(case, weights, tiny=False, compiled=False)  # the benchmark's HF eager call
     for _ in range(warmup):
         call()
     times = []
