@@ -88,14 +88,26 @@ def dilate_last_stage_(model: DetrForObjectDetection) -> None:
 
 @torch.no_grad()
 def randomize_hf_detr_(model: torch.nn.Module, pixel_values, pixel_mask, seed: int = 0) -> None:
+    """`randomize_` for a HF DETR-family model: its frozen BatchNorms (DETR's, or a family
+    member's own copy of it: ConditionalDetrFrozenBatchNorm2d, ...) calibrated on one
+    forward pass of these inputs; the residual branches end in the ResNet's layer.2."""
+    bns = [m for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d")]
+    assert bns, "HF backbone has no frozen BatchNorm: the randomization would miss its statistics"
+    residual_ends = {id(m) for name, m in model.named_modules() if name.endswith("layer.2.normalization")}
+    randomize_(model, lambda: model(pixel_values=pixel_values, pixel_mask=pixel_mask), bns, residual_ends, seed)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, run, norms, residual_ends: set[int], seed: int = 0) -> None:
     """Replaces HF's small init by random weights that make every layer matter.
 
     Linear: U(+-sqrt(3 / fan_in)) (unit gain), biases N(0, 0.2); convs: He normal; LayerNorm
-    scale N(1, 0.2), bias N(0, 0.2); embeddings N(0, 1). Frozen BatchNorm statistics are set
-    from the input each BN actually sees (one forward pass), then perturbed: mean + 0.2 std
-    noise, var x U(0.5, 2) (positive), weight U(0.5, 1.5), bias N(0, 0.3); the last BN of
-    each residual branch gets weight U(0.2, 0.6), as in trained ResNets, which keeps the
-    50-layer random network from amplifying float32 rounding.
+    scale N(1, 0.2), bias N(0, 0.2); embeddings N(0, 1). The BatchNorms `norms` get their
+    statistics from the input each actually sees in `run()` (a forward pass), then
+    perturbed: mean + 0.2 std noise, var x U(0.5, 2) (positive), weight U(0.5, 1.5), bias
+    N(0, 0.3); those in `residual_ends` (ids: the last BN of each residual branch) get weight
+    U(0.2, 0.6), as in trained ResNets, which keeps a deep random network from amplifying
+    float32 rounding.
     """
     gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
@@ -113,10 +125,6 @@ def randomize_hf_detr_(model: torch.nn.Module, pixel_values, pixel_mask, seed: i
         elif isinstance(module, torch.nn.Embedding):
             module.weight.normal_(0.0, 1.0, generator=gen)
 
-    residual_ends = {
-        id(m) for name, m in model.named_modules() if name.endswith("layer.2.normalization")
-    }
-
     def calibrate(bn, args):
         x = args[0]
         mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
@@ -127,12 +135,9 @@ def randomize_hf_detr_(model: torch.nn.Module, pixel_values, pixel_mask, seed: i
         bn.weight.copy_(torch.empty(n).uniform_(low, high, generator=gen))
         bn.bias.copy_(0.3 * torch.randn(n, generator=gen))
 
-    # DETR's, or a family member's own copy of it (ConditionalDetrFrozenBatchNorm2d, ...)
-    bns = [m for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d")]
-    assert bns, "HF backbone has no frozen BatchNorm: the randomization would miss its statistics"
-    hooks = [bn.register_forward_pre_hook(calibrate) for bn in bns]
+    hooks = [bn.register_forward_pre_hook(calibrate) for bn in norms]
     try:
-        model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        run()
     finally:
         for hook in hooks:
             hook.remove()

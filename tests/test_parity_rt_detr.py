@@ -42,7 +42,7 @@ from flax import traverse_util  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from test_parity_hf import TOLERANCE, hf_state_dict_numpy  # noqa: E402
+from test_parity_hf import TOLERANCE, hf_state_dict_numpy, randomize_  # noqa: E402
 from transformers import RTDetrConfig, RTDetrModel, RTDetrResNetBackbone, RTDetrResNetConfig  # noqa: E402
 from transformers.models.rt_detr.modeling_rt_detr import replace_batch_norm  # noqa: E402
 
@@ -68,43 +68,14 @@ R50VD_DEPTHS = dict(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[
 STAGES = ("res2", "res3", "res4", "res5")
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, run, seed: int = 0) -> None:
-    """Random weights that make every layer matter (module docstring); BatchNorm statistics
-    (nn.BatchNorm2d and HF's frozen one) from the input each sees in `run()`, perturbed."""
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            bound = (3.0 / module.in_features) ** 0.5
-            module.weight.uniform_(-bound, bound, generator=gen)
-            module.bias.normal_(0.0, 0.2, generator=gen)
-        elif isinstance(module, torch.nn.Conv2d):
-            module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
-        elif isinstance(module, torch.nn.LayerNorm):
-            module.weight.normal_(1.0, 0.2, generator=gen)
-            module.bias.normal_(0.0, 0.2, generator=gen)
-
-    def calibrate(bn, args):
-        x = args[0]
-        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
-        n = mean.shape[0]
-        bn.running_mean.copy_(mean + 0.2 * var.sqrt() * torch.randn(n, generator=gen))
-        bn.running_var.copy_(var * torch.empty(n).uniform_(0.5, 2.0, generator=gen) + 1e-3)
-        low, high = (0.2, 0.6) if id(bn) in residual_ends else (0.5, 1.5)
-        bn.weight.copy_(torch.empty(n).uniform_(low, high, generator=gen))
-        bn.bias.copy_(0.3 * torch.randn(n, generator=gen))
-
-    # The last BN of each residual branch gets weight U(0.2, 0.6), as in trained ResNets
-    # (test_parity_hf): a deep random network otherwise amplifies float32 rounding.
+def randomize_rt_detr_(model: torch.nn.Module, run, seed: int = 0) -> None:
+    """test_parity_hf's `randomize_` for a HF RT-DETR part: every BatchNorm (nn.BatchNorm2d
+    and HF's frozen one) calibrated on the input it sees in `run()`; the residual branches
+    end in the last BN of each basic or bottleneck layer."""
     residual_ends = {id(m.layer[-1].normalization) for m in model.modules()
                      if type(m).__name__ in ("RTDetrResNetBasicLayer", "RTDetrResNetBottleNeckLayer")}
     norms = [m for m in model.modules() if type(m).__name__.endswith("BatchNorm2d")]
-    hooks = [bn.register_forward_pre_hook(calibrate) for bn in norms]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    randomize_(model, run, norms, residual_ends, seed)
 
 
 def converted(state_dict: dict[str, np.ndarray], prefix: tuple[str, ...]) -> tuple[dict, list[str]]:
@@ -155,7 +126,7 @@ def tiny_rt_detr() -> RTDetrModel:
         model.backbone.model(pixel_values)
         model.encoder(inputs_embeds=[proj(torch.from_numpy(f)) for proj, f in zip(model.encoder_input_proj,
                                                                                     features)])
-    randomize_(model, run)
+    randomize_rt_detr_(model, run)
     return model
 
 
@@ -196,7 +167,7 @@ def test_resnet50_vd_depths_backbone_matches_hf():
     backbone = RTDetrResNetBackbone(RTDetrResNetConfig(**R50VD_DEPTHS)).eval()
     replace_batch_norm(backbone)  # RT-DETR's frozen BatchNorm, as RTDetrModel does
     pixel_values = nchw(images())
-    randomize_(backbone, lambda: backbone(pixel_values))
+    randomize_rt_detr_(backbone, lambda: backbone(pixel_values))
     state_dict = {f"model.backbone.model.{k}": v for k, v in hf_state_dict_numpy(backbone).items()}
     spec = ResNetSpec(depths=(3, 4, 6, 3), widths=(8, 16, 32, 64), stem_width=16, deep_stem=True, avg_down=True)
     check_backbone("resnet50-vd depths", spec, backbone, state_dict)
