@@ -50,3 +50,29 @@ def test_resuming_an_old_run_names_the_checkpoint(tmp_path):
     config = checkpoint_config(workdir, {"train.num_steps": 3})
     with pytest.raises(CheckpointError, match="checkpoints"):
         train(config, workdir, show_progress=False)
+
+
+def test_a_state_saved_before_batch_stats_and_ema_existed_restores(tmp_path):
+    """A training checkpoint written before the train state had `batch_stats` and `ema` (a
+    run of a model without trainable BatchNorm, no moving average) resumes: those fields come
+    back empty, everything else bitwise."""
+    from conftest import tiny_config
+
+    from detr_jax.checkpoints.checkpointer import Checkpointer
+    from detr_jax.runtime.sharding import make_mesh
+    from detr_jax.train.trainer import assemble
+
+    config = tiny_config()
+    run = assemble(config, make_mesh(), 100)
+    state = run.initial_state(config)
+    old_fields = ("step", "params", "frozen_bn", "opt_state", "rng")  # the train state before the two fields
+    writer = Checkpointer(tmp_path)
+    writer.save(4, {name: getattr(state, name) for name in old_fields}, {"position": 4},
+                {"step": 4, "epoch": 0, "config": config.to_dict()})
+    writer.close()
+    reader = Checkpointer(tmp_path)
+    restored, data_state, meta = reader.restore_latest(run.abstract_state)
+    reader.close()
+    assert restored.batch_stats == {} and restored.ema == {} and meta["step"] == 4 and data_state == {"position": 4}
+    for name in old_fields:
+        jax.tree.map(np.testing.assert_array_equal, getattr(restored, name), getattr(state, name))

@@ -80,6 +80,29 @@ def test_learned_position_embedding_lr_group():
     assert param_groups(shapes["params"], without_pos_rule)["position_embedding"]["row_embed"] == MAIN
 
 
+def test_rules_set_weight_decay_per_parameter():
+    """{"lr": a, "weight_decay": b} scales both (RT-DETR's recipe: no decay on norms); with zero
+    gradients AdamW's update is the decay alone, -lr * weight_decay * p (tolerance: float32)."""
+    from detr_jax.config.errors import ConfigError
+    from detr_jax.train.optim import make_optimizer
+
+    params = {"backbone": {"conv": {"kernel": np.full((2,), 2.0, np.float32)}},
+              "encoder": {"norm": {"scale": np.full((2,), 2.0, np.float32)}, "proj": {"kernel": np.full((2,), 2.0, np.float32)}}}
+    rules = ((r"backbone/.*", {"lr": 0.1}), (r".*/norm/.*", {"weight_decay": 0}))
+    groups = param_groups(params, rules)
+    assert groups == {"backbone": {"conv": {"kernel": "lr_x0p1"}},  # the plain name: old checkpoints keep theirs
+                      "encoder": {"norm": {"scale": "lr_x1_wd_x0"}, "proj": {"kernel": "lr_x1"}}}
+    config = tiny_config(**{"train.param_rules": rules, "train.lr": 1e-2, "train.weight_decay": 0.5,
+                            "train.clip_max_norm": 0.0})
+    optimizer, _ = make_optimizer(config.train, params, 100)
+    updates, _ = optimizer.update(jax.tree.map(np.zeros_like, params), optimizer.init(params), params)
+    np.testing.assert_allclose(updates["backbone"]["conv"]["kernel"], -1e-3 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["encoder"]["proj"]["kernel"], -1e-2 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(updates["encoder"]["norm"]["scale"], 0.0)
+    with pytest.raises(ConfigError, match="not decay"):
+        tiny_config(**{"train.param_rules": ((r".*", {"lr": 0.1, "decay": 0}),)})
+
+
 def test_lr_schedule_step_decay_and_warmup():
     schedule = lr_schedule(1e-4, steps_per_epoch=10, lr_drop_epoch=3)
     assert float(schedule(0)) == pytest.approx(1e-4)
@@ -215,20 +238,22 @@ for n in (1, 8):
     state = run.initial_state(config)
     for _ in range(2):
         state, metrics = run.step(state, global_batch(batch, mesh))
-    params[n] = jax.tree.map(np.asarray, state.params)
+    params[n] = jax.tree.map(np.asarray, (state.params, state.batch_stats, state.ema))
     print("loss", n, float(metrics["loss"]))
 diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])))
 print("MAXDIFF", diff)
 """
 
 
-# DETR, and Deformable DETR with box refinement and two-stage proposals (the `enc` branch's
-# class-agnostic matching and loss sharded too). Deformable DETR at width 64: at the tiny
+# DETR with trainable BatchNorm in its backbone and a moving average (the statistics are
+# the global batch's, as SyncBatchNorm's: per-device statistics of one image each would
+# differ by O(1)), and Deformable DETR with box refinement and two-stage proposals (the
+# `enc` branch's class-agnostic matching and loss sharded too). Deformable DETR at width 64: at the tiny
 # width 32 its neck's GroupNorm(32) has one channel per group, which cancels the input
 # projections' biases exactly; their gradient is then rounding noise, which Adam's first
 # step (g / (|g| + eps)) turns into steps of up to lr that differ between any two
 # summation orders. Two channels per group give those biases a true gradient.
-@pytest.mark.parametrize("config", ["tiny_config()",
+@pytest.mark.parametrize("config", ["tiny_config(**{'model.backbone_norm': 'batch_norm', 'train.ema_decay': 0.9})",
                                     "tiny_deformable_config(REFINE_TWO_STAGE, **{'model.hidden_dim': 64})"],
                          ids=["detr", "deformable_detr"])
 def test_sharded_step_equals_single_device(config):
@@ -237,7 +262,8 @@ def test_sharded_step_equals_single_device(config):
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     diff = float(result.stdout.split("MAXDIFF")[1])
-    # Tolerance 2e-6 on parameters (Adam steps of lr=1e-4 per entry): the sharded program
+    # Tolerance 2e-6 on parameters (Adam steps of lr=1e-4 per entry), BatchNorm statistics
+    # and their averages (means and variances of O(1) activations): the sharded program
     # sums the loss over devices in another order; a step that went wrong would differ by
     # ~1e-4 (a whole Adam step) somewhere.
     assert diff < 2e-6, result.stdout
@@ -250,8 +276,10 @@ def _free_port() -> int:
 
 
 def _final_params(workdir: pathlib.Path) -> tuple[int, dict]:
+    """(step, {"params", "batch_stats", "ema"}) of the newest checkpoint."""
     step_dir = latest_step_dir(workdir)
-    return int(step_dir.name), read_state_as_numpy(step_dir / "state")["params"]
+    state = read_state_as_numpy(step_dir / "state")
+    return int(step_dir.name), {key: state[key] for key in ("params", "batch_stats", "ema")}
 
 
 def _max_diff(a, b) -> float:
@@ -307,9 +335,11 @@ def _uninterrupted(config: str, workdir: pathlib.Path, **overrides):
 
 @pytest.fixture(scope="module")
 def resumable_run(tmp_path_factory):
-    # synthetic_tiny's own backbone: no frozen_bn collection to restore
+    # synthetic_tiny's own backbone, with trainable BatchNorm: its running statistics and
+    # the moving average of parameters and statistics resume bitwise too.
     return _uninterrupted("synthetic_tiny", tmp_path_factory.mktemp("uninterrupted"),
-                          **{"model.backbone_norm": "group_norm"})
+                          **{"model.backbone_norm": "batch_norm", "train.ema_decay": 0.99,
+                             "train.ema_warmup_steps": 10})
 
 
 def _assert_resumed_equals_uninterrupted(workdir, resumable_run):
@@ -325,7 +355,11 @@ def _assert_resumed_equals_uninterrupted(workdir, resumable_run):
 
 
 def test_killed_run_resumes_to_identical_parameters(tmp_path, resumable_run):
-    """SIGKILL after a checkpoint, re-run the same command: same parameters as uninterrupted."""
+    """SIGKILL after a checkpoint, re-run the same command: same parameters, BatchNorm
+    statistics and moving averages as uninterrupted."""
+    _, _, (_, reference) = resumable_run
+    stats = jax.tree.leaves(reference["batch_stats"])
+    assert stats and len(jax.tree.leaves(reference["ema"])) == len(jax.tree.leaves(reference["params"])) + len(stats)
     _kill_after_a_checkpoint_and_resume(tmp_path / "killed", resumable_run)
 
 
@@ -478,18 +512,26 @@ def test_init_from_overlays_a_backbone_checkpoint(tmp_path, one_step):
 def test_gradient_accumulation_updates_every_k_steps(one_step):
     from detr_jax.train.trainer import train_state_from_variables
 
-    config = tiny_config(**{"train.grad_accum_steps": 2})
+    """And the moving average (train.ema_decay) moves once per optimizer update, by RT-DETR's
+    warmed-up decay (tolerance: float32 rounding of d * a + (1 - d) * b, 1e-6 relative)."""
+    config = tiny_config(**{"train.grad_accum_steps": 2, "train.ema_decay": 0.9, "train.ema_warmup_steps": 3})
     state0 = one_step["state0"]
     run = assemble(config, one_step["mesh"], 100)
-    state = train_state_from_variables(state0.variables, run.optimizer, one_step["mesh"], state0.rng)
+    state = train_state_from_variables(state0.variables, run.optimizer, one_step["mesh"], state0.rng, ema=True)
     step = run.step
     batch = global_batch(one_step["batch"], one_step["mesh"])
     state1, _ = step(state, batch)
     head0 = state0.params["class_embed"]["kernel"]
     np.testing.assert_array_equal(np.asarray(state1.params["class_embed"]["kernel"]), head0)  # accumulated only
+    np.testing.assert_array_equal(np.asarray(state1.ema["params"]["class_embed"]["kernel"]), head0)
     state2, _ = step(state1, batch)
-    delta = np.abs(np.asarray(state2.params["class_embed"]["kernel"]) - head0).max()
+    head2 = np.asarray(state2.params["class_embed"]["kernel"])
+    delta = np.abs(head2 - head0).max()
     assert 0.5e-4 < delta <= 1.01e-4  # one Adam step of lr 1e-4 after 2 micro-steps
+    d = 0.9 * (1 - np.exp(-1 / 3))  # after the first update
+    np.testing.assert_allclose(np.asarray(state2.ema["params"]["class_embed"]["kernel"]), d * head0 + (1 - d) * head2,
+                               rtol=1e-6, atol=1e-7)
+    assert state2.eval_variables["params"] is state2.ema["params"]
 
 
 def test_default_train_command_smoke(tmp_path):

@@ -26,6 +26,7 @@ The tree may be partial (a torchvision ResNet gives only the backbone subtrees);
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -269,8 +270,9 @@ class Checkpointer:
             check_state_item(step_dir)
             if check_meta is not None:
                 check_meta(meta)
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            return self.latest.restore(int(step_dir.name), args=args)["state"], data_state, meta
+            target, complete = _older_state_target(abstract_state, step_dir / "state")
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            return complete(self.latest.restore(int(step_dir.name), args=args)["state"]), data_state, meta
 
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
@@ -286,6 +288,23 @@ class Checkpointer:
         self.wait()
         self.latest.close()
         self.best.close()
+
+
+def _older_state_target(abstract_state, state_dir: pathlib.Path) -> tuple[Any, Callable[[Any], Any]]:
+    """(what to restore, how to complete it into `abstract_state`'s type) for the saved
+    state in `state_dir`: a state saved before a field was added to the train state (e.g.
+    `batch_stats`, `ema`) lacks it; where the field is empty in `abstract_state` too, the
+    rest is restored and the field filled with its empty value. Anything else restores as
+    `abstract_state` (and a real mismatch is reported by orbax)."""
+    saved = ocp.PyTreeCheckpointHandler().metadata(state_dir.absolute()).tree
+    if not dataclasses.is_dataclass(abstract_state) or not isinstance(saved, Mapping):
+        return abstract_state, lambda state: state
+    fields = {field.name: getattr(abstract_state, field.name) for field in dataclasses.fields(abstract_state)}
+    absent = {key: value for key, value in fields.items() if key not in saved and not jax.tree.leaves(value)}
+    if not absent:
+        return abstract_state, lambda state: state
+    target = {key: value for key, value in fields.items() if key not in absent}
+    return target, lambda state: type(abstract_state)(**state, **absent)
 
 
 def abstract_like(tree, shardings):
@@ -385,8 +404,10 @@ def load_train_meta(path: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
 
 
 def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
-    """({"params", "frozen_bn"} as numpy, the run's config as a dict, step) of the newest
-    readable training checkpoint under `path` (see `_newest_readable`)."""
+    """({"params", "frozen_bn", "batch_stats"} as numpy, the run's config as a dict, step) of
+    the newest readable training checkpoint under `path` (see `_newest_readable`): the
+    moving average of the parameters and statistics where the run kept one
+    (`train.ema_decay`), as evaluation during training used."""
 
     def read(step_dir: pathlib.Path):
         meta = read_train_meta(step_dir)
@@ -394,7 +415,9 @@ def load_train_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, int]:
         return meta, read_state_as_numpy(step_dir / "state")
 
     _, (meta, state) = _newest_readable(read, *train_step_dirs(path))
-    return {"params": state["params"], "frozen_bn": state["frozen_bn"]}, meta["config"], meta["step"]
+    variables = {"params": state["params"], "frozen_bn": state["frozen_bn"],
+                 "batch_stats": state.get("batch_stats", {})}
+    return dict(variables, **(state.get("ema") or {})), meta["config"], meta["step"]
 
 
 # ----------------------------------------------------------------------------------------

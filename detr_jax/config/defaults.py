@@ -52,9 +52,10 @@ def model_config() -> ml_collections.ConfigDict:
             transformer_args=ml_collections.FieldReference({}, field_type=object),
             # Dilate the last ResNet stage instead of striding it (the "DC5" models).
             dilation=False,
-            # "frozen_bn" (pretrained backbones, as official DETR) or "group_norm": a
+            # "frozen_bn" (pretrained backbones, as official DETR), "group_norm": a
             # trainable GroupNorm in each BatchNorm's place, for a backbone trained from
-            # scratch (frozen statistics would leave it with no normalization at all).
+            # scratch (frozen statistics would leave it with no normalization at all), or
+            # "batch_norm": trainable BatchNorm synchronized over the global batch.
             backbone_norm="frozen_bn",
             hidden_dim=256,
             num_heads=8,
@@ -190,8 +191,10 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
         "num_steps": (0, False), "lr_drop_epoch": (0, False), "warmup_steps": (0, False),
         "batch_size": (1, False), "grad_accum_steps": (1, False), "log_every_steps": (1, False),
         "checkpoint_every_steps": (1, False), "keep_checkpoints": (1, False), "eval_every_epochs": (0, False),
-        "fsdp_min_mib": (0, False),
+        "fsdp_min_mib": (0, False), "ema_decay": (0, False), "ema_warmup_steps": (1, False),
     })
+    if train.ema_decay >= 1:
+        raise ConfigError(f"train.ema_decay={train.ema_decay}: expected 0 (no average) or a decay below 1")
     if train.param_sharding not in PARAM_SHARDINGS:
         raise ConfigError(
             f"train.param_sharding={train.param_sharding!r}: expected one of {tuple(sorted(PARAM_SHARDINGS))}")

@@ -61,8 +61,10 @@ FREE_PREFIXES = ("eval.", "data.eval_")
 MODEL_MEANING_KEYS = frozenset({"model.dtype", "model.dropout"})  # model keys that shape no parameter
 STATE_KEYS = frozenset({"train.param_rules"})
 # Keys whose value adds or removes a part of the optimizer state where this predicate
-# changes (detr_jax.train.optim.make_optimizer: optax.MultiSteps above 1, no clipping at 0).
-_STATE_WHEN = {"train.grad_accum_steps": lambda v: v > 1, "train.clip_max_norm": lambda v: v > 0}
+# changes (detr_jax.train.optim.make_optimizer: optax.MultiSteps above 1, no clipping at 0),
+# or of the train state (the moving average of train.ema_decay > 0).
+_STATE_WHEN = {"train.grad_accum_steps": lambda v: v > 1, "train.clip_max_norm": lambda v: v > 0,
+               "train.ema_decay": lambda v: v > 0}
 
 
 class ResumeRefused(ConfigError):

@@ -25,6 +25,12 @@ def train_config() -> ml_collections.ConfigDict:
             warmup_steps=0,
             batch_size=64,  # global, over all devices and hosts
             grad_accum_steps=1,
+            # > 0: keep an exponential moving average of the parameters and BatchNorm
+            # statistics (RT-DETR's ModelEMA): after the n-th optimizer update,
+            # ema = d * ema + (1 - d) * value with d = ema_decay * (1 - exp(-n / ema_warmup_steps));
+            # evaluation, `best/` and every use of a training checkpoint read the average.
+            ema_decay=0.0,
+            ema_warmup_steps=2000,
             log_every_steps=50,
             checkpoint_every_steps=1000,
             keep_checkpoints=3,

@@ -188,12 +188,12 @@ def build_detr(model_config, dtype: Any, num_logits: int) -> DETR:
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
-    """Initial variables {"params": ..., "frozen_bn": ...} for a batch of one image.
+    """Initial variables {"params", "frozen_bn", "batch_stats"} for a batch of one image.
 
     The detector also sees targets (one padded slot) and a "queries" rng, as in training,
     so parameters only training uses (a denoising embedding) are created too. "frozen_bn"
-    is always present ({} without frozen BatchNorm), so code that carries both
-    collections need not ask which backbone it has.
+    and "batch_stats" are always present ({} without frozen or trainable BatchNorms), so
+    code that carries the collections need not ask which model it has.
     """
     images = jnp.zeros((1, *image_size, 3), jnp.float32)
     mask = jnp.ones((1, *image_size), bool)
@@ -201,7 +201,7 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: tuple[int, int]
                "valid": jnp.zeros((1, 1), bool)}
     variables = jax.jit(lambda r: model.init({"params": r, "queries": r}, images, mask, train=False,
                                              targets=targets))(rng)
-    return {"frozen_bn": {}, **variables}
+    return {"frozen_bn": {}, "batch_stats": {}, **variables}
 
 
 def variable_shapes(model: DETR) -> dict:

@@ -15,9 +15,10 @@
       the FPN map of the next level, a `CSPRepLayer` `pan_block{i}`.
 
 Every convolution is bias-free and followed by BatchNorm (`ConvNorm`: `conv`, `norm`);
-activations SiLU (`activation`). The BatchNorms are trainable in RT-DETR: here they run in
-inference mode, Flax's `nn.BatchNorm` with scale and bias in `params` and the running
-statistics in the `batch_stats` collection, so a training step can later update them.
+activations SiLU (`activation`). The BatchNorms are trainable, as RT-DETR's
+(`detr_jax.models.batch_norm`: PyTorch's semantics, scale and bias in `params`, the
+running statistics in `batch_stats`, updated by a training step, synchronized over the
+global batch).
 RepVGG blocks (`RepVggBlock`: a 3x3 and a 1x1 conv-BN branch, summed) fold into one 3x3
 convolution with bias for inference: `fuse_repvgg(variables)` rewrites the variables, and
 `HybridEncoder(fused_repvgg=True)` reads them.
@@ -38,6 +39,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from detr_jax.models.batch_norm import BATCH_STATS, BN_EPSILON, batch_norm
 from detr_jax.models.position_encoding import sincos_2d
 from detr_jax.models.resnet import conv2d
 from detr_jax.models.transformer import EncoderLayer
@@ -51,17 +53,6 @@ ACTIVATIONS: dict[str, Activation] = {
     "relu": nn.relu,
     "gelu": functools.partial(nn.gelu, approximate=False),
 }
-BATCH_STATS = "batch_stats"
-BN_EPSILON = 1e-5
-
-
-def batch_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
-    """A norm factory `(channels, name)` (dtype bound): PyTorch's BatchNorm2d (eps 1e-5, momentum 0.1) as Flax's nn.BatchNorm,
-    running statistics in `batch_stats`; inference mode (the running statistics)."""
-    del channels
-    return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=BN_EPSILON, dtype=dtype, name=name)
-
-
 class ConvNorm(nn.Module):
     """A bias-free convolution (PyTorch's padding kernel // 2) + norm + optional activation
     (Hugging Face's `RTDetrConvNormLayer`): parameters `conv` and `norm`."""
@@ -182,16 +173,18 @@ class HybridEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, features: Sequence[jnp.ndarray], train: bool = False) -> tuple[jnp.ndarray, ...]:
-        """features: the backbone's levels [B, h_l, w_l, C_l]; train: dropout in AIFI (the
-        BatchNorms use their running statistics either way). Returns the fused levels."""
+        """features: the backbone's levels [B, h_l, w_l, C_l]; train: dropout in AIFI, and
+        the BatchNorms normalize with the batch's statistics and update their running ones
+        (which needs `mutable=["batch_stats"]`). Returns the fused levels."""
         dim = self.hidden_dim
+        norm = functools.partial(self.norm, train=train)
 
         def conv_norm(kernel, stride, name, activation=self.activation):
-            return ConvNorm(dim, kernel, stride, activation, self.norm, self.dtype, name=name)
+            return ConvNorm(dim, kernel, stride, activation, norm, self.dtype, name=name)
 
         def csp(name):
             return CSPRepLayer(dim, int(dim * self.expansion), self.num_blocks, self.activation, self.fused_repvgg,
-                               self.norm, self.dtype, name=name)
+                               norm, self.dtype, name=name)
 
         levels = [conv_norm(1, 1, f"input_proj{l}", None)(f.astype(self.dtype)) for l, f in enumerate(features)]
         if self.num_encoder_layers > 0:

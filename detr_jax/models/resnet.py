@@ -16,13 +16,14 @@ convolutions, `conv1`/`bn1`, `conv2`/`bn2`, torchvision's BasicBlock, expansion 
 first block of every stage has a projection shortcut, as torchvision's and RT-DETR's (for
 a basic block that includes the first stage, where the channels do not change).
 
-The normalization is passed in (`norm`, a factory `(channels, name) -> Module`, flax
-ImageNet's `norm=partial(nn.BatchNorm, ...)` pattern), chosen by name from NORMS:
+The normalization is passed in (`norm`, a factory `(channels, name, dtype, train) -> Module`,
+flax ImageNet's `norm=partial(nn.BatchNorm, ...)` pattern), chosen by name from NORMS:
 "frozen_bn" keeps scale, bias, running mean and running variance in the `frozen_bn`
 variable collection, not in `params`, so no optimizer ever sees them (right for a
 pretrained backbone); "group_norm" puts a trainable GroupNorm in each BatchNorm's place
 (same module names, in `params`), for a backbone trained from scratch, which frozen
-statistics would leave with no normalization at all.
+statistics would leave with no normalization at all; "batch_norm" is the trainable,
+synchronized BatchNorm (`detr_jax.models.batch_norm`, statistics in `batch_stats`).
 
 A backbone is any module `(images [B, H, W, 3], mask [B, H, W], train) -> BackboneOutput`;
 RESNET_BACKBONES maps a name to its builder `(model_config, dtype) -> Module` (all
@@ -42,6 +43,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from detr_jax.models.batch_norm import batch_norm
 from detr_jax.ops.formulation import for_onnxruntime
 from detr_jax.ops.nearest import nearest_indices
 
@@ -120,19 +122,21 @@ def group_norm_groups(channels: int) -> int:
     return math.gcd(channels, min(32, max(1, channels // 4)))
 
 
-def frozen_batch_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
-    """A norm factory: FrozenBatchNorm (`channels` is implied by the statistics)."""
-    del channels
+def frozen_batch_norm(channels: int, name: str, dtype: Any = jnp.float32, train: bool = False) -> nn.Module:
+    """A norm factory: FrozenBatchNorm (`channels` is implied by the statistics; the same in training)."""
+    del channels, train
     return FrozenBatchNorm(dtype=dtype, name=name)
 
 
-def group_norm(channels: int, name: str, dtype: Any = jnp.float32) -> nn.Module:
-    """A norm factory: trainable GroupNorm with `group_norm_groups(channels)` groups."""
+def group_norm(channels: int, name: str, dtype: Any = jnp.float32, train: bool = False) -> nn.Module:
+    """A norm factory: trainable GroupNorm with `group_norm_groups(channels)` groups (the same in training)."""
+    del train
     return nn.GroupNorm(num_groups=group_norm_groups(channels), epsilon=1e-5, dtype=dtype, name=name)
 
 
-# model.backbone_norm -> norm factory (channels, name, dtype) -> Module
-NORMS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": frozen_batch_norm, "group_norm": group_norm}
+# model.backbone_norm -> norm factory (channels, name, dtype, train) -> Module
+NORMS: dict[str, Callable[..., nn.Module]] = {"frozen_bn": frozen_batch_norm, "group_norm": group_norm,
+                                              "batch_norm": batch_norm}
 
 
 def pointwise(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Any, stride: int = 1) -> jnp.ndarray:
@@ -386,8 +390,8 @@ class ResNetBackbone(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray, mask: jnp.ndarray, train: bool = False) -> BackboneOutput:
         """images: [B, H, W, 3] normalized, mask: [B, H, W] bool (True = real pixel)."""
-        del train  # frozen BN and GroupNorm behave the same in training and inference
-        stages = ResNet(self.spec, self.dilation, self.norm, self.dtype, name="body")(images)
+        stages = ResNet(self.spec, self.dilation, functools.partial(self.norm, train=train), self.dtype,
+                        name="body")(images)
         features = stages["res5"]
         return BackboneOutput(features, downsample_mask(mask, features.shape[1], features.shape[2]), stages)
 

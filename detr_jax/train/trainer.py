@@ -106,19 +106,29 @@ class TrainState:
     """Everything a step changes or needs, as one pytree (checkpointed whole).
 
     step: int32 scalar, micro-steps done; params: trainable variables (float32);
-    frozen_bn: frozen BatchNorm values (never updated); opt_state: optax state;
-    rng: uint32 [2] PRNG key, folded with the step for each step's dropout.
+    frozen_bn: frozen BatchNorm values (never updated); batch_stats: the running statistics
+    of trainable BatchNorms, updated by every step ({} for models without them);
+    opt_state: optax state; rng: uint32 [2] PRNG key, folded with the step for each step's
+    dropout; ema: the moving average {"params", "batch_stats"} of `train.ema_decay`, or {}.
     """
 
     step: jax.Array
     params: Any
     frozen_bn: Any
+    batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    ema: Any
 
     @property
     def variables(self) -> dict:
-        return {"params": self.params, "frozen_bn": self.frozen_bn}
+        """The model's variables as trained: {"params", "frozen_bn", "batch_stats"}."""
+        return {"params": self.params, "frozen_bn": self.frozen_bn, "batch_stats": self.batch_stats}
+
+    @property
+    def eval_variables(self) -> dict:
+        """What evaluation and inference use: the moving average where there is one."""
+        return dict(self.variables, **self.ema) if self.ema else self.variables
 
 
 # ----------------------------------------------------------------------------- state
@@ -147,23 +157,33 @@ def create_train_state(config, model, optimizer, mesh: Mesh, shardings=None) -> 
     `train_state_from_variables`)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     return train_state_from_variables(initial_variables(config, model, init_rng), optimizer, mesh, dropout_rng,
-                                      shardings)
+                                      shardings, ema=config.train.ema_decay > 0)
 
 
-def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.Array,
-                               shardings=None) -> TrainState:
-    """Step-0 train state of `variables` ({"params", "frozen_bn"}) on `mesh`.
-
-    shardings: a NamedSharding per leaf of the state (`Assembly.state_sharding`, from
-    `sharding.state_sharding`); None: replicated over `mesh`.
-    """
-    state = TrainState(
+def new_train_state(variables: dict, optimizer, rng: jax.Array, ema: bool) -> TrainState:
+    """The step-0 TrainState of `variables` (not placed on devices)."""
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         frozen_bn=variables["frozen_bn"],
+        batch_stats=batch_stats,
         opt_state=optimizer.init(variables["params"]),
         rng=rng,
+        # A copy: the step donates the state, and one buffer cannot be donated twice.
+        ema=jax.tree.map(jnp.copy, {"params": variables["params"], "batch_stats": batch_stats}) if ema else {},
     )
+
+
+def train_state_from_variables(variables: dict, optimizer, mesh: Mesh, rng: jax.Array,
+                               shardings=None, ema: bool = False) -> TrainState:
+    """Step-0 train state of `variables` ({"params", "frozen_bn"[, "batch_stats"]}) on `mesh`.
+
+    shardings: a NamedSharding per leaf of the state (`Assembly.state_sharding`, from
+    `sharding.state_sharding`); None: replicated over `mesh`. ema: start a moving average
+    (equal to the variables, as RT-DETR's ModelEMA starts).
+    """
+    state = new_train_state(variables, optimizer, rng, ema)
     return jax.device_put(state, sharding.replicated(mesh) if shardings is None else shardings)
 
 
@@ -175,8 +195,14 @@ def stop_frozen_gradients(params, frozen):
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
 
+def ema_decay(updates: jax.Array, decay: float, warmup_steps: int) -> jax.Array:
+    """RT-DETR's ModelEMA decay after `updates` optimizer updates: decay * (1 - exp(-updates / warmup))."""
+    return decay * (1 - jnp.exp(-updates.astype(jnp.float32) / warmup_steps))
+
+
 def make_train_step(model: nn.Module, criterion: SetCriterion, optimizer, lr: optax.Schedule, mesh: Mesh,
-                    accum_steps: int = 1, frozen=None, state_sharding=None) -> Callable:
+                    accum_steps: int = 1, frozen=None, state_sharding=None, ema: tuple[float, int] | None = None
+                    ) -> Callable:
     """The jitted step: (state, batch) -> (state, metrics).
 
     `state_sharding`: a NamedSharding per leaf of the state (`Assembly.state_sharding`);
@@ -187,6 +213,10 @@ def make_train_step(model: nn.Module, criterion: SetCriterion, optimizer, lr: op
     trained: no gradient is computed for them, so XLA drops the backward pass through the
     frozen stem and first stage (as PyTorch does for requires_grad=False), which is most
     of the backward's cost at full resolution.
+
+    Trainable BatchNorms (a non-empty `state.batch_stats`) normalize with the statistics
+    of the step's global batch and their running statistics are updated; `ema` (decay,
+    warm-up steps) updates the state's moving average after every optimizer update.
 
     The state is donated. A step whose loss or gradient is not finite leaves the state
     unchanged (and reports it in `metrics["finite"]`), so the caller can stop with the
@@ -205,16 +235,32 @@ def make_train_step(model: nn.Module, criterion: SetCriterion, optimizer, lr: op
             # queries made from them (denoising); DETR uses neither.
             targets = {key: batch[key] for key in ("labels", "boxes", "valid")}
             rngs = {"dropout": dropout_rng, "queries": jax.random.fold_in(dropout_rng, 1)}
-            outputs = model.apply({"params": params, "frozen_bn": state.frozen_bn}, batch["image"],
-                                  batch["mask"], train=True, targets=targets, rngs=rngs)
-            return criterion(outputs, batch)
+            variables = dict(state.variables, params=params)
+            args = (variables, batch["image"], batch["mask"])
+            kwargs = dict(train=True, targets=targets, rngs=rngs)
+            if not state.batch_stats:
+                outputs, batch_stats = model.apply(*args, **kwargs), state.batch_stats
+            else:
+                outputs, updated = model.apply(*args, **kwargs, mutable=["batch_stats"])
+                batch_stats = updated["batch_stats"]
+            loss, metrics = criterion(outputs, batch)
+            return loss, (metrics, batch_stats)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        if ema is not None:
+            # One update of the average per optimizer update (every accum_steps micro-steps).
+            done_updates = (state.step + 1) // accum_steps
+            d = ema_decay(done_updates, *ema)
+            averaged = jax.tree.map(lambda e, v: d * e + (1 - d) * v, state.ema,
+                                    {"params": params, "batch_stats": batch_stats})
+            updated_now = (state.step + 1) % accum_steps == 0
+            new_state = new_state.replace(ema=jax.tree.map(lambda a, e: jnp.where(updated_now, a, e), averaged,
+                                                           state.ema))
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite,
                        lr=lr(state.step // accum_steps).astype(jnp.float32))
@@ -287,10 +333,11 @@ def assemble(config: ml_collections.ConfigDict, mesh: Mesh, updates_per_epoch: i
     shapes = variable_shapes(model)
     optimizer, lr = make_optimizer(t, shapes["params"], updates_per_epoch)
     frozen = frozen_mask(shapes["params"], t.param_rules)
-    abstract_state = abstract_train_state(shapes, optimizer)
+    abstract_state = abstract_train_state(shapes, optimizer, ema=t.ema_decay > 0)
     state_sharding = sharding.state_sharding(abstract_state, mesh, t.param_sharding, t.fsdp_min_mib)
     step = make_train_step(model, criterion, optimizer, lr, mesh, t.grad_accum_steps, frozen=frozen,
-                           state_sharding=state_sharding)
+                           state_sharding=state_sharding,
+                           ema=(t.ema_decay, t.ema_warmup_steps) if t.ema_decay > 0 else None)
     return Assembly(model=model, criterion=criterion, optimizer=optimizer, lr=lr, frozen=frozen,
                     variable_shapes=shapes, abstract_state=abstract_like(abstract_state, state_sharding),
                     state_sharding=state_sharding, step=step, mesh=mesh)
@@ -504,7 +551,7 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: pathlib.P
                 if checkpoint_now:
                     checkpointer.save(done, state, data_iter.get_state(), meta(done))
                 if evaluate_now:
-                    eval_metrics = eval_fn(state.variables, step=done)
+                    eval_metrics = eval_fn(state.eval_variables, step=done)
                     scalars = {f"eval_{k}": float(v) for k, v in eval_metrics.items() if np.isscalar(v)}
                     writer.write(done, scalars)
                     last_metrics.update(scalars)
@@ -523,12 +570,6 @@ def _train_in_held_workdir(config: ml_collections.ConfigDict, workdir: pathlib.P
     return last_metrics
 
 
-def abstract_train_state(variable_shapes: dict, optimizer) -> TrainState:
+def abstract_train_state(variable_shapes: dict, optimizer, ema: bool = False) -> TrainState:
     """The TrainState's structure, shapes and dtypes (for restoring a checkpoint)."""
-    return jax.eval_shape(lambda: TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variable_shapes["params"],
-        frozen_bn=variable_shapes["frozen_bn"],
-        opt_state=optimizer.init(variable_shapes["params"]),
-        rng=jax.random.PRNGKey(0),
-    ))
+    return jax.eval_shape(lambda v: new_train_state(v, optimizer, jax.random.PRNGKey(0), ema), variable_shapes)
