@@ -1,5 +1,6 @@
-"""RT-DETR's parts against Hugging Face transformers' RT-DETR: the ResNet-vd backbone and the
-hybrid encoder (issue 31, items 1-2), and RepVGG fusion.
+"""RT-DETR against Hugging Face transformers' RT-DETR and RT-DETRv2: the ResNet-vd backbone
+and the hybrid encoder (issue 31, items 1-2), RepVGG fusion, and the detector with its
+conversion and loss (items 3, 5).
 
 The references are built offline with random weights: a tiny `RTDetrModel` (ResNet-18-vd
 shaped backbone, 16..128 channels, one basic block per stage; encoder width 32, 4 heads,
@@ -17,16 +18,32 @@ pool; the encoder's levels are 16x12, 8x6, 4x3 (AIFI on a non-square map, which 
 sin-cos encoding's layout: a swapped sin/cos or official RT-DETR's transposed non-square
 assignment fails).
 
+The detector: tiny random-weight `RTDetrForObjectDetection` (4 decoder levels: the extra
+stride-2 one exercised; 2 sampling points) and `RTDetrV2ForObjectDetection` (3 levels, 3
+points, offset scale 1.0), both with a resnet_vd_tiny-shaped backbone, width 32, 4 heads, 1
+AIFI and 2 decoder layers, 10 queries, 5 classes, num_denoising 6, converted with
+`convert.convert_state_dict` (layout and model inferred, checked against our config) and
+run on two unpadded 64x96 images (HF's RT-DETR reads no pixel mask; sides divisible by 32,
+which its CCFM needs). Compared: logits and boxes of every decoder layer, the `enc` branch
+(the selected proposals) and the top-k positions; in training mode (BatchNorms on their
+running statistics on both sides) with HF's denoising fed our draws, the `dn` branch and
+every term of transformers' `RTDetrLoss` (main, aux layers, enc, dn layers) against our
+SetCriterion with the varifocal convention. RT-DETRv2's discrete sampling and per-level
+points are compared at the attention level (tests/test_deformable_attention.py).
+
 Tolerance: max |difference| <= 1e-4 in float32 (TOLERANCE of test_parity_hf) for outputs of
 order 1: the two implementations sum convolutions and matrix products in different orders
 (measured differences ~1e-6..1e-5 through 50 layers), while a real mistake (a wrong stride,
 pool or padding, a swapped branch) gives 1e-2 or more. RepVGG fusion (a float64 fold): fused ==
 unfused within 1e-5 in float64 (measured ~1e-14), and within 1e-4 in float32, where the
-rounding of six CSP layers alone reaches 1e-5.
+rounding of six CSP layers alone reaches 1e-5. The detector as the parts (1e-4, the same
+float32 reordering through ~60 layers), its loss terms 1e-5 relative (the same sums of the
+same matched pairs).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -56,12 +73,14 @@ from detr_jax.config.loading import config_from_dict  # noqa: E402
 from detr_jax.convert import map_state_dict  # noqa: E402
 from detr_jax.convert.resnet import infer_backbone  # noqa: E402
 from detr_jax.convert.huggingface_rt_detr import LAYOUT  # noqa: E402
-from detr_jax.models import BACKBONES, build_model, hybrid_encoder, queries  # noqa: E402
+from detr_jax.criterion.losses import SetCriterion  # noqa: E402
+from detr_jax.models import BACKBONES, build_class_convention, build_model, hybrid_encoder, queries  # noqa: E402
 from detr_jax.models.denoising import DenoisingNoise  # noqa: E402
 from detr_jax.models.hybrid_encoder import build_hybrid_encoder, fuse_repvgg  # noqa: E402
 from detr_jax.models.resnet import RESNETS, ResNet, ResNetSpec  # noqa: E402
 
 FUSION_TOLERANCE = 1e-5
+LOSS_RTOL = 1e-5
 IMAGE = (72, 88)
 LEVELS = ((16, 12), (8, 6), (4, 3))
 TINY_BACKBONE = dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic")
@@ -469,6 +488,47 @@ def test_denoising_queries_and_the_matching_ones_match_hf_in_training():
     assert_per_layer(f"{variant} logits with dn", out["pred_logits"], reference["logits"][:, :, num_dn:])
     assert_per_layer(f"{variant} boxes with dn", out["pred_boxes"], reference["boxes"][:, :, num_dn:])
     assert_per_layer(f"{variant} enc logits with dn", out["enc"]["pred_logits"], reference["enc_logits"][None])
+
+
+def hf_loss_name(name: str, num_layers: int) -> str:
+    """Our metric name -> transformers' RTDetrLoss key: loss_ce is its loss_vfl; layer l of the
+    main branch its `_aux_{l}`, the enc branch its `_aux_{L - 1}` (appended to the aux
+    outputs); the dn branch's layers `_dn_{l}`, the last one included."""
+    name = name.replace("loss_ce", "loss_vfl")
+    if name.endswith("_enc"):
+        return name.removesuffix("_enc") + f"_aux_{num_layers - 1}"
+    if name.endswith("_dn"):
+        return name + f"_{num_layers - 1}"
+    term, _, layer = name.rpartition("_")
+    return f"{term}_aux_{layer}" if layer.isdigit() and not term.endswith("_dn") else name
+
+
+def test_the_loss_with_denoising_matches_transformers_every_term_and_layer():
+    """RT-DETR's recipe: the varifocal class convention (VFL alpha 0.75, gamma 2; focal
+    matching cost alpha 0.25, gamma 2), matching costs class 2 / L1 5 / GIoU 2, loss weights
+    VFL 1 / L1 5 / GIoU 2, on the main, enc and dn branches. Relative tolerance 1e-5: the
+    same float32 sums of the same matched pairs (the predictions agree within 1e-4)."""
+    config, out, reference = training_comparison()
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.loss.update(class_coef=1.0, bbox_coef=5.0, giou_coef=2.0, focal_alpha=0.25, focal_gamma=2.0,
+                           varifocal_alpha=0.75, varifocal_gamma=2.0)
+        config.loss.matcher_args = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
+    criterion = SetCriterion.from_config(config.loss, 5, classes=build_class_convention(config))
+    targets = {k: jnp.asarray(v) for k, v in detector_targets().items()}
+    total, metrics = criterion(out, targets)
+    layers = out["pred_logits"].shape[0]
+    ours = {}  # weighted, as transformers' loss_dict
+    for key, value in metrics.items():
+        term = next((t for t in criterion.weight_dict if key.startswith(t)), None)
+        if term is not None:
+            ours[hf_loss_name(key, layers)] = float(value) * criterion.weight_dict[term]
+    assert set(ours) == set(reference["loss"]), (sorted(ours), sorted(reference["loss"]))
+    for key, value in sorted(reference["loss"].items()):
+        print(f"{key}: ours {ours[key]:.6f} transformers {value:.6f}")
+        np.testing.assert_allclose(ours[key], value, rtol=LOSS_RTOL, err_msg=key)
+    np.testing.assert_allclose(float(total), sum(reference["loss"].values()), rtol=LOSS_RTOL)
+    assert float(metrics["nonfinite_cost"]) == 0 and min(reference["loss"].values()) > 1e-3
 
 
 def test_a_deliberate_mistake_fails_the_detector_parity(monkeypatch):

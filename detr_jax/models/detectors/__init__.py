@@ -55,5 +55,5 @@ DETECTORS: dict[str, Detector] = {
     "dab_detr": Detector(build=build_dab_detr, class_convention="sigmoid_focal"),
     "deformable_detr": Detector(build=build_deformable_detr, class_convention="sigmoid_focal"),
     "dino": Detector(build=build_dino, class_convention="sigmoid_focal"),
-    "rt_detr": Detector(build=build_rt_detr, class_convention="sigmoid_focal"),
+    "rt_detr": Detector(build=build_rt_detr, class_convention="sigmoid_varifocal"),
 }
