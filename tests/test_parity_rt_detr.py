@@ -47,6 +47,7 @@ import copy
 import functools
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -575,3 +576,17 @@ def test_a_v2_model_saved_by_transformers_converts(tmp_path):
     assert set(flat) == set(expected)
     for path, value in expected.items():
         np.testing.assert_array_equal(flat[path], value, err_msg="/".join(path))
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"decoder_n_points": [1, 2]}, "decoder_n_points=[1, 2]: expected a positive integer or 3 of them"),
+    ({"decoder_sampling": "nearest"}, "decoder_sampling='nearest': expected one of"),
+    ({"encode_levels": [3]}, "encode_levels=[3]: expected a list of level indices < 3"),
+    ({"num_feature_levels": 2}, "num_feature_levels=2: expected an integer >= 3"),
+    ({"dn_number": 100}, "dn_number not among this detector's settings"),
+])
+def test_bad_rt_detr_settings_are_config_errors(args, message):
+    from detr_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"model": {"arch": "rt_detr", "backbone": "resnet_vd_tiny", "transformer_args": args}})
