@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detr_jax.criterion.class_convention import SigmoidFocal, SoftmaxNoObject
+from detr_jax.config.defaults import loss_config
+from detr_jax.criterion.class_convention import CLASS_CONVENTIONS, SigmoidFocal, SoftmaxNoObject
 from detr_jax.criterion.losses import SetCriterion
 from detr_jax.criterion.matcher import HungarianMatcher
 from detr_jax.evaluation.postprocess import postprocess
@@ -96,6 +97,17 @@ def test_sigmoid_postprocess_is_the_top_k_over_queries_and_classes():
     np.testing.assert_allclose(got["boxes"], want_boxes, rtol=1e-5, atol=1e-3)
     # DETR's convention keeps every query in order, so it gives no query index
     assert "queries" not in postprocess(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(size), SoftmaxNoObject())
+
+
+def test_the_varifocal_convention_has_rt_detrs_settings():
+    """RT-DETR's (its loss against transformers': tests/test_parity_rt_detr.py): the focal
+    matching cost's alpha 0.25, the varifocal loss's 0.75, top-300 post-processing; the loss
+    cannot run without the matched IoUs."""
+    classes = CLASS_CONVENTIONS["sigmoid_varifocal"].from_config(loss_config())
+    assert (classes.alpha, classes.gamma, classes.vfl_alpha, classes.vfl_gamma) == (0.25, 2.0, 0.75, 2.0)
+    assert classes.num_detections(300, 80) == 300 and classes.num_logits(80) == 80
+    with pytest.raises(ValueError, match="quality"):
+        classes.loss(jnp.zeros((1, 1, 2, K)), jnp.zeros((1, 1, 2), jnp.int32), 1.0)
 
 
 def test_branches_are_matched_by_their_own_rule_and_suffixed():

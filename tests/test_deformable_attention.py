@@ -27,12 +27,13 @@ from jax.test_util import check_grads
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import DeformableDetrConfig  # noqa: E402
+from transformers import DeformableDetrConfig, RTDetrV2Config  # noqa: E402
 from transformers.models.deformable_detr.modeling_deformable_detr import (  # noqa: E402
     DeformableDetrMultiscaleDeformableAttention,
     DeformableDetrPreTrainedModel,
     MultiScaleDeformableAttention as ReferenceCore,
 )
+from transformers.models.rt_detr_v2.modeling_rt_detr_v2 import RTDetrV2MultiscaleDeformableAttention  # noqa: E402
 
 from detr_jax.ops.formulation import ONNXRUNTIME, XLA, formulated_for  # noqa: E402
 from detr_jax.models.deformable_attention import (  # noqa: E402
@@ -258,6 +259,68 @@ def test_init_matches_hf(heads):
         kernel = np.asarray(params[name]["kernel"])
         assert kernel.shape == (E, E)
         assert 0.5 * np.sqrt(3 / E) < np.abs(kernel).max() <= np.sqrt(3 / E), name  # bound sqrt(6 / (E + E))
+
+
+# RT-DETRv2's points per level (ragged), as official RT-DETRv2's num_points_list allows.
+V2_POINTS = (2, 3, 1)
+
+
+def hf_v2_attention(method: str, seed: int = 0) -> RTDetrV2MultiscaleDeformableAttention:
+    """HF's RT-DETRv2 attention (nn.Linear's default init, the offsets' weight x4 as
+    hf_attention's) with V2_POINTS: built for 2 points on each of the 3 levels (the same
+    sum(P_l) = 6 projections) and then given V2_POINTS as its n_points_list and
+    n_points_scale, which its forward and `multi_scale_deformable_attention_v2` read."""
+    torch.manual_seed(seed)
+    config = RTDetrV2Config(d_model=E, decoder_attention_heads=HEADS, decoder_n_levels=LEVELS,
+                            decoder_n_points=sum(V2_POINTS) // LEVELS, decoder_offset_scale=0.7, decoder_method=method)
+    attn = RTDetrV2MultiscaleDeformableAttention(config).eval()
+    attn.n_points_list = list(V2_POINTS)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.mul_(4)
+        attn.n_points_scale.copy_(torch.tensor([1 / n for n in V2_POINTS for _ in range(n)]))
+    return attn
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_rt_detr_v2_points_per_level_and_sampling_match_hf(method):
+    """Points per level, the offset scale and both sampling methods (ours "bilinear" is
+    HF's "default") against HF's RTDetrV2MultiscaleDeformableAttention, on box references
+    (one per query, as its decoder passes them) and a padding mask; samples leave the maps
+    (the discrete method clamps them onto the edge). Discrete sampling rounds a location to
+    a pixel: a location within float32 rounding of a pixel boundary could round apart
+    (none does on these draws)."""
+    attn = hf_v2_attention(method)
+    query, query_pos, value, mask, boxes = module_inputs(4)
+    boxes = boxes[:, :, :1]  # [B, Q, 1, 4]
+    hf_out, _ = run_hf(attn, query, query_pos, value, mask, boxes)
+    module = MultiScaleDeformableAttention(E, HEADS, LEVELS, V2_POINTS, offset_scale=0.7,
+                                           sampling="bilinear" if method == "default" else method)
+    out, state = module.apply(to_flax(attn), jnp.asarray(query), jnp.asarray(np.repeat(boxes, LEVELS, 2)),
+                              jnp.asarray(value), SHAPES, jnp.asarray(mask), jnp.asarray(query_pos),
+                              mutable=["intermediates"])
+    np.testing.assert_allclose(np.asarray(out), hf_out, atol=ATOL, rtol=0)
+    locations, weights = state["intermediates"][SAMPLING_LOCATIONS][0], state["intermediates"][SAMPLING_WEIGHTS][0]
+    assert locations.shape == (B, Q, HEADS, LEVELS, max(V2_POINTS), 2)
+    assert ((np.asarray(locations) < 0) | (np.asarray(locations) > 1)).mean() > 0.05
+    # A level's points past its P_l are padding: weight 0; a head's weights sum to 1.
+    assert not np.asarray(weights)[:, :, :, 2, 1:].any()
+    np.testing.assert_allclose(np.asarray(weights).sum((-2, -1)), 1, atol=1e-6)
+    # Its initial offsets: each level's points at 1..P_l steps along the head's direction.
+    bias = module.init(jax.random.PRNGKey(0), jnp.asarray(query), jnp.asarray(np.repeat(boxes, LEVELS, 2)),
+                       jnp.asarray(value), SHAPES)["params"]["sampling_offsets"]["bias"]
+    steps = np.asarray(bias).reshape(HEADS, sum(V2_POINTS), 2)[0, :, 0]  # head 0 points along +x
+    np.testing.assert_array_equal(steps, [1, 2, 1, 2, 3, 1])
+
+
+def test_discrete_sampling_differs_from_bilinear():
+    """The switch matters: on the same inputs the two methods differ far beyond the
+    tolerance (so the comparison above tells them apart)."""
+    value, locations, weights = core_inputs(0)
+    args = (jnp.asarray(value), SHAPES, jnp.asarray(locations), jnp.asarray(weights))
+    diff = np.abs(np.asarray(ms_deform_attn_sample(*args, method="discrete")) - ours_core(value, locations, weights))
+    assert diff.max() > 1000 * ATOL
+    with pytest.raises(ValueError, match="sampling method"):
+        ms_deform_attn_sample(*args, method="nearest")
 
 
 def test_jit_vmap_shard_map():

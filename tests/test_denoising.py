@@ -71,10 +71,10 @@ def ours(targets, table, noise, num_denoising, **kw):
                  num_queries=Q, num_denoising=num_denoising, noise=noise, **kw)
 
 
-def reference(targets, table, noise, num_denoising, monkeypatch, logits=False, label_noise_ratio=0.5,
-              box_noise_scale=1.0):
-    """transformers' group construction on the same targets (list form) and the same draws.
-    Returns (noised labels, content, boxes: normalized unless logits, attn_mask, meta)."""
+def feed_draws(monkeypatch, noise: DenoisingNoise, num_classes: int) -> list[str]:
+    """Patches torch.rand_like and torch.randint_like (module docstring) to return `noise`'s
+    arrays to transformers' RT-DETR denoising; returns the list the draws asked for are
+    appended to, by name, in the order asked."""
     as_torch = {name: torch.from_numpy(np.array(getattr(noise, name)))
                 for name in ("label_uniform", "new_labels", "box_sign", "box_part")}
     asked = []
@@ -91,11 +91,19 @@ def reference(targets, table, noise, num_denoising, monkeypatch, logits=False, l
             assert tuple(input.shape) == tuple(as_torch["box_sign"].shape)
             return ((as_torch["box_sign"] + 1) / 2).to(dtype or input.dtype)
         asked.append("new_labels")
-        assert (low, high) == (0, K) and tuple(input.shape) == tuple(as_torch["new_labels"].shape)
+        assert (low, high) == (0, num_classes) and tuple(input.shape) == tuple(as_torch["new_labels"].shape)
         return as_torch["new_labels"].to(dtype or input.dtype)
 
     monkeypatch.setattr(torch, "rand_like", rand_like)
     monkeypatch.setattr(torch, "randint_like", randint_like)
+    return asked
+
+
+def reference(targets, table, noise, num_denoising, monkeypatch, logits=False, label_noise_ratio=0.5,
+              box_noise_scale=1.0):
+    """transformers' group construction on the same targets (list form) and the same draws.
+    Returns (noised labels, content, boxes: normalized unless logits, attn_mask, meta)."""
+    asked = feed_draws(monkeypatch, noise, K)
     if not logits:
         monkeypatch.setattr(rt_detr, "inverse_sigmoid", lambda x, eps=1e-5: x)
     embed = torch.nn.Embedding(K + 1, E, padding_idx=K)

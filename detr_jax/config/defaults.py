@@ -35,7 +35,8 @@ def model_config() -> ml_collections.ConfigDict:
             # The detector, a name in detr_jax.models.DETECTORS ("detr": the paper's).
             arch="detr",
             # How class logits are read (detr_jax.criterion.class_convention.CLASS_CONVENTIONS:
-            # "softmax" with a "no object" class, "sigmoid_focal"); "": the detector's own.
+            # "softmax" with a "no object" class, "sigmoid_focal", "sigmoid_varifocal"); "": the
+            # detector's own.
             class_convention="",
             backbone="resnet50",
             # Settings of the backbone's module, by field name, for backbones that have
@@ -102,6 +103,10 @@ def loss_config() -> ml_collections.ConfigDict:
             # The focal loss's and focal matching cost's settings (sigmoid_focal convention).
             focal_alpha=0.25,
             focal_gamma=2.0,
+            # The varifocal loss's settings (sigmoid_varifocal convention, RT-DETR's criterion;
+            # its matching cost is the focal one above).
+            varifocal_alpha=0.75,
+            varifocal_gamma=2.0,
             # Supervise every decoder layer, not only the last.
             aux_loss=True,
             # Weight of the whole one2many branch of hybrid matching (H-DETR's lambda_one2many;
@@ -169,7 +174,8 @@ def validate_loss(loss: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.eos_coef={loss.eos_coef} must be in (0, 1]")
     if not 0.0 <= loss.focal_alpha <= 1.0:
         raise ConfigError(f"loss.focal_alpha={loss.focal_alpha} must be in [0, 1]")
-    _check_range("loss", loss, {"focal_gamma": (0, False)})
+    _check_range("loss", loss, {"focal_gamma": (0, False), "varifocal_alpha": (0, False),
+                                "varifocal_gamma": (0, False)})
     if loss.matcher not in MATCHERS:
         raise ConfigError(f"loss.matcher={loss.matcher!r}: expected one of {sorted(MATCHERS)}")
     if isinstance(loss.matcher_args, ml_collections.ConfigDict):  # what copy.deepcopy makes of the dict

@@ -1,7 +1,7 @@
 """PyTorch checkpoints -> Flax variables of our detectors, one file per source family
-(official_detr, huggingface_detr, huggingface_detr_family, official_detr_family, resnet:
-torchvision, vit: Hugging Face and timm), over shared rules (rules), tensor mapping
-(tensors) and checks (converter).
+(official_detr, huggingface_detr, huggingface_detr_family, huggingface_rt_detr,
+official_detr_family, resnet: torchvision, vit: Hugging Face and timm), over shared rules
+(rules), tensor mapping (tensors) and checks (converter).
 
 These layouts are recognized from the key names:
   official     facebookresearch/detr (`detr-r50-e632da11.pth`, ...): {"model": state dict} with
@@ -29,6 +29,10 @@ These layouts are recognized from the key names:
   huggingface_<member>  transformers' DETR-family members (ConditionalDetrForObjectDetection,
                ...): the layouts of `huggingface_detr_family`, which names their
                modules and infers their model (model.arch included).
+  huggingface_rt_detr, huggingface_rt_detr_v2  transformers' RTDetrForObjectDetection and
+               RTDetrV2ForObjectDetection (`model.enc_score_head`, `model.encoder_input_proj`;
+               v2 by its attentions' `n_points_scale`): `huggingface_rt_detr`, which names
+               their modules and infers their model.
   official_<member>  the official repositories' checkpoints of those members
                (Atten4Vis/ConditionalDETR, IDEA-Research/DAB-DETR, fundamentalvision/
                Deformable-DETR): {"model": state dict} with `transformer.*` as official

@@ -142,7 +142,9 @@ def _deformable_encoder_layer(index: str, name: str) -> Module | None:
     ], name)
 
 
-def _deformable_decoder_layer(index: str, name: str) -> Module | None:
+def deformable_decoder_layer(index: str, name: str) -> Module | None:
+    """`model.decoder.layers.{index}.<name>` of a deformable decoder (Deformable DETR's,
+    RT-DETR's) -> our `DeformableDecoderLayer`'s module."""
     layer = ("decoder", f"layer{index}")
     return first_match([
         (r"self_attn\.([qkv])_proj", lambda p: Module(layer + ("self_attn", f"{p}_proj"), "dense")),
@@ -171,7 +173,7 @@ _DEFORMABLE_RULES = [
     (r"model\.input_proj\.(\d+)\.0", lambda level: Module(("input_proj", f"conv{level}"), "conv")),
     (r"model\.input_proj\.(\d+)\.1", lambda level: Module(("input_proj", f"norm{level}"), "groupnorm")),
     (r"model\.encoder\.layers\.(\d+)\.(.+)", _deformable_encoder_layer),
-    (r"model\.decoder\.layers\.(\d+)\.(.+)", _deformable_decoder_layer),
+    (r"model\.decoder\.layers\.(\d+)\.(.+)", deformable_decoder_layer),
     (r"model\.query_position_embeddings", lambda: Module(("query_embed",), "embedding")),
     (r"model\.(reference_points|enc_output|pos_trans)", lambda m: Module((m,), "dense")),
     (r"model\.(enc_output_norm|pos_trans_norm)", lambda m: Module((m,), "layernorm")),

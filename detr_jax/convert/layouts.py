@@ -22,7 +22,7 @@ from detr_jax.convert.vit import (HF_VIT_PREFIX, huggingface_vit_module, hugging
                                   timm_vit_module, timm_vit_parameter, vit_backbone_args)
 
 LAYOUTS = ("official", "huggingface", "torchvision", "huggingface_vit", "timm_vit", *hf_family.LAYOUTS,
-           *official_family.LAYOUTS, *official_dino.LAYOUTS)
+           *official_family.LAYOUTS, *official_dino.LAYOUTS, *huggingface_rt_detr.LAYOUTS)
 # Layouts that hold only an ImageNet backbone: converted to the backbone subtree.
 BACKBONE_LAYOUTS = ("torchvision", "huggingface_vit", "timm_vit")
 VIT_LAYOUTS = ("huggingface_vit", "timm_vit")
@@ -40,9 +40,7 @@ MODULE_RESOLVERS.update({layout: functools.partial(hf_family.module, layout) for
 MODULE_RESOLVERS.update({layout: functools.partial(official_family.module, layout)
                          for layout in official_family.LAYOUTS})
 MODULE_RESOLVERS[official_dino.LAYOUT] = functools.partial(official_dino.module, official_dino.LAYOUT)
-# RT-DETR's backbone and hybrid encoder so far: mapped by `map_state_dict`, not yet detected
-# (not in LAYOUTS) until its detector exists.
-MODULE_RESOLVERS[huggingface_rt_detr.LAYOUT] = huggingface_rt_detr.module
+MODULE_RESOLVERS.update({layout: huggingface_rt_detr.module for layout in huggingface_rt_detr.LAYOUTS})
 # Bare parameters (no module: cls_token, pos_embed), resolved from the whole key first.
 PARAMETER_RESOLVERS = {
     "huggingface_vit": huggingface_vit_parameter,
@@ -60,6 +58,9 @@ TIED_COPIES = {layout: functools.partial(hf_family.tied_copies, layout) for layo
 def detect_layout(keys: list[str]) -> str | None:
     """One of LAYOUTS, or None when the keys fit none of them."""
     keys = [k.removeprefix("detr.") for k in keys]  # a segmentation model's detector
+    # Before Hugging Face DETR's: RT-DETR's keys are `model.backbone.*`, `model.decoder.*` too.
+    if huggingface_rt_detr.detect_layout(keys):
+        return huggingface_rt_detr.detect_layout(keys)
     # Before Deformable DETR's: DINO's keys are a Deformable DETR's and more.
     if official_dino.detect_layout(keys):
         return official_dino.LAYOUT
@@ -103,6 +104,8 @@ def infer_model(leaves: Mapping[Path, np.ndarray], layout: str) -> dict[str, Any
         return {**inferred, **official_family.infer_model(leaves, layout)}
     if layout == official_dino.LAYOUT:
         return {**inferred, **official_dino.infer_model(leaves)}
+    if layout in huggingface_rt_detr.LAYOUTS:
+        return {**inferred, **huggingface_rt_detr.infer_model(leaves)}
     query = shape(leaves, "params", "query_embed")
     if query is not None and len(query) == 2:
         inferred["num_queries"], inferred["hidden_dim"] = query

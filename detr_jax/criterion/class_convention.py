@@ -1,8 +1,9 @@
 """How a detector's class logits are read: the one object that knows it.
 
 DETR scores a query with a softmax over K classes plus "no object"; everything after it
-(Conditional and DAB-DETR, Deformable DETR, DINO, RT-DETR) with K independent sigmoids
-trained by a focal loss. The convention owns every place where that differs: the class
+with K independent sigmoids, trained by a focal loss (Conditional and DAB-DETR, Deformable
+DETR, DINO) or a varifocal loss (RT-DETR: the matched class's target is the IoU of the
+query's box with its object). The convention owns every place where that differs: the class
 term of the matching cost, the classification loss, which queries count as predicted
 objects (cardinality), and the scores post-processing ranks. The matcher, the loss
 terms, post-processing, evaluation, export and analysis ask it; nothing else branches
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax.criterion.focal_loss import sigmoid_focal_loss
+from detr_jax.criterion.varifocal_loss import varifocal_loss
 
 
 class ClassConvention(Protocol):
@@ -39,8 +41,11 @@ class ClassConvention(Protocol):
     def matching_cost(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         """The matching cost's class term: logits [L, B, Q, C], labels [B, M] -> [L, B, Q, M]."""
 
-    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None) -> jax.Array:
-        """The classification loss of each layer: [L, B, Q, C], [L, B, Q] -> [L]."""
+    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None,
+             quality: jax.Array | None = None) -> jax.Array:
+        """The classification loss of each layer: [L, B, Q, C], [L, B, Q] -> [L]. quality
+        [L, B, Q]: the IoU of each matched query's box with its target (0 for the others),
+        for a convention whose targets are soft (varifocal); the others ignore it."""
 
     def predicted_objects(self, logits: jax.Array) -> jax.Array:
         """Which queries predict an object: [..., Q, C] -> bool [..., Q]."""
@@ -60,6 +65,12 @@ def _label_index(logits: jax.Array, labels: jax.Array) -> jax.Array:
     num_layers, batch, num_queries, num_logits = logits.shape
     index = jnp.clip(labels.astype(jnp.int32), 0, num_logits - 1)
     return jnp.broadcast_to(index[None, :, None, :], (num_layers, batch, num_queries, labels.shape[-1]))
+
+
+def _onehot(logits: jax.Array, target_class: jax.Array) -> jax.Array:
+    """[..., K] float32 one-hot targets of class ids [...], all zeros for K ("no object")."""
+    num_classes = logits.shape[-1]
+    return jax.nn.one_hot(target_class, num_classes + 1, dtype=jnp.float32)[..., :num_classes]
 
 
 def _sum_layers(x: jax.Array, axis_name) -> jax.Array:
@@ -104,12 +115,13 @@ class SoftmaxNoObject:
         cost = -jnp.exp(jnp.take_along_axis(logits, label_index, axis=-1) - log_norm)
         return jnp.where(jnp.isfinite(log_norm), cost, jnp.nan)
 
-    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None) -> jax.Array:
+    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None,
+             quality: jax.Array | None = None) -> jax.Array:
         """Cross-entropy over ALL queries, as torch's `F.cross_entropy(..., weight)`: the
         weighted mean sum(w_i ce_i) / sum(w_i) over the (global) batch, w = eos_coef for
         "no object" and 1 otherwise. logits [L, B, Q, K+1], target_class [L, B, Q] -> [L].
-        num_boxes is not used (the weights normalize)."""
-        del num_boxes
+        num_boxes and quality are not used (the weights normalize)."""
+        del num_boxes, quality
         no_object = logits.shape[-1] - 1
         log_prob = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(log_prob, target_class[..., None], axis=-1)[..., 0]
@@ -173,14 +185,14 @@ class SigmoidFocal:
         finite = jnp.isfinite(logits).all(-1, keepdims=True)
         return jnp.where(finite, positive - negative, jnp.nan)
 
-    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None) -> jax.Array:
+    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None,
+             quality: jax.Array | None = None) -> jax.Array:
         """The references' `loss_ce`: the focal loss of every (query, class) against the
         one-hot target (all zeros for "no object"), summed over queries, classes and the
         (global) batch, divided by num_boxes. logits [L, B, Q, K], target_class
-        [L, B, Q] (K = "no object") -> [L]."""
-        num_classes = logits.shape[-1]
-        onehot = jax.nn.one_hot(target_class, num_classes + 1, dtype=jnp.float32)[..., :num_classes]
-        focal = sigmoid_focal_loss(logits.astype(jnp.float32), onehot, self.alpha, self.gamma)
+        [L, B, Q] (K = "no object") -> [L]; quality is not used."""
+        del quality
+        focal = sigmoid_focal_loss(logits.astype(jnp.float32), _onehot(logits, target_class), self.alpha, self.gamma)
         return _sum_layers(focal, axis_name) / num_boxes
 
     @staticmethod
@@ -207,6 +219,41 @@ class SigmoidFocal:
         return scores, (index % num_classes).astype(jnp.int32), (index // num_classes).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class SigmoidVarifocal(SigmoidFocal):
+    """K independent sigmoids trained with the varifocal loss (RT-DETR's IoU-aware
+    classification: official lyuwenyu/RT-DETR's `loss_labels_vfl`, Hugging Face's
+    `RTDetrLoss`); matched, counted and post-processed as SigmoidFocal.
+
+    alpha, gamma: the focal matching cost's (RT-DETR's matcher: 0.25, 2).
+    vfl_alpha, vfl_gamma: the varifocal loss's (RT-DETR's criterion: 0.75, 2).
+    num_select: detections kept per image (RT-DETR's `RTDETRPostProcessor`: 300).
+    """
+
+    num_select: int = 300
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+
+    @classmethod
+    def from_config(cls, loss_config) -> "SigmoidVarifocal":
+        return cls(alpha=float(loss_config.focal_alpha), gamma=float(loss_config.focal_gamma),
+                   vfl_alpha=float(loss_config.varifocal_alpha), vfl_gamma=float(loss_config.varifocal_gamma))
+
+    def loss(self, logits: jax.Array, target_class: jax.Array, num_boxes: jax.Array, axis_name=None,
+             quality: jax.Array | None = None) -> jax.Array:
+        """The varifocal loss of every (query, class): the matched class's target is the
+        query's `quality` [L, B, Q] (the IoU of its box with its target), every other target
+        0; summed over queries, classes and the (global) batch, divided by num_boxes (the
+        references' mean over queries times their number). logits [L, B, Q, K],
+        target_class [L, B, Q] (K = "no object") -> [L]."""
+        if quality is None:
+            raise ValueError("the varifocal loss needs each matched query's IoU with its target (quality)")
+        vfl = varifocal_loss(logits.astype(jnp.float32), _onehot(logits, target_class), quality.astype(jnp.float32),
+                             self.vfl_alpha, self.vfl_gamma)
+        return _sum_layers(vfl, axis_name) / num_boxes
+
+
 # model.class_convention -> the convention's class. "" in the config: the detector's own
 # (its DETECTORS entry says which).
-CLASS_CONVENTIONS: dict[str, type] = {"softmax": SoftmaxNoObject, "sigmoid_focal": SigmoidFocal}
+CLASS_CONVENTIONS: dict[str, type] = {"softmax": SoftmaxNoObject, "sigmoid_focal": SigmoidFocal,
+                                      "sigmoid_varifocal": SigmoidVarifocal}

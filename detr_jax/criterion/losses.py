@@ -3,7 +3,8 @@
 For each supervised decoder layer, after Hungarian matching (`detr_jax.criterion.matcher`):
   loss_ce:   the class convention's classification loss over ALL queries
              (`detr_jax.criterion.class_convention`); matched queries target their object's class,
-             the others "no object". DETR's: cross-entropy with class weights 1, and
+             the others "no object" (RT-DETR's varifocal convention: with the IoU of the matched
+             box as the class's soft target, so loss_ce is its loss_vfl). DETR's: cross-entropy with class weights 1, and
              eos_coef for "no object", the weighted mean sum(w_i * ce_i) / sum(w_i) over
              every query of the (global) batch, like torch's
              `F.cross_entropy(..., weight=empty_weight)`; the sigmoid convention's: the
@@ -96,10 +97,26 @@ class LossTerm(NamedTuple):
     every_branch: bool = True
 
 
+def matched_pairs(outputs, targets, matching: Matching) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The matched (prediction, target) box pairs per target slot: (predicted boxes [L, B, M, 4]
+    float32, target boxes [L, B, M, 4], is_pair [L, B, M] bool). Unmatched slots compare one
+    dummy box with itself (0.5 everywhere): their padded target boxes can be garbage, NaN
+    included, and must not leak into sums or gradients."""
+    pred_boxes = outputs["pred_boxes"].astype(jnp.float32)
+    t2q = matching.target_to_query  # [L, B, M]
+    is_pair = t2q >= 0
+    # the query matched to each target slot
+    matched_pred = jnp.take_along_axis(pred_boxes, jnp.maximum(t2q, 0)[..., None], axis=2)
+    target = jnp.broadcast_to(targets["boxes"].astype(jnp.float32)[None], matched_pred.shape)
+    return (jnp.where(is_pair[..., None], matched_pred, 0.5), jnp.where(is_pair[..., None], target, 0.5),
+            is_pair)
+
+
 def loss_labels(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
-    """loss_ce [L]: the class convention's loss over all queries; class_error: the last
-    layer's 100 - top-1 accuracy (%) of matched queries (100 when none is matched, as
-    official DETR)."""
+    """loss_ce [L]: the class convention's loss over all queries (given, for soft targets,
+    each matched query's IoU with its target, no gradient); class_error: the last layer's
+    100 - top-1 accuracy (%) of matched queries (100 when none is matched, as official
+    DETR)."""
     logits = outputs["pred_logits"].astype(jnp.float32)
     labels = targets["labels"].astype(jnp.int32)
     num_queries = logits.shape[2]
@@ -110,8 +127,11 @@ def loss_labels(outputs, targets, matching: Matching, num_boxes, ctx: LossContex
     matched = is_match.any(-1)  # [L, B, Q]
     matched_label = jnp.sum(jnp.where(is_match, labels[None, :, None, :], 0), axis=-1)
     target_class = jnp.where(matched, matched_label, no_object)
+    pred, target, is_pair = matched_pairs(outputs, targets, matching)
+    iou = jnp.where(is_pair, box_ops.paired_iou(box_ops.cxcywh_to_xyxy(pred), box_ops.cxcywh_to_xyxy(target))[0], 0)
+    quality = jax.lax.stop_gradient(jnp.sum(jnp.where(is_match, iou[:, :, None, :], 0.0), axis=-1))  # [L, B, Q]
 
-    loss_ce = ctx.classes.loss(logits, target_class, num_boxes, ctx.axis_name)
+    loss_ce = ctx.classes.loss(logits, target_class, num_boxes, ctx.axis_name, quality=quality)
 
     last_matched = matched[-1]
     correct = (jnp.argmax(logits[-1], axis=-1) == target_class[-1]) & last_matched
@@ -123,20 +143,7 @@ def loss_labels(outputs, targets, matching: Matching, num_boxes, ctx: LossContex
 
 def loss_boxes(outputs, targets, matching: Matching, num_boxes, ctx: LossContext) -> dict:
     """loss_bbox [L]: L1 (cxcywh) and loss_giou [L]: 1 - GIoU, summed over matched pairs / num_boxes."""
-    pred_boxes = outputs["pred_boxes"].astype(jnp.float32)
-    boxes = targets["boxes"].astype(jnp.float32)
-    t2q = matching.target_to_query  # [L, B, M]
-    is_pair = t2q >= 0
-    matched_pred = jnp.take_along_axis(
-        pred_boxes, jnp.maximum(t2q, 0)[..., None], axis=2
-    )  # [L, B, M, 4]: the query matched to each target slot
-    # Unmatched slots compare one dummy box with itself (zero loss, zero gradient):
-    # their padded target boxes can be garbage, NaN included, and must not leak into
-    # the sums or the gradient.
-    target = jnp.broadcast_to(boxes[None], matched_pred.shape)
-    matched_pred = jnp.where(is_pair[..., None], matched_pred, 0.5)
-    target = jnp.where(is_pair[..., None], target, 0.5)
-
+    matched_pred, target, is_pair = matched_pairs(outputs, targets, matching)
     l1 = jnp.abs(matched_pred - target).sum(-1)
     giou = box_ops.paired_generalized_iou(
         box_ops.cxcywh_to_xyxy(matched_pred), box_ops.cxcywh_to_xyxy(target)

@@ -38,10 +38,13 @@ SAMPLING_WEIGHTS = "sampling_weights"
 
 # The 4 corners of a bilinear cell as (dx, dy) from its top-left pixel.
 _CORNERS = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)
+# How a sample is read at its location (`ms_deform_attn_sample`).
+SAMPLING_METHODS = ("bilinear", "discrete")
 
 
 def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
-                          sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray) -> jnp.ndarray:
+                          sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray,
+                          method: str = "bilinear") -> jnp.ndarray:
     """The weighted sum of bilinear samples of `value` at `sampling_locations`.
 
     Args:
@@ -51,9 +54,16 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
       sampling_locations: [B, Q, H, L, P, 2] normalized (x, y) per head, level and point;
         any real values (a corner of the bilinear cell off the map contributes zero).
       attention_weights: [B, Q, H, L, P], the weight of each sample.
+      method: SAMPLING_METHODS: "bilinear", or "discrete" (RT-DETRv2's deployment option,
+        Hugging Face's `multi_scale_deformable_attention_v2(method="discrete")`): the one
+        pixel int(location * size + 0.5) per axis, truncated and clamped onto the map (so a
+        sample off the map reads its edge); no gradient reaches the locations.
     Returns [B, Q, H * Dh] in value's dtype: for each query and head,
-    sum over (l, p) of attention_weights * grid_sample(value_l, 2 * location - 1).
+    sum over (l, p) of attention_weights * grid_sample(value_l, 2 * location - 1) (or the
+    discrete sample).
     """
+    if method not in SAMPLING_METHODS:
+        raise ValueError(f"deformable attention sampling method {method!r}: expected one of {SAMPLING_METHODS}")
     batch, length, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     if len(spatial_shapes) != levels:
@@ -70,26 +80,33 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
     sizes = jnp.asarray([(w, h) for h, w in spatial_shapes], compute)  # [L, 2] (x, y)
     level_starts = np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]]).tolist()
     starts = jnp.asarray(level_starts, jnp.int32)  # [L]
-    samples_per_query = points * 4
+    samples_per_query = points * (1 if method == "discrete" else 4)
 
     def sample_level(size, start, locations, weights):
         """size [2] (w, h), start [] (the level's first flat position), locations
         [B, Q, H, P, 2], weights [B, Q, H, P] -> the level's weighted sum [B, Q, H, Dh]."""
-        # grid_sample with align_corners=False: grid g = 2 * loc - 1 maps to the pixel
-        # coordinate ((g + 1) * size - 1) / 2 = loc * size - 0.5 (pixel centers at integers).
-        pixel = locations * size - 0.5
-        top_left = jnp.floor(pixel)
-        frac = pixel - top_left
-        corner = top_left[..., None, :] + _CORNERS  # [B, Q, H, P, 4 corners, 2 (x, y)]
-        # Bilinear weight of each corner: (1 - fx or fx) * (1 - fy or fy).
-        weight = jnp.prod(jnp.where(_CORNERS == 1, frac[..., None, :], 1 - frac[..., None, :]), axis=-1)
-        # Zero padding: a corner off the map contributes nothing (tested in float, before
-        # the integer cast, so far-off locations cannot overflow); its index is clipped onto
-        # the map only to keep the gather in bounds. `where`, not a product, so that a
-        # non-finite weight of an off-map corner cannot leak either.
-        inside = jnp.all((corner >= 0) & (corner <= size - 1), axis=-1)
-        weight = jnp.where(inside, weight * weights[..., None], 0)
-        corner = jnp.clip(corner, 0, size - 1).astype(jnp.int32)
+        if method == "discrete":
+            # The reference's (loc * size + 0.5).to(int64).clamp(0, size - 1): clamped in
+            # float first (no integer overflow far off the map), where truncation is floor.
+            corner = jnp.floor(jnp.clip(locations * size + 0.5, 0, size - 1))[..., None, :]
+            corner = jax.lax.stop_gradient(corner).astype(jnp.int32)  # [B, Q, H, P, 1, 2 (x, y)]
+            weight = weights[..., None]
+        else:
+            # grid_sample with align_corners=False: grid g = 2 * loc - 1 maps to the pixel
+            # coordinate ((g + 1) * size - 1) / 2 = loc * size - 0.5 (pixel centers at integers).
+            pixel = locations * size - 0.5
+            top_left = jnp.floor(pixel)
+            frac = pixel - top_left
+            corner = top_left[..., None, :] + _CORNERS  # [B, Q, H, P, 4 corners, 2 (x, y)]
+            # Bilinear weight of each corner: (1 - fx or fx) * (1 - fy or fy).
+            weight = jnp.prod(jnp.where(_CORNERS == 1, frac[..., None, :], 1 - frac[..., None, :]), axis=-1)
+            # Zero padding: a corner off the map contributes nothing (tested in float, before
+            # the integer cast, so far-off locations cannot overflow); its index is clipped onto
+            # the map only to keep the gather in bounds. `where`, not a product, so that a
+            # non-finite weight of an off-map corner cannot leak either.
+            inside = jnp.all((corner >= 0) & (corner <= size - 1), axis=-1)
+            weight = jnp.where(inside, weight * weights[..., None], 0)
+            corner = jnp.clip(corner, 0, size - 1).astype(jnp.int32)
         index = start + corner[..., 1] * size[0].astype(jnp.int32) + corner[..., 0]  # [B, Q, H, P, 4]
 
         # A gather over the flat spatial axis keeping the value's [B, S, H, Dh] layout:
@@ -132,19 +149,32 @@ def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, i
     return per_level.sum(0).reshape(batch, queries, heads * head_dim).astype(value.dtype)
 
 
-def sampling_offsets_bias_init(num_heads: int, num_levels: int, num_points: int):
-    """The reference's initial offsets, flat [H * L * P * 2] in (head, level, point, xy) order:
-    head h points along the angle 2 pi h / H, scaled so the larger coordinate is 1, the
-    same on every level, point p at (p + 1) times that step (in pixels of the level). In
-    float32 as the reference's torch computation (bit for bit with it at 2 and 8 heads)."""
+def points_per_level(num_points: int | tuple[int, ...], num_levels: int) -> tuple[int, ...]:
+    """The sampling points of each level: `num_points` on every level, or the per-level
+    tuple itself (RT-DETRv2's `num_points_list`); ValueError when it does not fit."""
+    points = (num_points,) * num_levels if isinstance(num_points, (int, np.integer)) else tuple(num_points)
+    if len(points) != num_levels or any(isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1
+                                        for p in points):
+        raise ValueError(f"num_points={num_points!r}: expected a positive integer or {num_levels} of them (one "
+                         "per level)")
+    return tuple(int(p) for p in points)
+
+
+def sampling_offsets_bias_init(num_heads: int, num_levels: int, num_points: int | tuple[int, ...]):
+    """The reference's initial offsets, flat [H * sum(P_l) * 2] in (head, level, point, xy)
+    order: head h points along the angle 2 pi h / H, scaled so the larger coordinate is 1,
+    the same on every level, point p at (p + 1) times that step (in pixels of the level).
+    In float32 as the reference's torch computation (bit for bit with it at 2 and 8 heads).
+    num_points: P on every level, or P_l per level (official RT-DETRv2's init)."""
+    points = points_per_level(num_points, num_levels)
 
     def init(key, shape, dtype=jnp.float32):
         del key
         thetas = np.arange(num_heads, dtype=np.float32) * np.float32(2.0 * math.pi / num_heads)
         grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
         grid = grid / np.abs(grid).max(-1, keepdims=True)
-        grid = grid[:, None, None, :] * np.arange(1, num_points + 1, dtype=np.float32)[:, None]
-        grid = np.broadcast_to(grid, (num_heads, num_levels, num_points, 2))
+        steps = np.concatenate([np.arange(1, p + 1, dtype=np.float32) for p in points])
+        grid = grid[:, None, :] * steps[:, None]  # [H, sum(P_l), 2]
         return jnp.asarray(grid.reshape(shape), dtype)
 
     return init
@@ -160,12 +190,23 @@ class MultiScaleDeformableAttention(nn.Module):
     `sampling_offsets_bias_init` (so at first head h samples P points along its own
     direction on every level), attention weights 0 (uniform over levels x points), value
     and output projections xavier-uniform with zero bias.
+
+    RT-DETRv2's switches (Hugging Face's `RTDetrV2MultiscaleDeformableAttention`, official
+    lyuwenyu/RT-DETR `rtdetrv2_decoder.MSDeformableAttention`; the defaults are v1's):
+      num_points: a tuple, P_l points on level l (`num_points_list`); the projections then
+        have H * sum(P_l) (* 2) outputs in (head, level, point) order, the softmax runs over
+        all sum(P_l) points of a head;
+      offset_scale: a box reference's offsets are scaled by (w, h) * offset_scale / P_l
+        (v1: 0.5 / P);
+      sampling: "bilinear" or "discrete" (`ms_deform_attn_sample`'s method).
     """
 
     embed_dim: int
     num_heads: int = 8
     num_levels: int = 4
-    num_points: int = 4
+    num_points: int | tuple[int, ...] = 4
+    offset_scale: float = 0.5
+    sampling: str = "bilinear"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -180,7 +221,7 @@ class MultiScaleDeformableAttention(nn.Module):
           reference_points: [B, Q, L, 2] normalized (x, y) per level (already scaled by each
             level's valid ratio); the offsets are in pixels of the level. Or [B, Q, L, 4]
             normalized (cx, cy, w, h) boxes: the offsets are in units of the box, scaled by
-            (w, h) * 0.5 / num_points (Hugging Face and the reference), so with the initial
+            (w, h) * offset_scale / P_l (Hugging Face and the reference), so with the initial
             grid the farthest point reaches the box's edge along its head's direction.
           value: [B, S, E], the flat levels (`neck.flatten_levels`), S = sum of h_l * w_l.
           spatial_shapes: ((h_l, w_l), ...) per level, static python ints.
@@ -191,9 +232,12 @@ class MultiScaleDeformableAttention(nn.Module):
           query_pos: [B, Q, E] position embedding added to the query before the offsets and
             weights are predicted (Hugging Face's `hidden_states + position_embeddings`).
         Returns [B, Q, E]. Sown into "intermediates": SAMPLING_LOCATIONS [B, Q, H, L, P, 2]
-        (normalized x, y) and SAMPLING_WEIGHTS [B, Q, H, L, P] (softmax over L x P), float32.
+        (normalized x, y) and SAMPLING_WEIGHTS [B, Q, H, L, P] (softmax over L x P), float32;
+        with P_l per level, P = max(P_l) and a level's points past its P_l have weight 0.
         """
-        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        heads, levels = self.num_heads, self.num_levels
+        points = points_per_level(self.num_points, levels)
+        most, total = max(points), sum(points)
         if self.embed_dim % heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {heads}")
         if len(spatial_shapes) != levels:
@@ -211,28 +255,38 @@ class MultiScaleDeformableAttention(nn.Module):
             value = jnp.where(value_mask[..., None], value, 0)
         value = value.reshape(value.shape[:2] + (heads, self.embed_dim // heads))
 
-        offsets = dense(heads * levels * points * 2, "sampling_offsets", zeros,
+        offsets = dense(heads * total * 2, "sampling_offsets", zeros,
                         sampling_offsets_bias_init(heads, levels, points))(query)
-        logits = dense(heads * levels * points, "attention_weights", zeros, zeros)(query)
+        logits = dense(heads * total, "attention_weights", zeros, zeros)(query)
         # Softmax and locations in float32 at least, whatever the compute dtype (see
         # ms_deform_attn_sample: a bfloat16 location is a pixel off on a 512-pixel map).
-        weights = nn.softmax(logits.reshape(batch, queries, heads, levels * points).astype(jnp.float32), axis=-1)
-        weights = weights.reshape(batch, queries, heads, levels, points)
+        weights = nn.softmax(logits.reshape(batch, queries, heads, total).astype(jnp.float32), axis=-1)
         loc_dtype = jnp.promote_types(reference_points.dtype, jnp.float32)
-        offsets = offsets.reshape(batch, queries, heads, levels, points, 2).astype(loc_dtype)
+        offsets = offsets.reshape(batch, queries, heads, total, 2).astype(loc_dtype)
+        if total == levels * most:
+            weights = weights.reshape(batch, queries, heads, levels, most)
+            offsets = offsets.reshape(batch, queries, heads, levels, most, 2)
+        else:  # P_l per level: padded to [L, max P_l] with points of weight 0
+            starts = np.cumsum((0,) + points[:-1])
+            index = np.asarray([[start + min(p, count - 1) for p in range(most)]
+                                for start, count in zip(starts, points)])
+            real = np.arange(most)[None, :] < np.asarray(points)[:, None]  # [L, max P_l]
+            weights = jnp.where(real, weights[:, :, :, index], 0)
+            offsets = offsets[:, :, :, index]
         reference_points = reference_points.astype(loc_dtype)
         if reference_points.shape[-1] == 2:
             size = jnp.asarray([(w, h) for h, w in spatial_shapes], loc_dtype)  # [L, 2]
             locations = reference_points[:, :, None, :, None, :] + offsets / size[:, None, :]
         elif reference_points.shape[-1] == 4:
             centers, sizes = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
-            locations = centers + offsets / points * sizes * 0.5
+            per_point = np.asarray(points, np.float32)[:, None, None]  # [L, 1, 1]: each point's P_l
+            locations = centers + offsets / per_point * sizes * self.offset_scale
         else:
             raise ValueError(f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), not {reference_points.shape}")
         self.sow("intermediates", SAMPLING_LOCATIONS, locations)
         self.sow("intermediates", SAMPLING_WEIGHTS, weights)
 
-        out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
+        out = ms_deform_attn_sample(value, spatial_shapes, locations, weights, self.sampling)
         return dense(self.embed_dim, "output_proj", xavier_uniform, zeros)(out)
 
 

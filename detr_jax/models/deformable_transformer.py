@@ -9,7 +9,8 @@ query's reference (a point or a box) and an FFN. Box refinement runs a box head 
 every layer: its boxes are the next layer's references, detached (DESIGN.md, "The decoder
 refines").
 
-DINO's decoder is the same decoder with three switches (`DeformableDecoder`):
+DINO's decoder is the same decoder with three switches (`DeformableDecoder`, which lists
+RT-DETR's and RT-DETRv2's too):
 `position_from_reference` (each layer's query position is `ref_point_head`, an MLP, of the
 sine embedding of its reference box: DINO's mixed query selection gives the queries no
 learned position), `final_norm` (a LayerNorm `norm` on every layer's output before the
@@ -41,6 +42,10 @@ from detr_jax.models.detr import MLP
 from detr_jax.models.position_encoding import sine_embedding
 from detr_jax.models.queries import QueryState
 from detr_jax.models.transformer import FeedForward, MultiHeadAttention, layer_norm
+
+
+# How a decoder derives its query positions from the reference boxes (`DeformableDecoder`).
+POSITION_HEADS = ("sine", "box")
 
 
 def encoder_reference_points(spatial_shapes: tuple[tuple[int, int], ...], valid_ratios: jnp.ndarray) -> jnp.ndarray:
@@ -120,14 +125,17 @@ class DeformableEncoder(nn.Module):
 class DeformableDecoderLayer(nn.Module):
     """Self-attention over the queries (self_attn, the query position added to queries and
     keys), deformable cross-attention to the memory around the query's reference
-    (cross_attn, the query position added to the query), FFN; each with dropout, a
+    (cross_attn, the query position added to the query; num_points, offset_scale and
+    sampling are its settings, `MultiScaleDeformableAttention`), FFN; each with dropout, a
     residual and a post-norm (norm1, norm2, norm3)."""
 
     num_heads: int
     dim_feedforward: int
     dropout: float = 0.0
     num_levels: int = 4
-    num_points: int = 4
+    num_points: int | tuple[int, ...] = 4
+    offset_scale: float = 0.5
+    sampling: str = "bilinear"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -143,7 +151,7 @@ class DeformableDecoderLayer(nn.Module):
         attended = self_attn(q, q, tgt, None, deterministic, attention_mask=self_attention_mask)
         tgt = layer_norm("norm1", self.dtype)(tgt + drop(attended, deterministic=deterministic))
         cross_attn = MultiScaleDeformableAttention(tgt.shape[-1], self.num_heads, self.num_levels, self.num_points,
-                                                   dtype=self.dtype, name="cross_attn")
+                                                   self.offset_scale, self.sampling, dtype=self.dtype, name="cross_attn")
         attended = cross_attn(tgt, reference_points, memory, spatial_shapes, memory_mask, query_pos=query_pos)
         tgt = layer_norm("norm2", self.dtype)(tgt + drop(attended, deterministic=deterministic))
         ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="ffn")
@@ -161,10 +169,12 @@ class DeformableDecoder(nn.Module):
 
     DINO's switches (all off for Deformable DETR; the official IDEA-Research/DINO
     `TransformerDecoder` with `deformable_decoder=True`):
-      position_from_reference: the query position of each layer is `ref_point_head` (MLP
-        2E -> E -> E) of the sine embedding (E/2 features per coordinate, ordered (y, x, w,
-        h)) of the layer's reference box scaled by the first level's valid ratios; the
-        QueryState then has no position.
+      position_from_reference: the query position of each layer is computed from the
+        layer's reference box by `position_head`; the QueryState then has no position.
+        position_head "sine" (DINO): `ref_point_head` (MLP 2E -> E -> E) of the sine
+        embedding (E/2 features per coordinate, ordered (y, x, w, h)) of the box scaled by
+        the first level's valid ratios; "box" (RT-DETR, Hugging Face's `RTDetrDecoder`):
+        `query_pos_head` (MLP 4 -> 2E -> E) of the normalized box itself.
       final_norm: a LayerNorm `norm` on every layer's output; the normalized states are
         returned and go to the heads, the next layer reads the raw output.
       look_forward_twice (needs refine): layer i's boxes are its box head on its normalized
@@ -174,18 +184,25 @@ class DeformableDecoder(nn.Module):
         next layer reads, detached. (DINO's decoder refines the reference from the raw
         output while its detector predicts the boxes from the normalized one.)
       inverse_sigmoid_eps: the clipping of the references' logits (1e-5 Hugging Face's
-        Deformable DETR, 1e-3 DINO's).
+        Deformable DETR and RT-DETR, 1e-3 DINO's).
+    RT-DETR's decoder is position_from_reference with position_head "box", box refinement,
+    no final norm; RT-DETRv2's also sets the cross-attention's num_points (per level),
+    offset_scale and sampling (`MultiScaleDeformableAttention`).
 
-    No parameters besides the layers' (and DINO's ref_point_head and norm): the box heads
-    are the caller's (per layer, or one shared), since they are also its output heads.
+    No parameters besides the layers' (and ref_point_head or query_pos_head, and norm): the
+    box heads are the caller's (per layer, or one shared), since they are also its output
+    heads.
     """
 
     num_layers: int
     num_heads: int
     dim_feedforward: int
     dropout: float = 0.0
-    num_points: int = 4
+    num_points: int | tuple[int, ...] = 4
+    offset_scale: float = 0.5
+    sampling: str = "bilinear"
     position_from_reference: bool = False
+    position_head: str = "sine"
     final_norm: bool = False
     look_forward_twice: bool = False
     inverse_sigmoid_eps: float = 1e-5
@@ -218,8 +235,12 @@ class DeformableDecoder(nn.Module):
             raise ValueError("the queries must have a position unless the decoder derives it from the reference "
                              "(position_from_reference), and then not")
         embed = queries.content.shape[-1]
-        if self.position_from_reference:
+        if self.position_head not in POSITION_HEADS:
+            raise ValueError(f"position_head {self.position_head!r}: expected one of {POSITION_HEADS}")
+        if self.position_from_reference and self.position_head == "sine":
             ref_point_head = MLP(embed, embed, 2, dtype=self.dtype, name="ref_point_head")
+        elif self.position_from_reference:
+            query_pos_head = MLP(2 * embed, embed, 2, dtype=self.dtype, name="query_pos_head")
         norm = layer_norm("norm", self.dtype) if self.final_norm else (lambda x: x)
 
         def logit(x):
@@ -230,10 +251,13 @@ class DeformableDecoder(nn.Module):
         states, references, boxes = [], [reference], []
         for i in range(self.num_layers):
             layer = DeformableDecoderLayer(self.num_heads, self.dim_feedforward, self.dropout, len(spatial_shapes),
-                                           self.num_points, self.dtype, name=f"layer{i}")
+                                           self.num_points, self.offset_scale, self.sampling, self.dtype,
+                                           name=f"layer{i}")
             scaled = scale_references(reference, valid_ratios)
-            if self.position_from_reference:
+            if self.position_from_reference and self.position_head == "sine":
                 position = ref_point_head(sine_embedding(scaled[:, :, 0], embed // 2).astype(self.dtype))
+            elif self.position_from_reference:
+                position = query_pos_head(reference.astype(self.dtype))
             else:
                 position = queries.position
             tgt = layer(tgt, position, scaled, memory, memory_mask, spatial_shapes, deterministic,

@@ -77,6 +77,17 @@ class BoxHead(MLP):
         return jax.nn.sigmoid(x)
 
 
+def zero_padding(images: jnp.ndarray, mask: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """Normalized images [B, H, W, 3] with the padding (mask [B, H, W] False) zeroed, in
+    `dtype`. Padded pixels are zero after normalization in the references; zeroing them
+    here makes the output independent of whatever values the padding holds."""
+    if for_onnxruntime():
+        # A product with the mask (onnxruntime's Where runs several times slower than its
+        # Mul); the same values, but for the sign of a zero, which no convolution sees.
+        return (images * mask[..., None].astype(images.dtype)).astype(dtype)
+    return jnp.where(mask[..., None], images, 0).astype(dtype)
+
+
 def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, position_embedding: nn.Module,
                 neck: Callable[..., nn.Module], dtype: Any, train: bool):
     """The detectors' front, inside a detector's compact call: normalized images through the
@@ -91,15 +102,7 @@ def embed_image(images: jnp.ndarray, mask: jnp.ndarray, backbone: nn.Module, pos
     """
     if jnp.issubdtype(images.dtype, jnp.integer):
         images = normalize(images)
-    # Padded pixels are zero after normalization in the reference; zeroing them here
-    # makes the output independent of whatever values the padding holds.
-    if for_onnxruntime():
-        # A product with the mask (onnxruntime's Where runs several times slower than its
-        # Mul); the same values, but for the sign of a zero, which no convolution sees.
-        images = (images * mask[..., None].astype(images.dtype)).astype(dtype)
-    else:
-        images = jnp.where(mask[..., None], images, 0).astype(dtype)
-    backbone_out = backbone(images, mask, train)
+    backbone_out = backbone(zero_padding(images, mask, dtype), mask, train)
     levels = neck(name="input_proj")(backbone_out, mask)
     return backbone_out, levels, tuple(position_embedding(level_mask) for level_mask in levels.masks)
 

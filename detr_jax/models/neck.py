@@ -37,7 +37,7 @@ class FeatureLevels(NamedTuple):
 class FlatLevels(NamedTuple):
     """Every level's positions in one sequence (levels in order, each row-major).
 
-    src [B, S, E], mask [B, S] bool, pos [B, S, E] with S = sum of h_l * w_l;
+    src [B, S, E], mask [B, S] bool, pos [B, S, E] (or None) with S = sum of h_l * w_l;
     spatial_shapes: ((h_l, w_l), ...) and level_start_index: (offset of level l in S, ...),
     both static; valid_ratios [B, L, 2] float32: the (width, height) fraction of each level
     that lies on the image (Deformable DETR's `get_valid_ratio`).
@@ -59,8 +59,9 @@ def valid_ratio(mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([valid_w / width, valid_h / height], axis=-1)
 
 
-def flatten_levels(levels: FeatureLevels, pos: tuple[jnp.ndarray, ...]) -> FlatLevels:
-    """The flat view of `levels`, with `pos` the position encoding of each level [B, h_l, w_l, E]."""
+def flatten_levels(levels: FeatureLevels, pos: tuple[jnp.ndarray, ...] | None = None) -> FlatLevels:
+    """The flat view of `levels`, with `pos` the position encoding of each level [B, h_l, w_l, E]
+    (None: the levels have none, as RT-DETR's decoder input; FlatLevels.pos is None)."""
     shapes = tuple((f.shape[1], f.shape[2]) for f in levels.features)
     starts = tuple(int(sum(h * w for h, w in shapes[:i])) for i in range(len(shapes)))
 
@@ -68,8 +69,9 @@ def flatten_levels(levels: FeatureLevels, pos: tuple[jnp.ndarray, ...]) -> FlatL
         rows = [m.reshape(m.shape[0], m.shape[1] * m.shape[2], *m.shape[3:]) for m in maps]
         return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
 
-    return FlatLevels(src=flat(levels.features), mask=flat(levels.masks), pos=flat(pos), spatial_shapes=shapes,
-                      level_start_index=starts, valid_ratios=jnp.stack([valid_ratio(m) for m in levels.masks], 1))
+    return FlatLevels(src=flat(levels.features), mask=flat(levels.masks), pos=None if pos is None else flat(pos),
+                      spatial_shapes=shapes, level_start_index=starts,
+                      valid_ratios=jnp.stack([valid_ratio(m) for m in levels.masks], 1))
 
 
 class InputProjection(nn.Module):

@@ -180,17 +180,24 @@ class TopKProposals(nn.Module):
         learned (`tgt_embed` [Q, E], N(0, 1) as nn.Embedding, the first k rows when fewer
         proposals than queries exist), and there is no position (the decoder derives it from
         the reference); no pos_trans, pos_trans_norm.
+    RT-DETR's switch (with select_by_max; Hugging Face's `RTDetrModel.forward` with
+    `learn_initial_query=False`, official lyuwenyu/RT-DETR `_get_decoder_input`):
+      memory_content: the content is the selected proposals' features (the projected and
+        normalized memory the heads read), detached, and there is no position; no
+        pos_trans, pos_trans_norm, tgt_embed.
 
     Parameters: enc_output [E, E] and enc_output_norm (the proposals' features: the memory,
     zeroed at padding and at invalid proposals, projected and normalized), pos_trans
-    [2E, 2E] and pos_trans_norm (not mixed) or tgt_embed (mixed); initialized as the
-    reference's transformer (xavier-uniform kernels, PyTorch's Linear bias).
+    [2E, 2E] and pos_trans_norm (neither mixed nor memory_content) or tgt_embed (mixed);
+    initialized as the reference's transformer (xavier-uniform kernels, PyTorch's Linear
+    bias).
     """
 
     num_queries: int
     dtype: Any = jnp.float32
     select_by_max: bool = False
     mixed: bool = False
+    memory_content: bool = False
 
     @nn.compact
     def __call__(self, memory: jnp.ndarray, memory_mask: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
@@ -201,12 +208,15 @@ class TopKProposals(nn.Module):
         keep, at most num_queries (default num_queries; hybrid matching keeps all
         num_queries in training and the one-to-one ones, the best, else).
 
-        Returns (queries: content [B, Q, E], position [B, Q, E] (None when mixed),
+        Returns (queries: content [B, Q, E], position [B, Q, E] (None when mixed or
+        memory_content),
         reference [B, Q, 4] normalized cxcywh float32 (no gradient), Q = min(count,
         S); proposals: {"pred_logits" [B, S, K] float32, "pred_boxes" [B, S, 4] float32 (1
         where the proposal is +inf: padding or invalid), "indices" [B, Q] int32 the positions
         chosen, best first}).
         """
+        if self.mixed and self.memory_content:
+            raise ValueError("TopKProposals: mixed (learned content) and memory_content exclude each other")
         embed = memory.shape[-1]
         proposals, valid = encoder_proposals(memory_mask, spatial_shapes)
         features = jnp.where((memory_mask & valid)[..., None], memory, 0)
@@ -221,6 +231,9 @@ class TopKProposals(nn.Module):
         _, indices = jax.lax.top_k(scores, count)
         reference = jax.lax.stop_gradient(jnp.take_along_axis(boxes, indices[..., None], axis=1))
         found = {"pred_logits": logits, "pred_boxes": boxes, "indices": indices.astype(jnp.int32)}
+        if self.memory_content:
+            content = jax.lax.stop_gradient(jnp.take_along_axis(features, indices[..., None], axis=1))
+            return QueryState(content=content, reference=reference), found
         if self.mixed:
             tgt_embed = self.param("tgt_embed", nn.initializers.normal(1.0), (self.num_queries, embed))
             content = jnp.broadcast_to(tgt_embed[None, :count], (memory.shape[0], count, embed))

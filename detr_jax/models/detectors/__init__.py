@@ -30,6 +30,7 @@ from detr_jax.models.detectors.conditional_detr import build_conditional_detr
 from detr_jax.models.detectors.dab_detr import build_dab_detr
 from detr_jax.models.detectors.deformable_detr import build_deformable_detr
 from detr_jax.models.detectors.dino import build_dino
+from detr_jax.models.detectors.rt_detr import build_rt_detr
 from detr_jax.models.detr import build_detr
 
 
@@ -54,4 +55,5 @@ DETECTORS: dict[str, Detector] = {
     "dab_detr": Detector(build=build_dab_detr, class_convention="sigmoid_focal"),
     "deformable_detr": Detector(build=build_deformable_detr, class_convention="sigmoid_focal"),
     "dino": Detector(build=build_dino, class_convention="sigmoid_focal"),
+    "rt_detr": Detector(build=build_rt_detr, class_convention="sigmoid_varifocal"),
 }
