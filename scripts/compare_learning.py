@@ -1,4 +1,5 @@
-"""Validation AP50 against wall-clock time for several training runs: one plot, one table.
+"""Validation AP50 against steps and wall-clock time for several training runs: one plot
+(two panels), one table.
 
 Each run is a `detr-jax train` workdir; its metrics.jsonl lines carry the time they were
 written ("time"), and `--starts` gives each command's start (seconds since the epoch, e.g.
@@ -72,15 +73,17 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, table in tables.items():
-        ax.plot([0] + [e["minutes"] for e in table["evals"]], [0] + [e["AP50"] for e in table["evals"]], "o-",
-                label=label)
-    ax.set_xlabel("wall-clock minutes since the command started")
-    ax.set_ylabel("validation AP50 (200 held-out images)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, x_key, x_label in ((axes[0], "step", "training steps"),
+                               (axes[1], "minutes", "wall-clock minutes since the command started")):
+        for label, table in tables.items():
+            ax.plot([0] + [e[x_key] for e in table["evals"]], [0] + [e["AP50"] for e in table["evals"]], "o-",
+                    label=label)
+        ax.set_xlabel(x_label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation AP50 (200 held-out images)")
+    axes[0].legend()
     fig.tight_layout()
     for path in (pathlib.Path(args.plot), pathlib.Path(args.out)):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -407,7 +407,10 @@ def hf_detector_outputs(model, targets=None, noise=None) -> dict[str, np.ndarray
 @functools.lru_cache(maxsize=None)
 def jitted_detector(model_json: str, train: bool):
     model = build_model(ml_collections.ConfigDict(json.loads(model_json)))
-    return jax.jit(functools.partial(model.apply, intermediates=True, train=train))
+    # Training mode: the BatchNorms' updated statistics come back too (not compared here:
+    # tests/test_batch_norm.py compares them with PyTorch's).
+    return jax.jit(functools.partial(model.apply, intermediates=True, train=train,
+                                     mutable=["batch_stats"] if train else False))
 
 
 def run_detector(config, variables, targets=None, noise=None) -> dict:
@@ -416,10 +419,8 @@ def run_detector(config, variables, targets=None, noise=None) -> dict:
     mask = jnp.ones(images.shape[:3], bool)
     if targets is None:
         return apply(variables, images, mask)
-    # Training mode: the BatchNorms' updated statistics come back too (not compared here:
-    # tests/test_batch_norm.py compares them with PyTorch's).
     outputs, _ = apply(variables, images, mask, targets={k: jnp.asarray(v) for k, v in targets.items()},
-                       denoising_noise=noise, rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+                       denoising_noise=noise, rngs={"dropout": jax.random.PRNGKey(0)})
     return outputs
 
 

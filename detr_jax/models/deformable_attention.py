@@ -42,6 +42,8 @@ _CORNERS = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.float32)
 SAMPLING_METHODS = ("bilinear", "discrete")
 
 
+# The scope names every op of the sampling in profiles (scripts/profile_deformable.py).
+@jax.named_scope("ms_deform_attn_sample")
 def ms_deform_attn_sample(value: jnp.ndarray, spatial_shapes: tuple[tuple[int, int], ...],
                           sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray,
                           method: str = "bilinear") -> jnp.ndarray:
