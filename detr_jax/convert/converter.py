@@ -94,7 +94,8 @@ def class_dependent_paths(model_config: ml_collections.ConfigDict,
     model.num_classes (those that differ in the model with one class more): DETR's
     `class_embed`; Deformable DETR's per-layer `class_embed_{i}` (and the proposals' head);
     DINO's `class_embed`, `enc_out_class_embed` and its denoising label embedding
-    `label_enc`. `expected`: the model's `expected_shapes`, if already at hand."""
+    `label_enc`; RT-DETR's `class_embed_{i}`, `enc_score_head`, `denoising_class_embed`.
+    `expected`: the model's `expected_shapes`, if already at hand."""
     expected = expected_shapes(model_config) if expected is None else expected
     one_more = copy.deepcopy(model_config)
     one_more.num_classes = model_config.num_classes + 1
