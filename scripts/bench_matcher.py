@@ -1,8 +1,12 @@
 """Times the Hungarian matching: scipy on host (the default) against the exact solver on
 device, alone and as a share of the whole training step.
 
-Matching alone, for each batch size: 6 decoder layers, 100 queries, up to 50 targets per
-image (random valid counts; DETR-R50's COCO shapes). Median over --reps after warm-up, the
+Matching alone, for each batch size, at the shapes of --shapes (SHAPES): "detr" (the
+default) 6 decoder layers x 100 queries, DETR's softmax class cost; "dino" DINO-R50's 900
+queries x (6 decoder layers + the `enc` branch's selected proposals: 7 problems per image),
+the sigmoid focal class cost and DINO's cost weights 2 / 5 / 2 (its `dn` branch is matched
+by construction: no solver); up to 50 targets per image (random valid counts, COCO's
+range), 91 classes, random predictions. Median over --reps after warm-up, the
 functions timed in turn within each repetition (`interleaved_medians`):
   scipy:    a NumPy loop of scipy.optimize.linear_sum_assignment over the (layer, image)
             cost matrices, restricted to the valid targets, on host (the floor);
@@ -27,10 +31,11 @@ more than the matching: on CPU a program with a host callback runs synchronously
 calling thread, one without runs on a worker thread, whose malloc arena
 `detr_jax.runtime.host_memory.retain_freed_memory` does not reach (MALLOC_ARENA_MAX=1 does).
 --xla-defaults compiles the steps without the train step's CPU compiler options
-(`detr_jax.train.trainer.CPU_TRAIN_COMPILER_OPTIONS`).
+(`detr_jax.train.trainer.CPU_TRAIN_COMPILER_OPTIONS`). --step-reps 0 skips the train step.
 
   python scripts/bench_matcher.py [--batch-sizes 8 32 128] [--reps 50] [--step-reps N]
                                   [--config synthetic_tiny] [--xla-defaults] [--out PATH]
+  python scripts/bench_matcher.py --shapes dino --batch-sizes 2 8 --reps 5 --step-reps 0
 
 Prints one table and writes JSON to --out (default bench_results/bench_matcher.json).
 """
@@ -38,6 +43,7 @@ Prints one table and writes JSON to --out (default bench_results/bench_matcher.j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -57,15 +63,23 @@ from detr_jax.train import trainer as train
 from detr_jax.config import config_from_args
 from detr_jax.data.pipeline import make_source, make_train_iterator, steps_per_epoch
 from detr_jax.runtime.host_memory import retain_freed_memory
+from detr_jax.criterion.class_convention import SigmoidFocal, SoftmaxNoObject
 from detr_jax.criterion.matcher import HungarianMatcher, assign, assign_on_device, matching_cost
 
-LAYERS, QUERIES, MAX_TARGETS, NUM_CLASSES = 6, 100, 50, 91
+MAX_TARGETS, NUM_CLASSES = 50, 91
+# The matching problems per image (decoder layers, plus DINO's enc branch), the queries, the
+# class convention and the cost weights of each model.
+SHAPES = {
+    "detr": dict(layers=6, queries=100, classes=SoftmaxNoObject(), costs={}),
+    "dino": dict(layers=7, queries=900, classes=SigmoidFocal(), costs=dict(cost_class=2.0)),
+}
 MATCHER_NAMES = {"host": "hungarian", "device": "hungarian_device"}
 
 
-def make_inputs(rng, batch):
-    logits = rng.normal(size=(LAYERS, batch, QUERIES, NUM_CLASSES + 1)).astype(np.float32)
-    pred_boxes = rng.uniform(0.05, 0.95, size=(LAYERS, batch, QUERIES, 4)).astype(np.float32)
+def make_inputs(rng, batch, shapes):
+    layers, queries, classes = shapes["layers"], shapes["queries"], shapes["classes"]
+    logits = rng.normal(size=(layers, batch, queries, classes.num_logits(NUM_CLASSES))).astype(np.float32)
+    pred_boxes = rng.uniform(0.05, 0.95, size=(layers, batch, queries, 4)).astype(np.float32)
     pred_boxes[..., 2:] *= 0.3
     labels = rng.integers(0, NUM_CLASSES, size=(batch, MAX_TARGETS)).astype(np.int32)
     boxes = rng.uniform(0.05, 0.95, size=(batch, MAX_TARGETS, 4)).astype(np.float32)
@@ -127,16 +141,17 @@ def compare(cost, valid, host, device) -> dict:
     }
 
 
-def bench_matching(batch, reps, rng) -> dict:
-    """The matching alone at DETR-R50's shapes."""
-    logits, pred_boxes, labels, boxes, valid = make_inputs(rng, batch)
-    cost = jax.jit(matching_cost)(logits, pred_boxes, labels, boxes)
-    valid_lbm = jnp.broadcast_to(valid, (LAYERS,) + valid.shape)
+def bench_matching(batch, reps, rng, shapes) -> dict:
+    """The matching alone at the `shapes` (a SHAPES entry) of a model."""
+    logits, pred_boxes, labels, boxes, valid = make_inputs(rng, batch, shapes)
+    settings = dict(classes=shapes["classes"], **shapes["costs"])
+    cost = jax.jit(functools.partial(matching_cost, **settings))(logits, pred_boxes, labels, boxes)
+    valid_lbm = jnp.broadcast_to(valid, (shapes["layers"],) + valid.shape)
     cost_host, valid_host = np.asarray(cost), np.asarray(valid)
 
     assign_jit = jax.jit(assign)
-    matcher_jit = jax.jit(HungarianMatcher())
-    device_jit = jax.jit(HungarianMatcher(solver=assign_on_device))
+    matcher_jit = jax.jit(HungarianMatcher(**settings))
+    device_jit = jax.jit(HungarianMatcher(solver=assign_on_device, **settings))
     inputs = (logits, pred_boxes, labels, boxes, valid)
     timings = interleaved_medians(
         {
@@ -151,7 +166,7 @@ def bench_matching(batch, reps, rng) -> dict:
     timings.pop("matching_minus_scipy_ms")
     timings.pop("device_minus_scipy_ms")
     return {
-        "problems": LAYERS * batch,
+        "problems": shapes["layers"] * batch,
         "mean_targets": float(valid_host.sum(1).mean()),
         **timings,
         **compare(cost_host, valid_lbm, matcher_jit(*inputs), device_jit(*inputs)),
@@ -234,10 +249,12 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--shapes", choices=list(SHAPES), default="detr",
+                        help="the matching alone at DETR-R50's or DINO-R50's shapes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions of the matching alone (median)")
     parser.add_argument("--step-reps", type=int, default=None,
-                        help="timed repetitions of the train steps (default: --reps)")
+                        help="timed repetitions of the train steps (default: --reps; 0: no train step)")
     parser.add_argument("--config", default="synthetic_tiny",
                         help="the train step's config (detr-jax train's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -248,6 +265,7 @@ def main():
     if args.xla_defaults:  # make_train_step (and the matching alone) then get XLA's defaults
         train.train_compiler_options = lambda mesh: None
     step_reps = args.reps if args.step_reps is None else args.step_reps
+    shapes = SHAPES[args.shapes]
 
     load_before = os.getloadavg()
     # As `detr-jax train` does.
@@ -256,45 +274,46 @@ def main():
     rows = []
     for batch in args.batch_sizes:
         row = {"batch": batch, "loadavg_1m": os.getloadavg()[0]}
-        row.update(bench_matching(batch, args.reps, rng))
-        row["step"] = bench_step(args.config, batch, step_reps)
+        row.update(bench_matching(batch, args.reps, rng, shapes))
+        if step_reps:
+            row["step"] = bench_step(args.config, batch, step_reps)
+            faults = row["step"]["minor_faults_per_step"]
+            print(f"batch {batch}: minor page faults per step {faults['host']:.0f} (host matcher), "
+                  f"{faults['device']:.0f} (device matcher)", flush=True)
         rows.append(row)
-        faults = row["step"]["minor_faults_per_step"]
-        print(f"batch {batch}: minor page faults per step {faults['host']:.0f} (host matcher), "
-              f"{faults['device']:.0f} (device matcher)", flush=True)
     load_after = os.getloadavg()
 
-    shapes = rows[0]["step"]["step_shapes"]
-    print(
-        f"\nmatching alone: {LAYERS} layers x {QUERIES} queries, up to {MAX_TARGETS} targets, median of "
-        f"{args.reps}; train step: {args.config} ({shapes['layers']} layers x {shapes['queries']} queries, "
-        f"up to {shapes['max_targets']} targets, {shapes['image'][0]}x{shapes['image'][1]} images), "
-        f"median of {step_reps}{', XLA defaults' if args.xla_defaults else ''}; "
-        f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
-    )
-    print(
-        f"{'':>5} | {'matching alone (ms)':^37} | {'train step (ms)':^23} | {'matching in step':^33}\n"
-        f"{'batch':>5} | {'scipy':>6} {'host':>7} {'device':>7} {'dev/host':>8} {'|diff|':>6} | "
-        f"{'host':>7} {'device':>7} {'dev-host':>7} | {'host ms':>7} {'share':>6} {'dev ms':>7} {'share':>6} "
-        f"{'|diff|':>6}"
-    )
+    header = (f"\nmatching alone ({args.shapes}): {shapes['layers']} problems per image x {shapes['queries']} "
+              f"queries, up to {MAX_TARGETS} targets, median of {args.reps}")
+    if step_reps:
+        step_shapes = rows[0]["step"]["step_shapes"]
+        header += (f"; train step: {args.config} ({step_shapes['layers']} layers x {step_shapes['queries']} queries, "
+                   f"up to {step_shapes['max_targets']} targets, {step_shapes['image'][0]}x{step_shapes['image'][1]} "
+                   f"images), median of {step_reps}{', XLA defaults' if args.xla_defaults else ''}")
+    print(f"{header}; {jax.devices()[0].platform}, {jax.device_count()} device(s)")
+    step_header = (f" | {'train step (ms)':^23} | {'matching in step':^33}", f" | {'host':>7} {'device':>7} "
+                   f"{'dev-host':>7} | {'host ms':>7} {'share':>6} {'dev ms':>7} {'share':>6} {'|diff|':>6}")
+    print(f"{'':>5} | {'matching alone (ms)':^37}{step_header[0] if step_reps else ''}\n"
+          f"{'batch':>5} | {'scipy':>6} {'host':>7} {'device':>7} {'dev/host':>8} {'|diff|':>6}"
+          f"{step_header[1] if step_reps else ''}")
     for r in rows:
-        s = r["step"]
-        print(
-            f"{r['batch']:>5} | {r['scipy_ms']:>6.1f} {r['matching_ms']:>7.1f} {r['device_ms']:>7.1f} "
-            f"{r['device_ms'] / r['matching_ms']:>8.1f} {r['max_abs_cost_diff']:>6.0e} | "
-            f"{s['step_host_ms']:>7.1f} {s['step_device_ms']:>7.1f} {s['step_device_minus_step_host_ms']:>7.1f} | "
-            f"{s['match_host_ms']:>7.2f} "
-            f"{s['share_host']:>6.1%} {s['match_device_ms']:>7.2f} {s['share_device']:>6.1%} "
-            f"{s['step_check']['max_abs_cost_diff']:>6.0e}"
-        )
+        line = (f"{r['batch']:>5} | {r['scipy_ms']:>6.1f} {r['matching_ms']:>7.1f} {r['device_ms']:>7.1f} "
+                f"{r['device_ms'] / r['matching_ms']:>8.1f} {r['max_abs_cost_diff']:>6.0e}")
+        if step_reps:
+            s = r["step"]
+            line += (f" | {s['step_host_ms']:>7.1f} {s['step_device_ms']:>7.1f} "
+                     f"{s['step_device_minus_step_host_ms']:>7.1f} | {s['match_host_ms']:>7.2f} "
+                     f"{s['share_host']:>6.1%} {s['match_device_ms']:>7.2f} {s['share_device']:>6.1%} "
+                     f"{s['step_check']['max_abs_cost_diff']:>6.0e}")
+        print(line)
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "layers": LAYERS,
-        "queries": QUERIES,
+        "shapes": args.shapes,
+        "layers": shapes["layers"],
+        "queries": shapes["queries"],
         "max_targets": MAX_TARGETS,
         "num_classes": NUM_CLASSES,
         "config": args.config,

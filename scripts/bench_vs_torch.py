@@ -8,6 +8,13 @@ Cases (the shapes of issue "Benchmarks"):
                       layers 2-4 trained (official DETR), stem and layer1 frozen
   train_b2_512x512_frozen_backbone   the same with the whole backbone frozen
 
+With --dino the train cases also time our DINO-R50 ("detr-jax-dino": configs/
+dino_r50_4scale_coco.py, 4 scales, 900 queries, contrastive denoising on, the peer's class
+count, its parameter rules, random weights from its own initializer: no DINO peer to
+convert from) on the same batch, in turn with the others; its ratio to "detr-jax" (our
+DETR-R50's step) is DINO's per-step cost over DETR's. `--frameworks` keeps only the workers
+named (e.g. `--frameworks detr-jax detr-jax-dino`, our two models alone).
+
 Note: Hugging Face's DetrForObjectDetection with its native (non-timm) ResNet freezes the
 WHOLE backbone (transformers 5.24: its filter looks for "stage.1" in names that read
 "stages.1"), so out of the box it skips the backbone's backward pass that official DETR
@@ -46,6 +53,7 @@ does (detr_jax.runtime.host_memory); `--host_malloc default` leaves glibc's mall
     python scripts/bench_vs_torch.py --device gpu    # on a GPU machine (cuda + jax[cuda])
     python scripts/bench_vs_torch.py --no_onnx       # without the onnxruntime workers
     python scripts/bench_vs_torch.py --no_int8       # without the int8 onnxruntime worker
+    python scripts/bench_vs_torch.py --cases train_b2_512x512 --dino --frameworks detr-jax detr-jax-dino
 
 Writes a table to stdout and JSON to --out (default bench_results/bench_vs_torch.json).
 """
@@ -176,32 +184,39 @@ def torch_worker(conn, case_name: str, weights_path: str, cores, device: str, re
     _serve(conn, run)
 
 
-def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool):
+def jax_worker(conn, case_name: str, weights_path: str, cores, device: str, retain_host_memory: bool,
+               dino: bool = False):
+    """Our DETR-R50 with the peer's weights converted, or (`dino`) our DINO-R50 with random
+    weights."""
     _setup_worker(cores, retain_host_memory)
     if device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
     case = CASES[case_name]
-    config = r50_config()
+    config = dino_r50_config() if dino else r50_config()
     if case["kind"] == "train" and not case["train_backbone"]:
         config.train.param_rules = (("backbone/.*", None), ("position_embedding/.*", None))  # the whole backbone frozen
-    _serve(conn, jax_runner(config, weights_path, case))
+    _serve(conn, jax_runner(config, None if dino else weights_path, case))
 
 
-def jax_runner(config, weights_path: str, case: dict):
+def jax_runner(config, weights_path: str | None, case: dict):
     """The call a jax worker times for `case` (inference or one training step), our model of
-    `config` with the PyTorch weights at `weights_path` converted: jitted inference on
-    `inputs(case)`, or the train step, compiled before its first run as the training loop
-    does. The model's own workers (this script's, bench_deformable_vs_torch's) serve it."""
+    `config` with the PyTorch weights at `weights_path` converted (None: the model's own
+    random initialization, seed 0): jitted inference on `inputs(case)`, or the train step,
+    compiled before its first run as the training loop does. The model's own workers (this
+    script's, bench_deformable_vs_torch's) serve it."""
     import jax
     import torch
 
     from detr_jax.convert import convert_state_dict
-    from detr_jax.models import build_model
+    from detr_jax.models import build_model, init_variables
 
-    state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
-    variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
-    del state_dict
     model = build_model(config.model)
+    if weights_path is None:
+        variables = init_variables(model, jax.random.PRNGKey(0))
+    else:
+        state_dict = {k: v.numpy() for k, v in torch.load(weights_path, weights_only=True).items()}
+        variables, _ = convert_state_dict(state_dict, config.model, source=weights_path)
+        del state_dict
 
     if case["kind"] == "infer":
         images, mask, _, _ = inputs(case)
@@ -296,8 +311,9 @@ def _serve(conn, run):
 
 def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, warmup: int,
              torch_compile: bool, retain_host_memory: bool = True, rewarm: bool = False, onnx: bool = True,
-             int8: bool = True) -> dict:
-    """Times every framework of `case_name` in turns; `rewarm`: one untimed call before each timed one."""
+             int8: bool = True, dino: bool = False, frameworks: tuple[str, ...] | None = None) -> dict:
+    """Times every framework of `case_name` in turns (only `frameworks` when given; `dino`:
+    our DINO-R50 too, in train cases); `rewarm`: one untimed call before each timed one."""
     ctx = mp.get_context("spawn")
     common = (case_name, weights_path, cores, device, retain_host_memory)
     workers = {"detr-jax": (jax_worker, common), "hf-torch": (torch_worker, (*common, False))}
@@ -307,6 +323,10 @@ def run_case(case_name: str, weights_path: str, cores, device: str, reps: int, w
         workers["detr-jax-onnx"] = (onnx_worker, common)
         if int8:
             workers["detr-jax-onnx-int8"] = (onnx_worker, (*common, "int8"))
+    if dino and CASES[case_name]["kind"] == "train":
+        workers["detr-jax-dino"] = (jax_worker, (*common, True))
+    if frameworks:
+        workers = {name: worker for name, worker in workers.items() if name in frameworks}
     procs, conns, first_call, errors = {}, {}, {}, {}
     for name, (fn, args) in workers.items():  # started one at a time: their start-up is not timed
         parent, child = ctx.Pipe()
@@ -393,6 +413,16 @@ def r50_config():
     return config
 
 
+def dino_r50_config():
+    """Our DINO-4scale R50 (configs/dino_r50_4scale_coco.py) with the peer's class count."""
+    from detr_jax.config import load_config
+
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                      "dino_r50_4scale_coco.py"))
+    config.model.num_classes = NUM_CLASSES
+    return config
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -446,6 +476,10 @@ def main() -> int:
                              "warm, as in a training loop, not just after the other worker's turn (on a machine "
                              "that pages out idle processes' file pages, e.g. DAMON's pageout, the first call "
                              "after waiting is slower)")
+    parser.add_argument("--dino", action="store_true",
+                        help="train cases also time our DINO-R50 (random weights) against our DETR-R50")
+    parser.add_argument("--frameworks", nargs="+", default=None,
+                        help="time only these workers (default: all of the case's)")
     parser.add_argument("--out", default="bench_results/bench_vs_torch.json")
     args = parser.parse_args()
 
@@ -460,10 +494,11 @@ def main() -> int:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             results.append(run_case(case, weights, cores, args.device, args.reps, args.warmup,
                                     not args.no_torch_compile, args.host_malloc == "retain", args.rewarm,
-                                    not args.no_onnx, not args.no_int8))
+                                    not args.no_onnx, not args.no_int8, args.dino, args.frameworks))
             print(format_table(results[-1:], machine["cpu"]), file=sys.stderr, flush=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device, "cores": len(cores),
               "cpu": machine["cpu"], "reps": args.reps, "rewarm": args.rewarm, "host_malloc": args.host_malloc,
+              "dino": args.dino, "frameworks": args.frameworks,
               "versions": machine, "load_average": os.getloadavg(), "results": results}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

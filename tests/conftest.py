@@ -62,6 +62,17 @@ def tiny_deformable_config(transformer_args: dict | None = None, **overrides):
                        {**TINY_OVERRIDES, "model.transformer_args": args, "train.param_rules": rules, **overrides})
 
 
+def tiny_dino_config(transformer_args: dict | None = None, **overrides):
+    """configs/synthetic_dino_tiny.py with TINY_OVERRIDES (the sizes of
+    tiny_deformable_config: 4 levels of 8x8 .. 1x1 cells), 2 sampling points per head and
+    level, dn_number 8 (2 denoising groups of data.max_boxes = 4), model.transformer_args
+    updated with `transformer_args`, then `overrides`."""
+    args = {"num_feature_levels": 4, "encoder_n_points": 2, "decoder_n_points": 2, "dn_number": 8,
+            **(transformer_args or {})}
+    return load_config(REPO / "configs" / "synthetic_dino_tiny.py",
+                       {**TINY_OVERRIDES, "model.transformer_args": args, **overrides})
+
+
 def cli_overrides(**overrides) -> list[str]:
     """The same as `--config.KEY=VALUE` arguments of `detr-jax`."""
     return [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"

@@ -43,6 +43,7 @@ training checkpoint ({"model": ..., "args": Namespace, "epoch": ...}) converts t
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import re
 
@@ -446,3 +447,68 @@ def test_detr_jax_convert_reads_an_official_deformable_training_checkpoint(tmp_p
     assert saved["arch"] == "deformable_detr" and saved["transformer_args"]["two_stage"]
     assert metadata["inferred_model"] == hf_metadata["inferred_model"]
     assert_bitwise_equal(load_variables(tmp_path / "converted"), hf_variables)
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning an official Deformable DETR or DINO on other classes (--reinit_class_head).
+
+
+def reclassed(name: str):
+    """(config of the checkpoint's 5 classes, its official state dict, the modules that
+    depend on the classes) of the tiny two-stage Deformable DETR above or the DINO of
+    test_parity_dino's fixture."""
+    if name == "dino":
+        import test_parity_dino as dino
+
+        return dino.converted()[0], dino.official_state_dict(), [
+            "params/class_embed", "params/enc_out_class_embed", "params/label_enc"]
+    config, _, official, _ = deformable("two_stage")
+    # A class head per decoder layer, and the proposals' (class_embed_{L}).
+    return config, official, [f"params/class_embed_{i}" for i in range(config.model.num_decoder_layers + 1)]
+
+
+@pytest.mark.parametrize("name", ["deformable_two_stage", "dino"])
+def test_reinit_class_head_converts_for_other_classes(name):
+    """An official checkpoint of 5 classes for a model of 3: refused without the flag (the
+    flag named); with it, every variable whose shape depends on the classes is the model's
+    own initialization (the focal prior: class biases logit(0.01); DINO's label embedding
+    [K + 1, E]) and named in metadata["reinitialized"], everything else is what the
+    conversion for 5 classes gives, and the model trains on 3 classes (finite outputs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from detr_jax.models import build_model
+
+    config, official, modules = reclassed(name)
+    other = copy.deepcopy(config)
+    other.model.num_classes = 3
+    with pytest.raises(convert.ConversionError,
+                       match=r"model\.num_classes: checkpoint has 5, config has 3 .*--reinit_class_head"):
+        convert.convert_state_dict(official, other.model)
+    variables, metadata = convert.convert_state_dict(official, other.model, reinit_class_head=True)
+    assert metadata["reinitialized"] == modules
+    assert any(", ".join(modules) in note for note in metadata["notes"])
+    ours, as_converted = flat(variables), flat(convert.convert_state_dict(official, config.model)[0])
+    assert sorted(ours) == sorted(as_converted)
+    prior = -np.log((1 - 0.01) / 0.01)
+    hidden = config.model.hidden_dim
+    for path, value in ours.items():
+        if "/".join(path[:2]) not in modules:
+            assert np.array_equal(value, as_converted[path]), "/".join(path)
+        elif path[1] == "label_enc":
+            assert value.shape == (3 + 1, hidden) and 0.5 < value.std() < 1.5  # N(0, 1), as nn.Embedding
+        elif path[-1] == "bias":
+            np.testing.assert_allclose(value, np.full(3, prior), rtol=1e-6)
+        else:
+            assert value.shape == (hidden, 3) and 0 < np.abs(value).max() <= hidden**-0.5  # PyTorch Linear's init
+
+    model = build_model(other.model)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 255, (1, 64, 64, 3)), jnp.uint8)
+    targets = {"labels": jnp.asarray([[0, 2]], jnp.int32), "valid": jnp.ones((1, 2), bool),
+               "boxes": jnp.asarray([[[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.2]]], jnp.float32)}
+    key = jax.random.PRNGKey(0)
+    out = jax.jit(lambda v: model.apply(v, images, jnp.ones((1, 64, 64), bool), train=True, targets=targets,
+                                        rngs={"dropout": key, "queries": key}))(variables)
+    assert out["pred_logits"].shape[-1] == 3
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, REFINE_TWO_STAGE, TINY_OVERRIDES, tiny_deformable_config
-from detr_jax.config.loading import load_config
+from conftest import REFINE_TWO_STAGE, tiny_deformable_config, tiny_dino_config
 from detr_jax.criterion.losses import SetCriterion
 from detr_jax.models import build_class_convention, build_model
 from detr_jax.models.denoising import tile_targets
@@ -29,10 +28,7 @@ MEMBERS = {
     "deformable": lambda: tiny_deformable_config(HYBRID, **{"model.dropout": 0.0}),
     "deformable_two_stage": lambda: tiny_deformable_config({**REFINE_TWO_STAGE, **HYBRID},
                                                            **{"model.dropout": 0.0}),
-    "dino": lambda: load_config(REPO / "configs" / "synthetic_dino_tiny.py", {
-        **TINY_OVERRIDES, "model.dropout": 0.0,
-        "model.transformer_args": {"num_feature_levels": 4, "encoder_n_points": 2, "decoder_n_points": 2,
-                                   "dn_number": 8, **HYBRID}}),
+    "dino": lambda: tiny_dino_config(HYBRID, **{"model.dropout": 0.0}),
 }
 
 

@@ -59,14 +59,17 @@ def fixture():
     return {k: data[k] for k in data.files}
 
 
+def official_state_dict() -> dict[str, np.ndarray]:
+    """The fixture's official DINO weights by their official names (float32)."""
+    return {k.removeprefix("weight:"): v.astype(np.float32) if v.dtype == np.float16 else v
+            for k, v in fixture().items() if k.startswith("weight:")}
+
+
 @functools.lru_cache(maxsize=None)
 def converted():
     """(config, variables, conversion metadata)."""
-    data = fixture()
-    state = {k.removeprefix("weight:"): v.astype(np.float32) if v.dtype == np.float16 else v
-             for k, v in data.items() if k.startswith("weight:")}
     config = load_config(CONFIG, OVERRIDES)
-    variables, metadata = convert.convert_state_dict(state, config.model)
+    variables, metadata = convert.convert_state_dict(official_state_dict(), config.model)
     return config, variables, metadata
 
 

@@ -30,12 +30,15 @@ BACKBONE_FROZEN_RULES = ((r"backbone/.*", None), (r"position_embedding/.*", None
 FROM_SCRATCH_RULES = ((r"backbone/.*", 0.1), (r"position_embedding/.*", 0.1))
 
 
-def fixed_batch(batch_size=4, seed=0):
-    """A batch of synthetic images from the real pipeline (eval transform, no randomness)."""
+def fixed_batch(batch_size=4, seed=0, empty=()):
+    """A batch of synthetic images from the real pipeline (eval transform, no randomness);
+    the images `empty` (indices) without their objects: every target slot padding."""
     from detr_jax.data.pipeline import make_eval_iterator
 
     config = tiny_config()
-    return next(make_eval_iterator(config.data, batch_size, 0, 1))
+    batch = next(make_eval_iterator(config.data, batch_size, 0, 1))
+    batch["valid"][list(empty)] = False
+    return batch
 
 
 def _model_and_shapes(config):
@@ -220,17 +223,21 @@ def _run(args, env_extra=None, timeout=600):
                           cwd=REPO)
 
 
+# 8 forced CPU devices vs 1, two steps on the global batch BATCH (of 8) of the config
+# CONFIG (Python expressions, substituted); it prints both losses and MAXDIFF, the largest
+# difference of the parameters, BatchNorm statistics and moving averages; `run`, `state` and
+# `mesh` are then the 8 devices'.
 SHARDED_STEP = """
 import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import Mesh
 import sys; sys.path.insert(0, "tests")
-from conftest import REFINE_TWO_STAGE, tiny_config, tiny_deformable_config
+from conftest import REFINE_TWO_STAGE, tiny_config, tiny_deformable_config, tiny_dino_config
 from test_train import fixed_batch
 from detr_jax.runtime.sharding import global_batch
 from detr_jax.train.trainer import assemble
 assert jax.device_count() == 8, jax.devices()
 config = CONFIG
-batch = fixed_batch(batch_size=8)
+batch = BATCH
 params = {}
 for n in (1, 8):
     mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
@@ -243,6 +250,14 @@ for n in (1, 8):
 diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params[1]), jax.tree.leaves(params[8])))
 print("MAXDIFF", diff)
 """
+
+
+def run_sharded_step(config: str, batch: str = "fixed_batch(batch_size=8)", then: str = "",
+                     timeout: int = 400) -> subprocess.CompletedProcess:
+    """SHARDED_STEP for the config and batch expressions, followed by the code `then`, in a
+    process with 8 forced CPU devices."""
+    script = SHARDED_STEP.replace("CONFIG", config).replace("BATCH", batch) + then
+    return _run(["-c", script], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=timeout)
 
 
 # DETR with trainable BatchNorm in its backbone and a moving average (the statistics are
@@ -258,8 +273,7 @@ print("MAXDIFF", diff)
                          ids=["detr", "deformable_detr"])
 def test_sharded_step_equals_single_device(config):
     """8 forced CPU devices vs 1: two steps on the same global batch of 8."""
-    result = _run(["-c", SHARDED_STEP.replace("CONFIG", config)],
-                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, timeout=400)
+    result = run_sharded_step(config)
     assert result.returncode == 0, result.stderr[-3000:]
     diff = float(result.stdout.split("MAXDIFF")[1])
     # Tolerance 2e-6 on parameters (Adam steps of lr=1e-4 per entry), BatchNorm statistics

@@ -3,6 +3,7 @@ the model inferred and checked against the config, every problem reported at onc
 
 from __future__ import annotations
 
+import copy
 import pathlib
 from typing import Any, Mapping
 
@@ -22,9 +23,7 @@ from detr_jax.convert.resnet import infer_backbone
 from detr_jax.convert.rules import Path
 from detr_jax.convert.tensors import map_state_dict
 from detr_jax.convert.vit import VIT, hf_vit_settings, infer_vit, vit_backbone_args, vit_mismatches
-from detr_jax.criterion.class_convention import CLASS_CONVENTIONS
-from detr_jax.models import BACKBONES, build_model, class_convention_name, variable_shapes
-from detr_jax.models.transformer import torch_dense
+from detr_jax.models import BACKBONES, build_model, init_variables, variable_shapes
 from detr_jax.models.vit import VITS
 
 # Model config fields that the weights determine (and are checked against the config).
@@ -89,12 +88,40 @@ def _section(title: str, lines: list[str]) -> list[str]:
     return [f"  {title} ({len(lines)}):"] + [f"    {line}" for line in lines] if lines else []
 
 
-def _class_head(model_config, seed: int) -> dict[Path, np.ndarray]:
-    """A freshly initialized class head (PyTorch nn.Linear init, as in DETR) as flat leaves."""
-    num_logits = CLASS_CONVENTIONS[class_convention_name(model_config)].num_logits(model_config.num_classes)
-    head = torch_dense(num_logits, model_config.hidden_dim, "class_embed", jnp.float32)
-    params = head.init(jax.random.key(seed), jnp.zeros((1, model_config.hidden_dim), jnp.float32))["params"]
-    return {("params", "class_embed", name): np.asarray(value) for name, value in params.items()}
+def class_dependent_paths(model_config: ml_collections.ConfigDict,
+                          expected: Mapping[Path, tuple[int, ...]] | None = None) -> list[Path]:
+    """The variables of the model of `model_config` whose shapes depend on
+    model.num_classes (those that differ in the model with one class more): DETR's
+    `class_embed`; Deformable DETR's per-layer `class_embed_{i}` (and the proposals' head);
+    DINO's `class_embed`, `enc_out_class_embed` and its denoising label embedding
+    `label_enc`; RT-DETR's `class_embed_{i}`, `enc_score_head`, `denoising_class_embed`.
+    `expected`: the model's `expected_shapes`, if already at hand."""
+    expected = expected_shapes(model_config) if expected is None else expected
+    one_more = copy.deepcopy(model_config)
+    one_more.num_classes = model_config.num_classes + 1
+    other = expected_shapes(one_more)
+    return sorted(path for path, shape in expected.items() if other.get(path) != shape)
+
+
+def fresh_variables(model_config: ml_collections.ConfigDict, paths: list[Path], seed: int) -> dict[Path, np.ndarray]:
+    """The variables at `paths` as the model of `model_config` initializes them (its own
+    initializers: a sigmoid class head's bias at logit(0.01), a label embedding N(0, 1), ...;
+    seeded by `seed`), as flat numpy leaves. Under jit only what `paths` need is computed."""
+    model = build_model(model_config)
+
+    def picked(rng):
+        flat = traverse_util.flatten_dict(init_variables(model, rng))
+        return [flat[path] for path in paths]
+
+    values = jax.jit(picked)(jax.random.PRNGKey(seed))
+    return {path: np.asarray(value) for path, value in zip(paths, values)}
+
+
+def module_names(paths: list[Path]) -> list[str]:
+    """The modules (or bare parameters directly under a collection) that own `paths`:
+    ("params", "class_embed", "kernel") -> "params/class_embed", ("params", "label_enc") ->
+    "params/label_enc"."""
+    return sorted({"/".join(path[:-1] if len(path) > 2 else path) for path in paths})
 
 
 def convert_state_dict(
@@ -111,8 +138,11 @@ def convert_state_dict(
     Args:
       state_dict: {PyTorch key: array} in one of LAYOUTS (see `load_state_dict`).
       model_config: the `model` config section the variables must fit.
-      reinit_class_head: replace the class head by a fresh one (PyTorch nn.Linear init,
-        seeded by `seed`); needed when model_config.num_classes differs from the checkpoint.
+      reinit_class_head: replace every variable whose shape depends on the number of
+        classes (`class_dependent_paths`: the class heads, DINO's label embedding) by the
+        model's own initialization (`fresh_variables`, seeded by `seed`); needed when
+        model_config.num_classes differs from the checkpoint. metadata["reinitialized"]
+        names them (`module_names`).
       source: named in error messages (the file).
       vit_settings: for a ViT layout, ViT fields read beside the weights (VIT_FILE_FIELDS,
         see `hf_vit_settings`), checked against the config as the inferred ones are.
@@ -166,14 +196,17 @@ def convert_state_dict(
     expected = expected_shapes(model_config)
     if layout in BACKBONE_LAYOUTS:
         expected = {p: s for p, s in expected.items() if p[1] == "backbone"}
-    elif reinit_class_head:
-        leaves = {p: a for p, a in leaves.items() if p[:2] != ("params", "class_embed")}
-        fresh_head = _class_head(model_config, seed)
-        leaves.update(fresh_head)
-        sources.update({p: "re-initialized class head" for p in fresh_head})
+    reinitialized = []
+    if reinit_class_head and layout not in BACKBONE_LAYOUTS:
+        class_paths = class_dependent_paths(model_config, expected)
+        fresh = fresh_variables(model_config, class_paths, seed)
+        leaves = {p: a for p, a in leaves.items() if p not in fresh}
+        leaves.update(fresh)
+        sources.update({p: "re-initialized for model.num_classes" for p in fresh})
+        reinitialized = module_names(class_paths)
         notes.append(
-            f"class head re-initialized for {model_config.num_classes} classes (seed {seed}); "
-            f"the checkpoint's head had {inferred.get('num_classes')} classes"
+            f"re-initialized for {model_config.num_classes} classes as the model initializes them (seed {seed}): "
+            f"{', '.join(reinitialized)}; the checkpoint's had {inferred.get('num_classes')} classes"
         )
     if layout in VIT_LAYOUTS:
         mismatches = vit_mismatches(vit_fields, vit_name, backbone_description, model_config, target)
@@ -195,7 +228,7 @@ def convert_state_dict(
         "contents": "backbone" if layout in BACKBONE_LAYOUTS else "detr",
         "inferred_model": inferred,
         "ignored_keys": mapped.ignored,
-        "reinitialized": ["params/class_embed"] if reinit_class_head and layout not in BACKBONE_LAYOUTS else [],
+        "reinitialized": reinitialized,
         "notes": notes,
     }
     return traverse_util.unflatten_dict(dict(sorted(leaves.items()))), metadata
