@@ -68,7 +68,7 @@ def test_unknown_key_in_config_file_is_an_error(tmp_path):
     ("model.backbone", "resnet18", "model.backbone"),
     ("model.hidden_dim", "30", "not divisible"),
     ("model.dtype", "float16", "model.dtype"),
-    ("model.backbone_norm", "batch_norm", "model.backbone_norm"),
+    ("model.backbone_norm", "sync_batch_norm", "model.backbone_norm"),
     ("loss.eos_coef", "0", "eos_coef"),
     ("model.num_queries", "0", "num_queries"),
     ("model.num_classes", "0", "model.num_classes"),
