@@ -14,17 +14,14 @@ import copy
 
 import jax
 import numpy as np
-import pytest
+import torch  # the `torch` extra, which .ci/run installs: this file never skips
 from flax import linen as nn
 from flax import traverse_util
-
-torch = pytest.importorskip("torch")
-
-from test_parity_hf import TOLERANCE, hf_state_dict_numpy  # noqa: E402
-from test_parity_rt_detr import (  # noqa: E402
+from test_parity_hf import TOLERANCE, hf_state_dict_numpy
+from test_parity_rt_detr import (
     converted, encoder_comparison, encoder_features, max_diff, nhwc, tiny_rt_detr)
 
-from detr_jax.models.batch_norm import BatchNorm  # noqa: E402
+from detr_jax.models.batch_norm import BatchNorm
 
 BN_TOLERANCE = 1e-5
 

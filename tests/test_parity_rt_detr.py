@@ -77,6 +77,7 @@ from detr_jax.convert.huggingface_rt_detr import LAYOUT  # noqa: E402
 from detr_jax.criterion.losses import SetCriterion  # noqa: E402
 from detr_jax.models import BACKBONES, build_class_convention, build_model, hybrid_encoder, queries  # noqa: E402
 from detr_jax.models.denoising import DenoisingNoise  # noqa: E402
+from detr_jax.models.batch_norm import batch_norm  # noqa: E402
 from detr_jax.models.hybrid_encoder import build_hybrid_encoder, fuse_repvgg  # noqa: E402
 from detr_jax.models.resnet import RESNETS, ResNet, ResNetSpec  # noqa: E402
 
@@ -304,7 +305,7 @@ def test_repvgg_fusion_equals_the_unfused_encoder():
     # reaches 1e-5 on these O(1) maps).
     with jax.enable_x64(True):
         as64 = functools.partial(jax.tree_util.tree_map, lambda x: np.asarray(x, np.float64))
-        norm = functools.partial(hybrid_encoder.batch_norm, dtype=jnp.float64)
+        norm = functools.partial(batch_norm, dtype=jnp.float64)
         encoder64 = encoder.clone(dtype=jnp.float64, norm=norm)
         unfused_out = run_encoder(encoder64, as64(variables), as64(inputs))
         fused_out = run_encoder(encoder64.clone(fused_repvgg=True), fuse_repvgg(as64(variables)), as64(inputs))

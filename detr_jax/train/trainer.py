@@ -258,9 +258,10 @@ def make_train_step(model: nn.Module, criterion: SetCriterion, optimizer, lr: op
             d = ema_decay(done_updates, *ema)
             averaged = jax.tree.map(lambda e, v: d * e + (1 - d) * v, state.ema,
                                     {"params": params, "batch_stats": batch_stats})
-            updated_now = (state.step + 1) % accum_steps == 0
-            new_state = new_state.replace(ema=jax.tree.map(lambda a, e: jnp.where(updated_now, a, e), averaged,
-                                                           state.ema))
+            if accum_steps > 1:  # a micro-step between updates keeps the average
+                updated_now = (state.step + 1) % accum_steps == 0
+                averaged = jax.tree.map(lambda a, e: jnp.where(updated_now, a, e), averaged, state.ema)
+            new_state = new_state.replace(ema=averaged)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite,
                        lr=lr(state.step // accum_steps).astype(jnp.float32))
